@@ -1,0 +1,74 @@
+"""txflow: reliable event-driven flows on RabbitMQ and PostgreSQL.
+
+Handlers run in one database transaction with the events they emit (transactional outbox),
+deduplicate deliveries by message id (inbox), and retry on a policy into dead-letter queues.
+"""
+
+from txflow.abc import Delivery, Message, QueueSpec, Topology, Transport
+from txflow.app import TxFlow
+from txflow.context import Context
+from txflow.dead_letters import DeadLetterInfo
+from txflow.errors import (
+    AppNotFoundError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    ConnectionFailedError,
+    DatabaseUnavailableError,
+    DeadLetter,
+    EventValidationError,
+    MalformedMessageError,
+    MessageTooLargeError,
+    PoisonMessageError,
+    PublishError,
+    Retry,
+    TransportClosedError,
+    TxflowError,
+    UnknownEventTypeError,
+    UnroutableError,
+    UnsupportedURLError,
+)
+from txflow.messages import Envelope, Event, EventRegistry
+from txflow.outbox import OutboxRelay, RelayConfig
+from txflow.retry import RetryPolicy
+from txflow.store import OutboxStatus, Store, metadata, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppNotFoundError",
+    "BrokerUnavailableError",
+    "ConfigurationError",
+    "ConnectionFailedError",
+    "Context",
+    "DatabaseUnavailableError",
+    "DeadLetter",
+    "DeadLetterInfo",
+    "Delivery",
+    "Envelope",
+    "Event",
+    "EventRegistry",
+    "EventValidationError",
+    "MalformedMessageError",
+    "Message",
+    "MessageTooLargeError",
+    "OutboxRelay",
+    "OutboxStatus",
+    "PoisonMessageError",
+    "PublishError",
+    "QueueSpec",
+    "RelayConfig",
+    "Retry",
+    "RetryPolicy",
+    "Store",
+    "Topology",
+    "Transport",
+    "TransportClosedError",
+    "TxFlow",
+    "TxflowError",
+    "UnknownEventTypeError",
+    "UnroutableError",
+    "UnsupportedURLError",
+    "__version__",
+    "metadata",
+    "open_store",
+]

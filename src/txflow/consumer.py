@@ -1,0 +1,213 @@
+"""One handler's consumer: decode, deduplicate, run in a transaction, then settle the delivery.
+
+The order of one hop:
+1. decode and validate; poison goes to the dead-letter queue at once;
+2. one transaction: inbox row (a duplicate stops here), the handler, the outbox rows; commit;
+3. hand the new outbox rows to the relay; ack.
+A failing attempt rolls back everything it wrote and is retried or dead-lettered by the
+handler's `RetryPolicy`; the delivery is acked only after it was safely moved there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from txflow.abc import Consumer, Delivery, Transport
+from txflow.context import Context
+from txflow.dead_letters import dead_letter_message, exception_type_name, failure_headers
+from txflow.errors import PoisonMessageError, TxflowError
+from txflow.handlers import HandlerSpec
+from txflow.messages import (
+    ATTEMPT_HEADER,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Envelope,
+    Event,
+    EventRegistry,
+    decode,
+)
+from txflow.outbox import OutboxRelay
+from txflow.retry import Outcome
+from txflow.store import OutboxRecord, Store
+
+log = logging.getLogger("txflow.consumer")
+
+# Seconds to hold a delivery before handing it back while the database is unreachable.
+INFRASTRUCTURE_BACKOFF = 1.0
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    """Counters since the consumer started."""
+
+    handled: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    requeued: int = 0
+
+
+class HandlerConsumer:
+    """Feeds one handler from its queue with effectively-once semantics (see module docs)."""
+
+    def __init__(
+        self,
+        spec: HandlerSpec,
+        *,
+        store: Store,
+        relay: OutboxRelay,
+        transport: Transport,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.spec = spec
+        self.store = store
+        self.relay = relay
+        self.transport = transport
+        self.max_message_bytes = max_message_bytes
+        self.registry = EventRegistry(spec.event_types)
+        self.stats = ConsumerStats()
+        self._consumer: Consumer | None = None
+        self._active: set[asyncio.Task[object]] = set()
+
+    async def start(self) -> None:
+        self._consumer = await self.transport.consume(
+            self.spec.queue, self.on_delivery, prefetch=self.spec.concurrency
+        )
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking deliveries; let in-flight ones finish for `timeout` seconds, then cancel.
+
+        A cancelled handler rolls back and is never acked: the broker redelivers it.
+        """
+        if self._consumer is not None:
+            await self._consumer.cancel()
+            self._consumer = None
+        if self._active:
+            _done, pending = await asyncio.wait(set(self._active), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "%s: cancelled %d handlers still running after %.1fs; they will be redelivered",
+                    self.spec.name,
+                    len(pending),
+                    timeout,
+                )
+                await asyncio.wait(pending)
+
+    async def on_delivery(self, delivery: Delivery) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._active.add(task)
+        try:
+            await self._process(delivery)
+        except TxflowError as exc:
+            # Settling failed because the channel went away; the broker redelivers.
+            log.warning("%s: %s", self.spec.name, exc)
+        finally:
+            if task is not None:
+                self._active.discard(task)
+
+    async def _process(self, delivery: Delivery) -> None:
+        attempt = delivery.message.headers.get(ATTEMPT_HEADER, 1)
+        try:
+            envelope = decode(delivery.message, self.registry, max_bytes=self.max_message_bytes)
+        except PoisonMessageError as exc:
+            await self._dead_letter(delivery, exc, attempt if isinstance(attempt, int) else 1)
+            return
+        try:
+            handled = await self._handle(envelope)
+        except Exception as exc:
+            if self.store.is_transient_error(exc):
+                await self._requeue(delivery, exc)
+            else:
+                await self._after_failure(delivery, envelope, exc)
+            return
+        if handled:
+            self.stats.handled += 1
+        else:
+            self.stats.duplicates += 1
+            log.debug("%s: duplicate %s skipped", self.spec.name, envelope.message_id)
+        await delivery.ack()
+
+    async def _handle(self, envelope: Envelope[Event]) -> bool:
+        """Run the handler in one transaction; False when the inbox says it already ran."""
+        records: list[OutboxRecord]
+        async with self.store.transaction() as session:
+            if not await self.store.record_inbox(session, self.spec.queue, envelope.message_id):
+                return False
+            ctx = Context(session, envelope)
+            ctx.emit_all(await self.spec.call(envelope.event, ctx))
+            records = await self.relay.write(ctx)
+        self.relay.submit(records)
+        return True
+
+    async def _after_failure(
+        self,
+        delivery: Delivery,
+        envelope: Envelope[Event],
+        exc: Exception,
+    ) -> None:
+        decision = self.spec.retry.decide(exc, envelope.attempt)
+        if decision.outcome is Outcome.DEAD_LETTER:
+            await self._dead_letter(delivery, exc, envelope.attempt)
+            return
+        log.info(
+            "%s: attempt %d at %s failed with %s: %s; retrying in %.1fs",
+            self.spec.name,
+            envelope.attempt,
+            envelope.message_id,
+            exception_type_name(exc),
+            exc,
+            decision.delay,
+        )
+        retry = delivery.message.with_headers(
+            {**failure_headers(delivery.message, exc), ATTEMPT_HEADER: envelope.attempt + 1}
+        )
+        try:
+            await self.transport.send(self.spec.queue, retry, delay=decision.delay)
+        except TxflowError as send_exc:
+            log.warning("%s: could not schedule retry (%s); requeueing", self.spec.name, send_exc)
+            await delivery.reject(requeue=True)
+            return
+        self.stats.retried += 1
+        await delivery.ack()
+
+    async def _dead_letter(self, delivery: Delivery, exc: BaseException, attempts: int) -> None:
+        message = dead_letter_message(
+            delivery.message, exc, attempts=attempts, handler=self.spec.name
+        )
+        try:
+            await self.transport.send(f"{self.spec.queue}.dlq", message)
+        except TxflowError as send_exc:
+            log.error(
+                "%s: could not dead-letter %s (%s); requeueing it",
+                self.spec.name,
+                delivery.message.message_id,
+                send_exc,
+            )
+            await delivery.reject(requeue=True)
+            return
+        self.stats.dead_lettered += 1
+        log.error(
+            "%s: dead-lettered %s after %d attempt(s): %s: %s",
+            self.spec.name,
+            delivery.message.message_id,
+            attempts,
+            exception_type_name(exc),
+            exc,
+        )
+        await delivery.ack()
+
+    async def _requeue(self, delivery: Delivery, exc: Exception) -> None:
+        # The database is unreachable: not the message's fault, so no attempt is counted.
+        self.stats.requeued += 1
+        log.warning(
+            "%s: database error, handing %s back: %s",
+            self.spec.name,
+            delivery.message.message_id,
+            exc,
+        )
+        await asyncio.sleep(INFRASTRUCTURE_BACKOFF)
+        await delivery.reject(requeue=True)

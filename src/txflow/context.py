@@ -1,0 +1,110 @@
+"""The unit of work: one database transaction holding business rows and emitted events.
+
+Handlers receive a `Context`; code outside handlers (a web request, a script) opens one with
+`async with app.transaction() as tx:`. Either way, events emitted through it are written to
+the outbox in the same transaction and published only if that transaction commits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from txflow.errors import ConfigurationError
+from txflow.messages import Envelope, Event, new_message_id
+
+
+class Context:
+    """What a handler (or an outside transaction) works with.
+
+    Attributes:
+        session: the SQLAlchemy `AsyncSession` of this transaction; use it for your own rows.
+        envelope: the message being handled, or None outside a handler.
+    """
+
+    __slots__ = ("_correlation_id", "_outbox", "envelope", "session")
+
+    def __init__(
+        self,
+        session: AsyncSession,
+        envelope: Envelope[Any] | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        self.session = session
+        self.envelope = envelope
+        self._correlation_id = correlation_id or (envelope.correlation_id if envelope else None)
+        self._outbox: list[dict[str, Any]] = []
+
+    @property
+    def message_id(self) -> str | None:
+        """The id of the message being handled (None outside a handler)."""
+        return self.envelope.message_id if self.envelope else None
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The flow instance: inherited by every event emitted here."""
+        return self._correlation_id
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first attempt at this message, 2 on the first retry, and so on."""
+        return self.envelope.attempt if self.envelope else 1
+
+    def emit(
+        self,
+        event: Event,
+        *,
+        headers: Mapping[str, str | int | float | bool] | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        """Write `event` to the outbox of this transaction; returns its message id.
+
+        Guarantee: the event is published if and only if this transaction commits. Its
+        correlation id is the handled message's (or, outside a handler, the transaction's;
+        a new flow starts with the event's own id), its causation id the handled message's id.
+
+        Raises:
+            ConfigurationError: `event` is not an `Event`.
+        """
+        if not isinstance(event, Event):
+            raise ConfigurationError(
+                f"emit() takes a txflow Event, not {type(event).__name__}; "
+                "subclass txflow.Event for your event types"
+            )
+        msg_id = message_id or new_message_id()
+        correlation = self._correlation_id or msg_id
+        self._outbox.append(
+            {
+                "message_id": msg_id,
+                "event_type": event.event_type,
+                "correlation_id": correlation,
+                "causation_id": self.message_id,
+                "headers": dict(headers or {}),
+                "body": event.model_dump_json().encode(),
+                "created_at": datetime.now(UTC),
+            }
+        )
+        return msg_id
+
+    def emit_all(self, events: Event | Iterable[Event] | None) -> None:
+        """Emit a handler's return value: nothing, one event, or several in order."""
+        if events is None:
+            return
+        if isinstance(events, Event):
+            self.emit(events)
+            return
+        for event in events:
+            self.emit(event)
+
+    def take_outbox(self, lease_seconds: float | None) -> list[dict[str, Any]]:
+        """The rows to insert, leased to the local relay when one will publish them."""
+        rows, self._outbox = self._outbox, []
+        lease_until = time.time() + lease_seconds if lease_seconds is not None else None
+        for row in rows:
+            row["lease_until"] = lease_until
+            row["publish_attempts"] = 1 if lease_until is not None else 0
+        return rows

@@ -1,0 +1,94 @@
+"""What a dead letter records about why it died, as message headers any tool can read."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from txflow.abc import Message
+
+# Header names on dead letters and retried messages.
+REASON = "x-txflow-dead-letter-reason"
+EXCEPTION_TYPE = "x-txflow-exception-type"
+TRACEBACK = "x-txflow-traceback"
+ATTEMPTS = "x-txflow-attempts"
+HANDLER = "x-txflow-handler"
+FIRST_FAILURE_AT = "x-txflow-first-failure-at"
+LAST_FAILURE_AT = "x-txflow-last-failure-at"
+ORIGINAL_ROUTING_KEY = "x-txflow-original-routing-key"
+DEAD_LETTERED_AT = "x-txflow-dead-lettered-at"
+# Tracebacks beyond this are cut: headers live in the broker's memory.
+MAX_TRACEBACK_CHARS = 8000
+
+
+def exception_type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def failure_headers(message: Message, exc: BaseException) -> dict[str, Any]:
+    """Headers recording one failed attempt, keeping the first failure's time."""
+    now = datetime.now(UTC).isoformat()
+    return {
+        FIRST_FAILURE_AT: message.headers.get(FIRST_FAILURE_AT) or now,
+        LAST_FAILURE_AT: now,
+        EXCEPTION_TYPE: exception_type_name(exc),
+        REASON: str(exc) or exception_type_name(exc),
+    }
+
+
+def dead_letter_message(
+    message: Message, exc: BaseException, *, attempts: int, handler: str
+) -> Message:
+    """`message` with every header an operator needs to see why it died and to replay it."""
+    tb = "".join(traceback.format_exception(exc))
+    return message.with_headers(
+        {
+            **failure_headers(message, exc),
+            TRACEBACK: tb[-MAX_TRACEBACK_CHARS:],
+            ATTEMPTS: attempts,
+            HANDLER: handler,
+            ORIGINAL_ROUTING_KEY: message.headers.get(ORIGINAL_ROUTING_KEY) or message.routing_key,
+            DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterInfo:
+    """The reason a message was dead-lettered, read back from its headers."""
+
+    message_id: str | None
+    correlation_id: str | None
+    event_type: str | None
+    handler: str | None
+    exception_type: str | None
+    reason: str | None
+    traceback: str | None
+    attempts: int
+    first_failure_at: str | None
+    last_failure_at: str | None
+    original_routing_key: str | None
+
+    @classmethod
+    def from_message(cls, message: Message) -> DeadLetterInfo:
+        h: Mapping[str, Any] = message.headers
+        attempts = h.get(ATTEMPTS)
+        return cls(
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            event_type=message.type,
+            handler=h.get(HANDLER),
+            exception_type=h.get(EXCEPTION_TYPE),
+            reason=h.get(REASON),
+            traceback=h.get(TRACEBACK),
+            attempts=attempts if isinstance(attempts, int) else 0,
+            first_failure_at=h.get(FIRST_FAILURE_AT),
+            last_failure_at=h.get(LAST_FAILURE_AT),
+            original_routing_key=h.get(ORIGINAL_ROUTING_KEY),
+        )

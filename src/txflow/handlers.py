@@ -1,0 +1,75 @@
+"""Handler registrations: which function handles which events, from which queue, how retried."""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Union
+
+from txflow.context import Context
+from txflow.errors import ConfigurationError
+from txflow.messages import Event
+from txflow.retry import RetryPolicy
+
+HandlerResult = Event | Iterable[Event] | None
+HandlerFunc = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """One registered handler.
+
+    Attributes:
+        name: unique within the app; also the inbox key together with the app name.
+        func: the async function.
+        event_types: the events it handles (bound to its queue by type name).
+        queue: its durable queue on the broker.
+        retry: its retry policy (the app's default unless given).
+        concurrency: most messages it handles at once (the queue's prefetch).
+        takes_context: whether `func` accepts the `Context` as second argument.
+    """
+
+    name: str
+    func: HandlerFunc
+    event_types: tuple[type[Event], ...]
+    queue: str
+    retry: RetryPolicy
+    concurrency: int
+    takes_context: bool
+
+    async def call(self, event: Event, ctx: Context) -> HandlerResult:
+        if self.takes_context:
+            return await self.func(event, ctx)  # type: ignore[no-any-return]
+        return await self.func(event)  # type: ignore[no-any-return]
+
+
+def events_from_annotation(func: HandlerFunc) -> tuple[type[Event], ...]:
+    """The event classes named by the type hint of `func`'s first parameter."""
+    params = list(inspect.signature(func).parameters)
+    if not params:
+        raise ConfigurationError(f"handler {func.__qualname__} must take the event as argument")
+    hint = typing.get_type_hints(func).get(params[0])
+    is_union = typing.get_origin(hint) in (Union, types.UnionType)
+    members = typing.get_args(hint) if is_union else (hint,)
+    found = tuple(m for m in members if isinstance(m, type) and issubclass(m, Event))
+    if not found or len(found) != len(members):
+        raise ConfigurationError(
+            f"cannot tell which events {func.__qualname__} handles: annotate its first "
+            "parameter with Event subclasses, or pass them: @app.handler(OrderCreated)"
+        )
+    return found
+
+
+def takes_context(func: HandlerFunc) -> bool:
+    """Whether `func` accepts a second positional argument (the `Context`)."""
+    params = inspect.signature(func).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) > 2:
+        raise ConfigurationError(
+            f"handler {func.__qualname__} takes (event) or (event, ctx), "
+            f"not {len(positional)} arguments"
+        )
+    return len(positional) == 2 or any(p.kind is p.VAR_POSITIONAL for p in params)

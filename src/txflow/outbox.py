@@ -1,0 +1,323 @@
+"""The outbox relay: publishes committed outbox rows and marks them sent after the confirm.
+
+How rows reach it:
+- rows committed in this process are handed over in memory the moment their transaction
+  commits (no polling, no re-read); they were inserted with a lease so that other relays
+  leave them alone while this one publishes them;
+- rows committed by processes without a relay wake it through PostgreSQL LISTEN/NOTIFY;
+- a slow safety sweep claims rows whose lease ran out (their relay crashed) or that were
+  never leased, with FOR UPDATE SKIP LOCKED so several relays share one table.
+
+Publishing keeps a bounded window of unconfirmed messages on one channel, in row order, so the
+events one transaction emitted go out in emit order. Confirmed rows are marked sent in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from txflow.abc import Transport
+from txflow.context import Context
+from txflow.errors import PublishError, TransportClosedError, UnroutableError
+from txflow.store import OutboxRecord, Store, make_record
+from txflow.store.base import Listener
+
+log = logging.getLogger("txflow.outbox")
+
+# Seconds a relay owns the rows it took; after that another relay's sweep may publish them.
+DEFAULT_LEASE = 10.0
+# Seconds between safety sweeps for rows left behind by crashed processes.
+DEFAULT_SWEEP_INTERVAL = 5.0
+# Rows claimed per sweep query, and the most rows queued in memory before claiming more.
+DEFAULT_BATCH_SIZE = 500
+# Published but not yet confirmed messages at any moment.
+DEFAULT_MAX_IN_FLIGHT = 256
+# Seconds sent rows are kept before cleanup deletes them (0 deletes at once).
+DEFAULT_RETENTION = 3600.0
+DEFAULT_CLEANUP_INTERVAL = 60.0
+# Seconds to wait before retrying a publish after the connection dropped.
+RECONNECT_BACKOFF = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """How an `OutboxRelay` behaves; every field has a production default.
+
+    Attributes:
+        lease: seconds a relay owns rows it took before other relays may republish them.
+        sweep_interval: seconds between safety sweeps.
+        batch_size: rows per claim query.
+        max_in_flight: unconfirmed publishes at once.
+        retention: seconds to keep sent rows (0 deletes them as soon as they are confirmed).
+        cleanup_interval: seconds between deletions of expired sent rows.
+        listen: on PostgreSQL, wake on NOTIFY from other processes.
+        notify: on PostgreSQL, send NOTIFY from transactions no local relay will publish.
+    """
+
+    lease: float = DEFAULT_LEASE
+    sweep_interval: float = DEFAULT_SWEEP_INTERVAL
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    retention: float = DEFAULT_RETENTION
+    cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
+    listen: bool = True
+    notify: bool = True
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """Counters since the relay started."""
+
+    published: int = 0
+    swept: int = 0
+    unroutable: int = 0
+    failed: int = 0
+    marked: int = 0
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows with publisher confirms; at-least-once, in row order.
+
+    Guarantee: a committed row is published until the broker confirms it, across broker
+    restarts (retried in memory) and crashes (the sweep of this or another relay takes it
+    when its lease runs out). Rows are marked sent only after the confirm, so a crash between
+    publish and mark republishes the row; consumers' inboxes drop the duplicate.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        transport: Transport,
+        exchange: str,
+        config: RelayConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.transport = transport
+        self.exchange = exchange
+        self.config = config or RelayConfig()
+        self.stats = RelayStats()
+        self._queue: deque[OutboxRecord] = deque()
+        self._owned: set[int] = set()
+        self._confirmed: list[int] = []
+        self._in_flight = 0
+        self._window = asyncio.Semaphore(self.config.max_in_flight)
+        self._wake = asyncio.Event()
+        self._sweep_now = asyncio.Event()
+        self._flush_needed = asyncio.Event()
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+        self._listener: Listener | None = None
+        self._running = False
+
+    # -- writing side (used by units of work) ------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    async def write(self, ctx: Context) -> list[OutboxRecord]:
+        """Insert `ctx`'s emitted events into its transaction; call `submit` after commit."""
+        rows = ctx.take_outbox(self.config.lease if self._running else None)
+        if not rows:
+            return []
+        seqs = await self.store.insert_outbox(ctx.session, rows)
+        if not self._running and self.config.notify and self.store.supports_notify:
+            await self.store.notify(ctx.session)
+        return [make_record(seq, row) for seq, row in zip(seqs, rows, strict=True)]
+
+    def submit(self, records: Iterable[OutboxRecord]) -> None:
+        """Hand rows over after their transaction committed; they are published right away."""
+        if not self._running:
+            return  # not leased: a running relay's sweep (or NOTIFY) picks them up
+        for record in records:
+            if record.seq not in self._owned:
+                self._owned.add(record.seq)
+                self._queue.append(record)
+        self._idle.clear()
+        self._wake.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start publishing, sweeping and cleaning up in background tasks owned by the relay."""
+        if self._running:
+            return
+        self._running = True
+        self._loops = [
+            asyncio.create_task(self._publish_loop(), name="txflow-relay-publish"),
+            asyncio.create_task(self._flush_loop(), name="txflow-relay-mark-sent"),
+            asyncio.create_task(self._sweep_loop(), name="txflow-relay-sweep"),
+            asyncio.create_task(self._cleanup_loop(), name="txflow-relay-cleanup"),
+        ]
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every handed-over row is published and marked; False on timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._queue or self._in_flight or self._confirmed:
+                    self._idle.clear()
+                    self._wake.set()
+                    self._flush_needed.set()
+                    await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "outbox relay drain timed out with %d queued, %d unconfirmed; "
+                "they stay in the outbox and are published after restart",
+                len(self._queue),
+                self._in_flight,
+            )
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """Stop all relay tasks. Rows not yet confirmed stay unsent in the outbox."""
+        self._running = False
+        loops, self._loops = self._loops, []
+        for task in [*loops, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._listener is not None:
+            await self._listener.aclose()
+            self._listener = None
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _maybe_idle(self) -> None:
+        if not self._queue and not self._in_flight and not self._confirmed:
+            self._idle.set()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                await self._window.acquire()
+                if not self._queue:
+                    self._window.release()
+                    break
+                record = self._queue.popleft()
+                if len(self._queue) < self.config.batch_size:
+                    self._room.set()
+                self._in_flight += 1
+                # Tasks start in creation order and publish in that order on one channel.
+                self._spawn(self._publish_one(record))
+            self._maybe_idle()
+
+    async def _publish_one(self, record: OutboxRecord) -> None:
+        try:
+            await self.transport.publish(self.exchange, record.message)
+        except TransportClosedError as exc:
+            log.warning("publish of outbox row %d failed, will retry: %s", record.seq, exc)
+            self.stats.failed += 1
+            await asyncio.sleep(RECONNECT_BACKOFF)
+            self._queue.appendleft(record)
+            self._wake.set()
+        except UnroutableError as exc:
+            # Not sent: the row stays pending and the sweep retries it after its lease.
+            self.stats.unroutable += 1
+            self._owned.discard(record.seq)
+            log.error("outbox row %d is unroutable and stays unsent: %s", record.seq, exc)
+        except PublishError as exc:
+            self.stats.failed += 1
+            self._owned.discard(record.seq)
+            log.error("outbox row %d was refused and stays unsent: %s", record.seq, exc)
+        else:
+            self.stats.published += 1
+            self._confirmed.append(record.seq)
+            self._flush_needed.set()
+        finally:
+            self._in_flight -= 1
+            self._window.release()
+            self._maybe_idle()
+
+    async def _flush_loop(self) -> None:
+        # One UPDATE per round; rows confirmed while it runs ride in the next one.
+        delete = self.config.retention <= 0
+        while True:
+            await self._flush_needed.wait()
+            self._flush_needed.clear()
+            seqs, self._confirmed = self._confirmed, []
+            if not seqs:
+                self._maybe_idle()
+                continue
+            try:
+                await self.store.mark_sent(seqs, delete=delete)
+            except Exception as exc:
+                log.warning("marking %d outbox rows sent failed, will retry: %s", len(seqs), exc)
+                self._confirmed[:0] = seqs
+                await asyncio.sleep(RECONNECT_BACKOFF)
+                self._flush_needed.set()
+                continue
+            self.stats.marked += len(seqs)
+            self._owned.difference_update(seqs)
+            self._maybe_idle()
+
+    # -- sweeping and cleanup -----------------------------------------------------------------
+
+    def _on_notify(self) -> None:
+        self._sweep_now.set()
+
+    async def _ensure_listener(self) -> None:
+        if not (self.config.listen and self.store.supports_notify):
+            return
+        if self._listener is not None and self._listener.is_alive():
+            return
+        try:
+            self._listener = await self.store.listen(self._on_notify)
+        except Exception as exc:
+            log.warning("LISTEN for outbox notifications failed, relying on sweeps: %s", exc)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await self._ensure_listener()
+            try:
+                await self._sweep()
+            except Exception as exc:
+                log.warning("outbox sweep failed, will retry: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_now.wait(), self.config.sweep_interval)
+            self._sweep_now.clear()
+
+    async def _sweep(self) -> None:
+        """Claim and queue unleased rows, one batch at a time, keeping memory bounded."""
+        batch = self.config.batch_size
+        while True:
+            if len(self._queue) >= batch:
+                # Back-pressure: let the publisher catch up before claiming more.
+                self._room.clear()
+                await self._room.wait()
+            records = await self.store.claim(batch, self.config.lease)
+            fresh = [r for r in records if r.seq not in self._owned]
+            if fresh:
+                self.stats.swept += len(fresh)
+                self.submit(fresh)
+            if len(records) < batch:
+                return
+
+    async def _cleanup_loop(self) -> None:
+        if self.config.retention <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.config.cleanup_interval)
+            cutoff = datetime.now(UTC) - timedelta(seconds=self.config.retention)
+            try:
+                while await self.store.delete_sent(cutoff) > 0:
+                    pass
+            except Exception as exc:
+                log.warning("deleting sent outbox rows failed, will retry: %s", exc)

@@ -1,0 +1,5 @@
+"""The RabbitMQ transport (aio-pika). The only part of txflow that imports aio-pika."""
+
+from txflow.rabbit.transport import RabbitTransport
+
+__all__ = ["RabbitTransport"]

@@ -1,0 +1,310 @@
+"""RabbitMQ through aio-pika: robust connection, durable topology, confirms, prefetch.
+
+Topology per handler queue `Q` (all durable):
+- bindings from the events exchange (topic) for each event type `Q` handles;
+- `Q.dlq`: dead letters, never expire;
+- `Q.retry.<ms>ms`: one holding queue per delay tier; its message TTL dead-letters back to `Q`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aiormq.abc import ConfirmationFrameType
+from pamqp import commands as spec
+from pamqp.common import FieldValue
+
+from txflow.abc import Consumer, Delivery, DeliveryCallback, Message, QueueSpec, Topology, Transport
+from txflow.errors import (
+    BrokerUnavailableError,
+    PublishError,
+    TransportClosedError,
+    UnroutableError,
+    mask_url,
+)
+from txflow.memory import retry_queue_name
+
+log = logging.getLogger("txflow.rabbit")
+
+# Seconds to wait for the first connection before reporting the broker unreachable.
+CONNECT_TIMEOUT = 10.0
+# Seconds a publish may wait for its confirm (including waiting out a reconnect).
+PUBLISH_TIMEOUT = 30.0
+PERSISTENT = 2
+
+_CLOSED_ERRORS = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    ConnectionError,
+    RuntimeError,
+)
+
+
+def _queue_arguments(spec_: QueueSpec | None) -> dict[str, FieldValue]:
+    if spec_ is not None and spec_.quorum:
+        return {"x-queue-type": "quorum"}
+    return {}
+
+
+def _to_message(incoming: AbstractIncomingMessage) -> Message:
+    timestamp = incoming.timestamp
+    if timestamp is not None and timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    return Message(
+        body=incoming.body,
+        routing_key=incoming.routing_key or "",
+        message_id=incoming.message_id,
+        correlation_id=incoming.correlation_id,
+        type=incoming.type,
+        content_type=incoming.content_type,
+        timestamp=timestamp,
+        headers=dict(incoming.headers or {}),
+    )
+
+
+def _properties(message: Message) -> spec.Basic.Properties:
+    timestamp = message.timestamp or datetime.now(UTC)
+    return spec.Basic.Properties(
+        content_type=message.content_type,
+        delivery_mode=PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        message_type=message.type,
+        timestamp=timestamp,
+        headers=dict(message.headers),
+    )
+
+
+class _RabbitDelivery(Delivery):
+    __slots__ = ("_incoming", "message", "queue", "redelivered")
+
+    def __init__(self, incoming: AbstractIncomingMessage, queue: str) -> None:
+        self._incoming = incoming
+        self.message = _to_message(incoming)
+        self.redelivered = bool(incoming.redelivered)
+        self.queue = queue
+
+    async def ack(self) -> None:
+        try:
+            await self._incoming.ack()
+        except _CLOSED_ERRORS as exc:
+            raise TransportClosedError(
+                f"cannot ack {self.message.message_id} on {self.queue!r}: channel closed ({exc}); "
+                "the broker will redeliver it"
+            ) from exc
+
+    async def reject(self, *, requeue: bool) -> None:
+        try:
+            await self._incoming.reject(requeue=requeue)
+        except _CLOSED_ERRORS as exc:
+            raise TransportClosedError(
+                f"cannot reject {self.message.message_id} on {self.queue!r}: channel closed ({exc})"
+            ) from exc
+
+
+class _RabbitConsumer(Consumer):
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue, tag: str) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._tag = tag
+
+    async def cancel(self) -> None:
+        try:
+            await self._queue.cancel(self._tag)
+        except _CLOSED_ERRORS as exc:
+            log.debug("cancel of consumer on %s failed: %s", self._queue.name, exc)
+
+
+class RabbitTransport(Transport):
+    """The RabbitMQ transport.
+
+    Args:
+        url: an `amqp://` or `amqps://` URL.
+        connect_timeout: seconds to wait for the first connection.
+        publish_timeout: seconds a publish may wait for its confirm.
+
+    The connection is robust: after a broker restart it reconnects, re-declares the
+    topology and resumes consuming by itself. Deliveries unacked when it dropped are
+    redelivered by the broker (the inbox makes that harmless).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        publish_timeout: float = PUBLISH_TIMEOUT,
+    ) -> None:
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self.publish_timeout = publish_timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._specs: dict[str, QueueSpec] = {}
+        self._consumer_channels: list[AbstractChannel] = []
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url)
+
+    async def connect(self) -> None:
+        if self._connection is not None:
+            return
+        try:
+            connection = await aio_pika.connect_robust(self.url, timeout=self.connect_timeout)
+        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise BrokerUnavailableError(
+                f"cannot connect to {self.masked_url}: {reason}; is RabbitMQ running?"
+            ) from exc
+        self._connection = connection
+        self._publish_channel = await connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+
+    async def aclose(self) -> None:
+        connection, self._connection = self._connection, None
+        self._consumer_channels.clear()
+        self._publish_channel = None
+        if connection is not None:
+            await connection.close()
+
+    def _conn(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise TransportClosedError(f"not connected to {self.masked_url}")
+        return self._connection
+
+    async def declare(self, topology: Topology) -> None:
+        channel = await self._conn().channel()
+        try:
+            exchange = await channel.declare_exchange(
+                topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            for spec_ in topology.queues:
+                self._specs[spec_.name] = spec_
+                await channel.declare_queue(
+                    spec_.dead_letter_queue, durable=True, arguments=_queue_arguments(spec_)
+                )
+                queue = await channel.declare_queue(
+                    spec_.name, durable=True, arguments=_queue_arguments(spec_)
+                )
+                for key in spec_.routing_keys:
+                    await queue.bind(exchange, routing_key=key)
+                for delay in spec_.retry_delays:
+                    await channel.declare_queue(
+                        retry_queue_name(spec_, delay),
+                        durable=True,
+                        arguments={
+                            **_queue_arguments(spec_),
+                            "x-message-ttl": round(delay * 1000),
+                            "x-dead-letter-exchange": "",
+                            "x-dead-letter-routing-key": spec_.name,
+                        },
+                    )
+        finally:
+            await channel.close()
+
+    async def _publish(self, exchange: str, routing_key: str, message: Message) -> None:
+        if self._publish_channel is None:
+            raise TransportClosedError(f"not connected to {self.masked_url}")
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                channel = await self._publish_channel.get_underlay_channel()
+                result: ConfirmationFrameType | None = await channel.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=_properties(message),
+                    mandatory=True,
+                )
+        except aiormq.exceptions.PublishError as exc:
+            raise UnroutableError(
+                f"broker returned {message.message_id}: no queue bound on {exchange!r} "
+                f"for {routing_key!r}"
+            ) from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise PublishError(f"broker refused {message.message_id}: {exc}") from exc
+        except (*_CLOSED_ERRORS, TimeoutError) as exc:
+            raise TransportClosedError(
+                f"no confirm for {message.message_id} from {self.masked_url}: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+        if not isinstance(result, spec.Basic.Ack):
+            raise PublishError(f"broker did not confirm {message.message_id}: {result!r}")
+
+    async def publish(self, exchange: str, message: Message) -> None:
+        await self._publish(exchange, message.routing_key, message)
+
+    async def send(self, queue: str, message: Message, *, delay: float = 0.0) -> None:
+        target = queue
+        if delay > 0:
+            spec_ = self._specs.get(queue)
+            if spec_ is None or delay not in spec_.retry_delays:
+                raise UnroutableError(f"queue {queue!r} has no retry tier of {delay}s")
+            target = retry_queue_name(spec_, delay)
+        await self._publish("", target, message)
+
+    async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
+        channel = await self._conn().channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._consumer_channels.append(channel)
+        amqp_queue = await channel.declare_queue(
+            queue, durable=True, arguments=_queue_arguments(self._specs.get(queue))
+        )
+
+        async def on_message(incoming: AbstractIncomingMessage) -> None:
+            await callback(_RabbitDelivery(incoming, queue))
+
+        tag = await amqp_queue.consume(on_message)
+        return _RabbitConsumer(channel, amqp_queue, tag)
+
+    async def _passive(self, queue: str) -> tuple[AbstractChannel, AbstractQueue] | None:
+        # A passive declare of a missing queue closes its channel, so use a throwaway one.
+        channel = await self._conn().channel()
+        try:
+            return channel, await channel.declare_queue(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            await _close_quietly(channel)
+            return None
+
+    async def queue_depth(self, queue: str) -> int:
+        found = await self._passive(queue)
+        if found is None:
+            return 0
+        channel, amqp_queue = found
+        try:
+            result: Any = amqp_queue.declaration_result
+            return int(result.message_count or 0)
+        finally:
+            await _close_quietly(channel)
+
+    async def get(self, queue: str) -> Delivery | None:
+        found = await self._passive(queue)
+        if found is None:
+            return None
+        _channel, amqp_queue = found
+        incoming = await amqp_queue.get(no_ack=False, fail=False)
+        if incoming is None:
+            await _close_quietly(_channel)
+            return None
+        # The channel stays open until the delivery is settled; it closes with the connection.
+        return _RabbitDelivery(incoming, queue)
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    try:
+        await channel.close()
+    except _CLOSED_ERRORS:
+        pass

@@ -1,0 +1,19 @@
+"""Storage for txflow: the outbox and inbox tables and the unit of work handlers run in.
+
+`Store.from_url` picks the backend: PostgreSQL through asyncpg in production, SQLite through
+aiosqlite as the embedded default. Only this package imports SQLAlchemy dialect details.
+"""
+
+from txflow.store.base import OutboxRecord, OutboxStatus, Store, make_record, open_store
+from txflow.store.tables import inbox, metadata, outbox
+
+__all__ = [
+    "OutboxRecord",
+    "OutboxStatus",
+    "Store",
+    "inbox",
+    "make_record",
+    "metadata",
+    "open_store",
+    "outbox",
+]

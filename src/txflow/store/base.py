@@ -1,0 +1,341 @@
+"""The backend-neutral part of the store: engine lifecycle, the unit of work, outbox queries."""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+
+from txflow.abc import Message
+from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
+from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE
+from txflow.store.tables import metadata, outbox
+
+# Rows the relay claims or deletes in one statement.
+DEFAULT_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """A committed outbox row, ready to publish."""
+
+    seq: int
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """What an operator wants to know about the outbox.
+
+    Attributes:
+        pending: rows committed but not yet confirmed by the broker.
+        oldest_pending_at: creation time of the oldest pending row (the relay's lag).
+        sent_retained: sent rows kept until the retention period passes.
+        republished: pending or sent rows a relay took more than once.
+    """
+
+    pending: int
+    oldest_pending_at: datetime | None
+    sent_retained: int
+    republished: int
+
+    def lag_seconds(self, now: datetime | None = None) -> float:
+        """Age of the oldest pending row in seconds; 0.0 when nothing is pending."""
+        if self.oldest_pending_at is None:
+            return 0.0
+        return max(0.0, ((now or datetime.now(UTC)) - self.oldest_pending_at).total_seconds())
+
+
+NotifyCallback = Callable[[], None]
+
+
+class Listener(abc.ABC):
+    """A live subscription to cross-process outbox notifications."""
+
+    @abc.abstractmethod
+    def is_alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+
+def make_record(seq: int, values: Mapping[str, Any]) -> OutboxRecord:
+    """An `OutboxRecord` from an outbox row's column values."""
+    headers = dict(values["headers"])
+    if values["causation_id"] is not None:
+        headers[CAUSATION_HEADER] = values["causation_id"]
+    return OutboxRecord(
+        seq=seq,
+        message=Message(
+            body=values["body"],
+            routing_key=values["event_type"],
+            message_id=values["message_id"],
+            correlation_id=values["correlation_id"],
+            type=values["event_type"],
+            content_type=CONTENT_TYPE,
+            timestamp=values["created_at"],
+            headers=headers,
+        ),
+    )
+
+
+class Store(abc.ABC):
+    """One database: connection pool, unit of work, and the outbox and inbox operations.
+
+    Use `open_store(url)` to get the right backend. Lifecycle: `await store.connect()` then
+    `await store.aclose()`, or `async with store:`.
+    """
+
+    #: Whether notifications reach relays in other processes (PostgreSQL LISTEN/NOTIFY).
+    supports_notify: bool = False
+
+    def __init__(self, url: sa.URL, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self._engine: AsyncEngine | None = None
+        self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._inbox_insert = self._build_inbox_insert()
+        self._outbox_insert = sa.insert(outbox).returning(
+            outbox.c.seq, sort_by_parameter_order=True
+        )
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url.render_as_string(hide_password=False))
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("store is not connected; call `await store.connect()` first")
+        return self._engine
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Create the pool and check the database answers.
+
+        Raises:
+            DatabaseUnavailableError: naming the masked URL and what to check.
+        """
+        if self._engine is not None:
+            return
+        engine = self._create_engine()
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except (OSError, sa.exc.SQLAlchemyError, TimeoutError) as exc:
+            await engine.dispose()
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise DatabaseUnavailableError(
+                f"cannot connect to database {self.masked_url}: {reason}; {self._hint}"
+            ) from exc
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    async def aclose(self) -> None:
+        """Close every pooled connection. Safe to call twice."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    async def __aenter__(self) -> Store:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def create_tables(self, *extra: sa.MetaData) -> None:
+        """Create txflow's tables (and those of `extra` metadata) if they do not exist."""
+        async with self.engine.begin() as conn:
+            for md in (metadata, *extra):
+                await conn.run_sync(md.create_all)
+
+    # -- unit of work ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session inside one database transaction: commit on success, roll back on error."""
+        assert self._sessions is not None, "store is not connected"
+        async with self._sessions() as session, session.begin():
+            yield session
+
+    async def record_inbox(self, session: AsyncSession, handler: str, message_id: str) -> bool:
+        """Insert the inbox row; False when (handler, message_id) was already handled."""
+        conn = await session.connection()
+        result = await conn.execute(
+            self._inbox_insert,
+            {"handler": handler, "message_id": message_id, "processed_at": datetime.now(UTC)},
+        )
+        return bool(result.rowcount)
+
+    async def insert_outbox(
+        self, session: AsyncSession, rows: Sequence[dict[str, Any]]
+    ) -> list[int]:
+        """Insert outbox rows in order and return their sequence numbers."""
+        conn = await session.connection()
+        result = await conn.execute(self._outbox_insert, list(rows))
+        return list(result.scalars())
+
+    async def notify(self, session: AsyncSession) -> None:  # noqa: B027 - optional hook
+        """Ask relays in other processes to look at the outbox once this transaction commits."""
+
+    async def listen(self, callback: NotifyCallback) -> Listener | None:
+        """Call `callback` whenever another process notifies; None if the backend cannot."""
+        return None
+
+    def is_transient_error(self, exc: BaseException) -> bool:
+        """Whether `exc` means the database is unreachable or busy, not that the message is bad.
+
+        Such failures hand the message back without counting an attempt.
+        """
+        if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        return isinstance(
+            exc,
+            (
+                sa.exc.OperationalError,
+                sa.exc.InterfaceError,
+                sa.exc.DisconnectionError,
+                sa.exc.TimeoutError,
+                ConnectionError,
+            ),
+        )
+
+    # -- relay side --------------------------------------------------------------------------
+
+    async def claim(self, limit: int, lease_seconds: float) -> list[OutboxRecord]:
+        """Take up to `limit` unsent rows no live relay owns, leasing them for `lease_seconds`.
+
+        On PostgreSQL rows locked by another relay are skipped, so relays never block each other.
+        """
+        now = time.time()
+        candidates = (
+            sa.select(outbox.c.seq)
+            .where(
+                outbox.c.sent_at.is_(None),
+                sa.or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
+            )
+            .order_by(outbox.c.seq)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            sa.update(outbox)
+            .where(outbox.c.seq.in_(candidates.scalar_subquery()))
+            .values(
+                lease_until=now + lease_seconds,
+                publish_attempts=outbox.c.publish_attempts + 1,
+            )
+            .returning(*outbox.c)
+        )
+        async with self._write() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return sorted((make_record(r.seq, dict(r._mapping)) for r in rows), key=lambda r: r.seq)
+
+    async def mark_sent(self, seqs: Sequence[int], *, delete: bool = False) -> None:
+        """Mark rows the broker confirmed as sent (or delete them when nothing is retained)."""
+        if not seqs:
+            return
+        async with self._write() as conn:
+            await conn.execute(self._mark_sent_stmt(delete), self._seqs_param(seqs))
+
+    async def delete_sent(self, older_than: datetime, limit: int = DEFAULT_BATCH) -> int:
+        """Delete up to `limit` rows sent before `older_than`; returns how many went."""
+        doomed = (
+            sa.select(outbox.c.seq)
+            .where(outbox.c.sent_at.is_not(None), outbox.c.sent_at < older_than)
+            .limit(limit)
+        )
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.delete(outbox).where(outbox.c.seq.in_(doomed.scalar_subquery()))
+            )
+        return int(result.rowcount)
+
+    async def outbox_status(self) -> OutboxStatus:
+        """Counts and lag of the outbox, for `txflow outbox status` and monitoring."""
+        pending = sa.case((outbox.c.sent_at.is_(None), 1), else_=0)
+        stmt = sa.select(
+            sa.func.coalesce(sa.func.sum(pending), 0),
+            sa.func.min(sa.case((outbox.c.sent_at.is_(None), outbox.c.created_at))),
+            sa.func.count() - sa.func.coalesce(sa.func.sum(pending), 0),
+            sa.func.coalesce(sa.func.sum(sa.case((outbox.c.publish_attempts > 1, 1), else_=0)), 0),
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(stmt)).one()
+        oldest = row[1]
+        if isinstance(oldest, str):  # SQLite returns the raw column text from an aggregate
+            oldest = datetime.fromisoformat(oldest)
+        if oldest is not None and oldest.tzinfo is None:
+            oldest = oldest.replace(tzinfo=UTC)
+        return OutboxStatus(int(row[0]), oldest, int(row[2]), int(row[3]))
+
+    # -- backend hooks -------------------------------------------------------------------------
+
+    _hint = "is the database running?"
+
+    @abc.abstractmethod
+    def _create_engine(self) -> AsyncEngine: ...
+
+    @abc.abstractmethod
+    def _build_inbox_insert(self) -> sa.Insert: ...
+
+    def _mark_sent_stmt(self, delete: bool) -> sa.Executable:
+        where = outbox.c.seq.in_(sa.bindparam("seqs", expanding=True))
+        if delete:
+            return sa.delete(outbox).where(where)
+        return sa.update(outbox).where(where).values(sent_at=sa.bindparam("now"))
+
+    def _seqs_param(self, seqs: Sequence[int]) -> dict[str, Any]:
+        return {"seqs": list(seqs), "now": datetime.now(UTC)}
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A short write transaction outside any handler (relay bookkeeping)."""
+        async with self.engine.begin() as conn:
+            yield conn
+
+
+_BACKENDS: dict[str, str] = {
+    "postgresql": "txflow.store.postgres:PostgresStore",
+    "postgres": "txflow.store.postgres:PostgresStore",
+    "sqlite": "txflow.store.sqlite:SQLiteStore",
+}
+
+
+def open_store(url: str, *, pool_size: int = 10) -> Store:
+    """A `Store` for `url` (not yet connected).
+
+    Accepts `postgresql://`, `postgresql+asyncpg://`, `sqlite:///path` and
+    `sqlite+aiosqlite:///path`.
+
+    Raises:
+        UnsupportedURLError: for any other scheme.
+    """
+    import importlib
+
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise UnsupportedURLError(
+            f"cannot parse database URL {mask_url(url)!r}; expected e.g. "
+            "postgresql://user@host/db or sqlite:///txflow.db"
+        ) from exc
+    backend = parsed.get_backend_name()
+    target = _BACKENDS.get(backend)
+    if target is None:
+        raise UnsupportedURLError(
+            f"unsupported database URL scheme {parsed.drivername!r} in {mask_url(url)}; "
+            "use postgresql:// or sqlite:///path"
+        )
+    module_name, _, cls_name = target.partition(":")
+    cls: type[Store] = getattr(importlib.import_module(module_name), cls_name)
+    return cls(parsed, pool_size=pool_size)

@@ -1,0 +1,74 @@
+"""SQLite through aiosqlite: the embedded default, for one process.
+
+SQLite has one writer at a time. Write transactions take an in-process lock and start with
+BEGIN IMMEDIATE, so concurrent handlers queue up instead of failing with "database is locked".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from txflow.store.base import Store
+from txflow.store.tables import inbox
+
+# Seconds a connection waits for another process's write lock before failing.
+BUSY_TIMEOUT_MS = 30_000
+
+
+class SQLiteStore(Store):
+    """SQLite backend (aiosqlite), with WAL journaling."""
+
+    _hint = "is the path writable?"
+
+    def __init__(self, url: sa.URL, *, pool_size: int = 10) -> None:
+        super().__init__(url.set(drivername="sqlite+aiosqlite"), pool_size=pool_size)
+        self._write_lock = asyncio.Lock()
+
+    @property
+    def _in_memory(self) -> bool:
+        return self.url.database in (None, "", ":memory:")
+
+    def _create_engine(self) -> AsyncEngine:
+        kwargs: dict[str, Any] = {}
+        if self._in_memory:
+            kwargs["poolclass"] = StaticPool
+        engine = create_async_engine(self.url, **kwargs)
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _configure(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" event below emit BEGIN itself.
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            if not self._in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    def _build_inbox_insert(self) -> sa.Insert:
+        return sqlite.insert(inbox).on_conflict_do_nothing()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        async with self._write_lock, super().transaction() as session:
+            yield session
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._write_lock, self.engine.begin() as conn:
+            yield conn
