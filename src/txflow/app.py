@@ -228,6 +228,9 @@ class TxFlow:
         )
 
     async def _start(self) -> None:
+        if self._transport is None:
+            # Built before connecting anything, so a bad broker URL fails with no side effects.
+            self._transport = open_transport(resolve_broker_url(self.broker_url))
         store = await self.open_store()
         create = self.create_tables
         if create is None:
@@ -236,8 +239,6 @@ class TxFlow:
             await self.init_db()
         else:
             await self._check_tables(store)
-        if self._transport is None:
-            self._transport = open_transport(resolve_broker_url(self.broker_url))
         await self._transport.connect()
         await self._transport.declare(self.topology())
         self._relay = OutboxRelay(store, self._transport, self.exchange, self.relay_config)

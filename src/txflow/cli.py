@@ -1,0 +1,338 @@
+"""The `txflow` command: run apps, create tables, inspect the outbox.
+
+    txflow run module:app [--broker URL] [--database URL] [--workers N] [--log-level LEVEL]
+    txflow db init module:app [--database URL]
+    txflow outbox status module:app [--database URL] [--json]
+
+Errors print one line naming the fix and exit non-zero: 2 for usage and configuration
+errors (bad target, bad URL), 1 for unreachable services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from txflow.app import TxFlow
+from txflow.config import BROKER_URL_ENV, DATABASE_URL_ENV, open_transport, resolve_broker_url
+from txflow.errors import (
+    AppNotFoundError,
+    ConfigurationError,
+    ConnectionFailedError,
+    TxflowError,
+)
+from txflow.store import open_store
+
+log = logging.getLogger("txflow.cli")
+
+T = TypeVar("T")
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 1
+# A worker that dies this soon after starting counts as failing to start.
+WORKER_START_GRACE = 5.0
+# Respawns of quickly failing workers before the supervisor gives up.
+MAX_QUICK_FAILURES = 5
+LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"
+
+
+def load_app(target: str) -> TxFlow:
+    """Import `module:attribute` and return the `TxFlow` it names (calling a factory).
+
+    Raises:
+        AppNotFoundError: the target is malformed, or the module or attribute does not exist.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise AppNotFoundError(
+            f"target {target!r} is not of the form module:attribute, e.g. myservice.main:app"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise AppNotFoundError(
+                f"cannot import module {module_name!r} ({exc}); run from the project "
+                "directory or add it to PYTHONPATH"
+            ) from exc
+        raise AppNotFoundError(f"importing {module_name!r} failed: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise AppNotFoundError(
+                f"module {module_name!r} has no attribute {attr!r}; "
+                f"expected {module_name}:<name of your TxFlow app>"
+            )
+        obj = getattr(obj, part)
+    if callable(obj) and not isinstance(obj, TxFlow):
+        obj = obj()
+    if not isinstance(obj, TxFlow):
+        raise AppNotFoundError(
+            f"{target} is a {type(obj).__name__}, not a TxFlow app (or a function returning one)"
+        )
+    return obj
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    # aiormq logs each failed connection attempt as an error with a traceback; txflow's own
+    # lines name the broker and the fix, so keep the library quiet unless debugging.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+        logging.getLogger("aio_pika").setLevel(logging.ERROR)
+
+
+def _run_async(main: Callable[[], Awaitable[T]]) -> T:
+    """Run `main` on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())  # type: ignore[arg-type]
+    return uvloop.run(main())  # type: ignore[arg-type]
+
+
+def _apply_urls(app: TxFlow, args: argparse.Namespace) -> None:
+    if getattr(args, "broker", None):
+        app.broker_url = args.broker
+    if getattr(args, "database", None):
+        app.database_url = args.database
+
+
+# -- txflow run ------------------------------------------------------------------------------
+
+
+async def _serve(app: TxFlow) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    log.info("%s running; SIGINT or SIGTERM stops it gracefully", app.name)
+    try:
+        await stop.wait()
+    finally:
+        log.info("%s stopping: finishing in-flight handlers and draining the outbox", app.name)
+        await app.stop()
+        log.info("%s stopped", app.name)
+
+
+async def _check_reachable(app: TxFlow) -> None:
+    """Connect once to the database and the broker, so a supervisor fails fast and clearly."""
+    store = await app.open_store()
+    try:
+        transport = open_transport(resolve_broker_url(app.broker_url))
+        await transport.connect()
+        await transport.aclose()
+    finally:
+        await store.aclose()
+        app._store = None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    app = load_app(args.target)
+    _apply_urls(app, args)
+    if args.shutdown_timeout is not None:
+        app.shutdown_timeout = args.shutdown_timeout
+    if args.workers > 1:
+        broker = resolve_broker_url(app.broker_url)
+        if broker.startswith("memory:"):
+            raise ConfigurationError(
+                "--workers > 1 needs a real broker: the in-memory broker lives inside one "
+                f"process; pass --broker amqp://... or set {BROKER_URL_ENV}"
+            )
+        _run_async(lambda: _check_reachable(app))
+        return _supervise(args)
+    _run_async(lambda: _serve(app))
+    return 0
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, "-m", "txflow", "run", args.target, "--workers", "1"]
+    argv += ["--log-level", args.log_level]
+    if args.broker:
+        argv += ["--broker", args.broker]
+    if args.database:
+        argv += ["--database", args.database]
+    if args.shutdown_timeout is not None:
+        argv += ["--shutdown-timeout", str(args.shutdown_timeout)]
+    return argv
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """Run `args.workers` worker processes; restart any that die; forward SIGINT/SIGTERM."""
+    argv = _worker_argv(args)
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    workers: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+    quick_failures = 0
+    for slot in range(args.workers):
+        workers[slot] = (subprocess.Popen(argv), time.monotonic())
+    log.info("supervising %d workers of %s", args.workers, args.target)
+    while not stopping:
+        time.sleep(0.2)
+        for slot, (proc, started) in list(workers.items()):
+            code = proc.poll()
+            if code is None or stopping:
+                continue
+            quick = time.monotonic() - started < WORKER_START_GRACE
+            quick_failures = quick_failures + 1 if quick else 0
+            if quick_failures > MAX_QUICK_FAILURES:
+                log.error("workers keep failing at start; giving up (last exit code %s)", code)
+                stopping.append(signal.SIGTERM)
+                break
+            log.warning("worker %d (pid %d) exited with %s; restarting", slot, proc.pid, code)
+            workers[slot] = (subprocess.Popen(argv), time.monotonic())
+    for proc, _ in workers.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + (args.shutdown_timeout or 30.0) * 2 + 5
+    for proc, _ in workers.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("worker pid %d did not stop in time; killing it", proc.pid)
+            proc.kill()
+    return 0 if quick_failures <= MAX_QUICK_FAILURES else EXIT_UNAVAILABLE
+
+
+# -- txflow db / outbox -----------------------------------------------------------------------
+
+
+def _cmd_db_init(args: argparse.Namespace) -> int:
+    app = load_app(args.target)
+    _apply_urls(app, args)
+
+    async def main() -> str:
+        await app.init_db()
+        url = app.store.masked_url
+        await app.store.aclose()
+        return url
+
+    url = _run_async(main)
+    extra = " and the app's own" if app.metadata is not None else ""
+    print(f"created txflow's tables{extra} in {url}")
+    return 0
+
+
+def _cmd_outbox_status(args: argparse.Namespace) -> int:
+    if args.target:
+        app = load_app(args.target)
+        _apply_urls(app, args)
+        url = app.database_url or os.environ.get(DATABASE_URL_ENV)
+    else:
+        url = args.database or os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        raise ConfigurationError(
+            f"no database: pass module:app, --database URL, or set {DATABASE_URL_ENV}"
+        )
+
+    async def main() -> dict[str, Any]:
+        store = open_store(url)
+        await store.connect()
+        try:
+            status = await store.outbox_status()
+        finally:
+            await store.aclose()
+        oldest = status.oldest_pending_at
+        return {
+            "database": store.masked_url,
+            "pending": status.pending,
+            "oldest_pending_at": oldest.isoformat() if oldest else None,
+            "lag_seconds": round(status.lag_seconds(datetime.now(UTC)), 3),
+            "sent_retained": status.sent_retained,
+            "republished": status.republished,
+        }
+
+    report = _run_async(main)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="txflow", description="Reliable event-driven flows on RabbitMQ and PostgreSQL."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_urls(p: argparse.ArgumentParser, broker: bool = True) -> None:
+        if broker:
+            p.add_argument("--broker", help=f"broker URL (default ${BROKER_URL_ENV} or memory://)")
+        p.add_argument(
+            "--database", help=f"database URL (default ${DATABASE_URL_ENV} or a SQLite file)"
+        )
+
+    run = sub.add_parser("run", help="run an app's handlers and outbox relay")
+    run.add_argument("target", help="module:attribute naming a TxFlow app (or a factory)")
+    add_urls(run)
+    run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    run.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    run.add_argument(
+        "--shutdown-timeout", type=float, help="seconds to finish in-flight work on stop"
+    )
+    run.set_defaults(func=_cmd_run)
+
+    db = sub.add_parser("db", help="database commands").add_subparsers(dest="db", required=True)
+    init = db.add_parser("init", help="create txflow's tables and the app's own")
+    init.add_argument("target", help="module:attribute naming a TxFlow app")
+    add_urls(init, broker=False)
+    init.set_defaults(func=_cmd_db_init)
+
+    ob = sub.add_parser("outbox", help="outbox commands").add_subparsers(dest="ob", required=True)
+    status = ob.add_parser("status", help="pending rows, oldest age, republished rows")
+    status.add_argument("target", nargs="?", help="module:attribute naming a TxFlow app")
+    add_urls(status, broker=False)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=_cmd_outbox_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(getattr(args, "log_level", "warning"))
+    if getattr(args, "workers", 1) < 1:
+        parser.error("--workers must be at least 1")
+    try:
+        code: int = args.func(args)
+    except ConnectionFailedError as exc:
+        print(f"txflow: error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except TxflowError as exc:
+        print(f"txflow: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
