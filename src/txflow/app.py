@@ -32,6 +32,8 @@ DEFAULT_EXCHANGE = "txflow.events"
 DEFAULT_CONCURRENCY = 32
 # Seconds a graceful stop waits for in-flight handlers, and again for the relay to drain.
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# Database connections per process: more rarely helps, and many processes share one server.
+DEFAULT_DB_POOL_SIZE = 10
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -54,6 +56,8 @@ class TxFlow:
         create_tables: create missing tables at start; default only on SQLite.
         max_message_bytes: larger incoming bodies are dead-lettered as poison.
         shutdown_timeout: seconds to finish in-flight work on stop, before cancelling.
+        db_pool_size: database connections this process opens at most; handlers beyond it
+            wait for one (PostgreSQL's default max_connections is 100 for all processes).
         transport: a ready `Transport` instance instead of `broker_url`.
     """
 
@@ -72,6 +76,7 @@ class TxFlow:
         create_tables: bool | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        db_pool_size: int = DEFAULT_DB_POOL_SIZE,
         transport: Transport | None = None,
     ) -> None:
         if not _NAME.match(name):
@@ -90,6 +95,7 @@ class TxFlow:
         self.create_tables = create_tables
         self.max_message_bytes = max_message_bytes
         self.shutdown_timeout = shutdown_timeout
+        self.db_pool_size = db_pool_size
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self._transport = transport
@@ -190,7 +196,7 @@ class TxFlow:
         if self._store is None:
             store = open_store(
                 resolve_database_url(self.database_url, self.name),
-                pool_size=max(10, min(self.concurrency * max(1, len(self.handlers)), 64) + 4),
+                pool_size=self.db_pool_size,
             )
             await store.connect()
             self._store = store

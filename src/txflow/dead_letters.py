@@ -35,6 +35,8 @@ def failure_headers(message: Message, exc: BaseException) -> dict[str, Any]:
     """Headers recording one failed attempt, keeping the first failure's time."""
     now = datetime.now(UTC).isoformat()
     return {
+        # Retries travel through the default exchange, which replaces the routing key.
+        ORIGINAL_ROUTING_KEY: message.headers.get(ORIGINAL_ROUTING_KEY) or message.routing_key,
         FIRST_FAILURE_AT: message.headers.get(FIRST_FAILURE_AT) or now,
         LAST_FAILURE_AT: now,
         EXCEPTION_TYPE: exception_type_name(exc),
@@ -53,7 +55,6 @@ def dead_letter_message(
             TRACEBACK: tb[-MAX_TRACEBACK_CHARS:],
             ATTEMPTS: attempts,
             HANDLER: handler,
-            ORIGINAL_ROUTING_KEY: message.headers.get(ORIGINAL_ROUTING_KEY) or message.routing_key,
             DEAD_LETTERED_AT: datetime.now(UTC).isoformat(),
         }
     )

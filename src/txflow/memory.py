@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import count
 
 from txflow.abc import Consumer, Delivery, DeliveryCallback, Message, QueueSpec, Topology, Transport
@@ -243,6 +243,8 @@ class InMemoryTransport(Transport):
 
     async def send(self, queue: str, message: Message, *, delay: float = 0.0) -> None:
         self._check()
+        # As on RabbitMQ's default exchange: the queue name becomes the routing key.
+        message = replace(message, routing_key=queue)
         if delay > 0:
             if (queue, round(delay * 1000)) not in self.broker.retry_tiers:
                 raise UnroutableError(f"queue {queue!r} has no retry tier of {delay}s")

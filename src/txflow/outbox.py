@@ -106,6 +106,7 @@ class OutboxRelay:
         self._queue: deque[OutboxRecord] = deque()
         self._owned: set[int] = set()
         self._confirmed: list[int] = []
+        self._marking = 0  # rows in a mark-sent UPDATE that has not finished yet
         self._in_flight = 0
         self._window = asyncio.Semaphore(self.config.max_in_flight)
         self._wake = asyncio.Event()
@@ -164,7 +165,7 @@ class OutboxRelay:
         """Wait until every handed-over row is published and marked; False on timeout."""
         try:
             async with asyncio.timeout(timeout):
-                while self._queue or self._in_flight or self._confirmed:
+                while not self._is_idle():
                     self._idle.clear()
                     self._wake.set()
                     self._flush_needed.set()
@@ -198,8 +199,11 @@ class OutboxRelay:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _is_idle(self) -> bool:
+        return not (self._queue or self._in_flight or self._confirmed or self._marking)
+
     def _maybe_idle(self) -> None:
-        if not self._queue and not self._in_flight and not self._confirmed:
+        if self._is_idle():
             self._idle.set()
 
     async def _publish_loop(self) -> None:
@@ -256,6 +260,7 @@ class OutboxRelay:
             if not seqs:
                 self._maybe_idle()
                 continue
+            self._marking = len(seqs)
             try:
                 await self.store.mark_sent(seqs, delete=delete)
             except Exception as exc:
@@ -264,6 +269,8 @@ class OutboxRelay:
                 await asyncio.sleep(RECONNECT_BACKOFF)
                 self._flush_needed.set()
                 continue
+            finally:
+                self._marking = 0
             self.stats.marked += len(seqs)
             self._owned.difference_update(seqs)
             self._maybe_idle()

@@ -41,6 +41,8 @@ log = logging.getLogger("txflow.rabbit")
 CONNECT_TIMEOUT = 10.0
 # Seconds a publish may wait for its confirm (including waiting out a reconnect).
 PUBLISH_TIMEOUT = 30.0
+# Seconds a control operation (cancel, close) may take before we give up on it.
+CONTROL_TIMEOUT = 5.0
 PERSISTENT = 2
 
 _CLOSED_ERRORS = (
@@ -121,9 +123,13 @@ class _RabbitConsumer(Consumer):
         self._tag = tag
 
     async def cancel(self) -> None:
+        if self._channel.is_closed:
+            return  # the broker already forgot the consumer with its channel
         try:
-            await self._queue.cancel(self._tag)
-        except _CLOSED_ERRORS as exc:
+            # A robust channel would wait for a reconnect forever; a cancel need not.
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                await self._queue.cancel(self._tag)
+        except (*_CLOSED_ERRORS, TimeoutError) as exc:
             log.debug("cancel of consumer on %s failed: %s", self._queue.name, exc)
 
 

@@ -15,6 +15,14 @@ from txflow.store.tables import inbox, outbox
 
 log = logging.getLogger("txflow.store")
 
+# SQLSTATEs that mean "cannot serve you right now", not "this message is bad": connection
+# exceptions (08), insufficient resources such as too many clients (53), shutdowns (57P),
+# serialization failures and deadlocks (40001, 40P01).
+TRANSIENT_SQLSTATES = ("08", "53", "57P", "40001", "40P01")
+
+# Seconds a handler waits for a pooled connection before its message is handed back.
+POOL_TIMEOUT = 30.0
+
 #: The LISTEN/NOTIFY channel relays listen on.
 NOTIFY_CHANNEL = "txflow_outbox"
 
@@ -32,10 +40,20 @@ class PostgresStore(Store):
         return create_async_engine(
             self.url,
             pool_size=self.pool_size,
-            max_overflow=self.pool_size,
+            # A hard cap: handlers beyond it wait for a connection rather than open more.
+            max_overflow=0,
+            pool_timeout=POOL_TIMEOUT,
             pool_pre_ping=False,
             connect_args={"timeout": 10},
         )
+
+    def is_transient_error(self, exc: BaseException) -> bool:
+        sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(
+            exc, "sqlstate", None
+        )
+        if isinstance(sqlstate, str) and sqlstate.startswith(TRANSIENT_SQLSTATES):
+            return True
+        return super().is_transient_error(exc)
 
     def _build_inbox_insert(self) -> sa.Insert:
         return postgresql.insert(inbox).on_conflict_do_nothing()
