@@ -1,0 +1,325 @@
+"""The core guarantees, on both backends (memory + SQLite, RabbitMQ + PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import Backend, settle
+from tests.support import Orphan, Ping, Pong, add_effect_handler, add_sink, count_rows, effects
+from tests.support import user_metadata as md
+from txflow import Context, Message
+from txflow.consumer import HandlerConsumer
+from txflow.messages import encode, new_message_id
+from txflow.store import outbox
+from txflow.testing import wait_until
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_one_hop_commits_effects_and_emits(backend: Backend) -> None:
+    svc = await backend.app("svc", metadata=md)
+    calls: list[str] = []
+    add_effect_handler(svc, calls)
+    sink_app = await backend.app("sink", database="sink")
+    received = add_sink(sink_app, Pong)
+    async with svc, sink_app:
+        ids = await svc.publish(*(Ping(n=i) for i in range(20)))
+        await wait_until(lambda: len(received) == 20, message="20 Pongs")
+        assert sorted(e.n for e in received) == list(range(20))  # type: ignore[attr-defined]
+        assert await count_rows(svc, effects) == 20
+        assert sorted(calls) == sorted(ids) or len(calls) == 20
+        await wait_until(_all_sent(svc), message="outbox drained")
+
+
+def _all_sent(app):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return (await app.store.outbox_status()).pending == 0
+
+    return check
+
+
+async def test_rollback_publishes_nothing(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md)
+    received = add_sink(app, Ping)
+    async with app:
+        with pytest.raises(Boom):
+            async with app.transaction() as tx:
+                await tx.session.execute(sa.insert(effects).values(message_id="x", value=1))
+                tx.emit(Ping(n=1))
+                raise Boom
+        await settle(0.5)
+        assert received == []
+        assert await count_rows(app, effects) == 0
+        async with app.store.engine.connect() as conn:
+            assert (
+                await conn.execute(sa.select(sa.func.count()).select_from(outbox))
+            ).scalar() == 0
+
+
+async def test_duplicate_delivery_runs_handler_once(backend: Backend) -> None:
+    svc = await backend.app("svc", metadata=md)
+    calls: list[str] = []
+    add_effect_handler(svc, calls, emit=False)
+    async with svc:
+        message = encode(
+            Ping(n=7),
+            message_id=new_message_id(),
+            correlation_id="flow-1",
+            causation_id=None,
+            occurred_at=datetime.now(UTC),
+        )
+        await svc.transport.publish(svc.exchange, message)
+        await svc.transport.publish(svc.exchange, message)
+        consumer = svc.consumers[0]
+        await wait_until(
+            lambda: consumer.stats.handled + consumer.stats.duplicates == 2, message="2 deliveries"
+        )
+        assert calls == [message.message_id]
+        assert consumer.stats.duplicates == 1
+        assert await count_rows(svc, effects) == 1
+
+
+async def test_events_of_one_transaction_arrive_in_emit_order(backend: Backend) -> None:
+    app = await backend.app("svc")
+    received = add_sink(app, Ping, Pong, concurrency=1)
+    async with app:
+        async with app.transaction() as tx:
+            for i in range(60):
+                tx.emit(Ping(n=i) if i % 2 else Pong(n=i))
+        await wait_until(lambda: len(received) == 60, message="60 events")
+        assert [e.n for e in received] == list(range(60))  # type: ignore[attr-defined]
+
+
+async def test_emitted_events_inherit_correlation_and_causation(backend: Backend) -> None:
+    svc = await backend.app("svc", metadata=md)
+    add_effect_handler(svc, [])
+    sink_app = await backend.app("sink", database="sink")
+    seen: list[Context] = []
+
+    @sink_app.handler(Pong)
+    async def record(event: Pong, ctx: Context) -> None:
+        seen.append(ctx)
+
+    async with svc, sink_app:
+        async with svc.transaction(correlation_id="order-42") as tx:
+            ping_id = tx.emit(Ping(n=1))
+        await wait_until(lambda: len(seen) == 1)
+        envelope = seen[0].envelope
+        assert envelope is not None
+        assert envelope.correlation_id == "order-42"
+        assert envelope.causation_id == ping_id
+        assert envelope.message_id != ping_id
+
+
+async def test_unroutable_publish_is_not_marked_sent_until_routable(backend: Backend) -> None:
+    producer = await backend.app("producer")
+    async with producer:
+        await producer.publish(Orphan(n=1))
+        await wait_until(lambda: producer.relay.stats.unroutable >= 1, message="a return")
+        status = await producer.store.outbox_status()
+        assert status.pending == 1
+        assert producer.relay.stats.marked == 0
+        # Once a queue is bound, the sweep republishes the row after its lease.
+        late = await backend.app("late", database="late")
+        received = add_sink(late, Orphan)
+        async with late:
+            await wait_until(lambda: len(received) == 1, timeout=15, message="late delivery")
+        await wait_until(_all_sent(producer), message="row marked sent")
+
+
+async def test_committed_event_is_published_by_the_next_relay(backend: Backend) -> None:
+    """A relay that stops before publishing leaves the row; a new app delivers it."""
+    first = await backend.app("svc")
+    async with first:
+        # Simulate a crash right after commit: the relay is gone before it ran.
+        await first.relay.aclose()
+        await first.publish(Ping(n=5))
+        assert (await first.store.outbox_status()).pending == 1
+    second = await backend.app("svc")
+    received = add_sink(second, Ping)
+    async with second:
+        await wait_until(lambda: len(received) == 1, timeout=15, message="recovered event")
+        await wait_until(_all_sent(second), message="row marked sent")
+        # It was never leased (no relay ran), so this is its first publish, not a republish.
+        assert (await second.store.outbox_status()).republished == 0
+
+
+async def test_crash_between_commit_and_ack_is_deduplicated(backend: Backend) -> None:
+    svc = await backend.app("svc", metadata=md)
+    calls: list[str] = []
+    add_effect_handler(svc, calls, emit=False)
+    committed = asyncio.Event()
+    original = HandlerConsumer._handle
+
+    async def handle_then_hang(self: HandlerConsumer, envelope):  # type: ignore[no-untyped-def]
+        result = await original(self, envelope)
+        committed.set()
+        await asyncio.Event().wait()  # the worker "dies" here, before the ack
+        return result
+
+    async with svc:
+        svc.consumers[0]._handle = handle_then_hang.__get__(svc.consumers[0])  # type: ignore[method-assign]
+        await svc.publish(Ping(n=1))
+        await asyncio.wait_for(committed.wait(), 10)
+        # The connection drops without an ack: the broker requeues the delivery.
+        await svc.transport.aclose()
+        await svc.consumers[0].stop(timeout=0.1)
+    assert calls and len(calls) == 1
+    again = await backend.app("svc", metadata=md)
+    add_effect_handler(again, calls, emit=False)
+    async with again:
+        consumer = again.consumers[0]
+        await wait_until(lambda: consumer.stats.duplicates == 1, timeout=15, message="redelivery")
+        assert len(calls) == 1
+        assert await count_rows(again, effects) == 1
+
+
+async def test_handler_failure_leaves_nothing_and_dead_letters_after_retries(
+    backend: Backend,
+) -> None:
+    app = await backend.app("svc", metadata=md)
+    attempts: list[int] = []
+
+    @app.handler(Ping)
+    async def flaky(event: Ping, ctx: Context) -> Pong:
+        attempts.append(ctx.attempt)
+        await ctx.session.execute(sa.insert(effects).values(message_id=ctx.message_id, value=1))
+        ctx.emit(Pong(n=1))
+        raise Boom("payment service said no")
+
+    async with app:
+        msg_id = (await app.publish(Ping(n=1)))[0]
+        dlq = f"{app.handlers['flaky'].queue}.dlq"
+        await wait_until(_queue_has(app, dlq, 1), message="dead letter")
+        assert attempts == [1, 2, 3]
+        assert await count_rows(app, effects) == 0
+        async with app.store.engine.connect() as conn:
+            emitted = await conn.execute(
+                sa.select(sa.func.count()).select_from(outbox).where(outbox.c.event_type == "Pong")
+            )
+            assert emitted.scalar() == 0
+        delivery = await app.transport.get(dlq)
+        assert delivery is not None
+        headers = delivery.message.headers
+        assert delivery.message.message_id == msg_id
+        assert headers["x-txflow-exception-type"] == "tests.test_contract.Boom"
+        assert headers["x-txflow-dead-letter-reason"] == "payment service said no"
+        assert headers["x-txflow-attempts"] == 3
+        assert "Traceback" in headers["x-txflow-traceback"]
+        assert headers["x-txflow-handler"] == "flaky"
+        assert headers["x-txflow-original-routing-key"] == "Ping"
+        assert headers["x-txflow-first-failure-at"] <= headers["x-txflow-last-failure-at"]
+        await delivery.ack()
+
+
+def _queue_has(app, queue: str, n: int):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return await app.transport.queue_depth(queue) >= n
+
+    return check
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "type_", "message_id", "expected"),
+    [
+        (b"{not json", "application/json", "Ping", "m1", "MalformedMessageError"),
+        (b'{"n": 1}', "application/json", "NoSuchEvent", "m2", "UnknownEventTypeError"),
+        (b'{"n": "seven"}', "application/json", "Ping", "m3", "EventValidationError"),
+        (b'{"n": 1}', "text/plain", "Ping", "m4", "MalformedMessageError"),
+        (b'{"n": 1}', "application/json", "Ping", None, "MalformedMessageError"),
+        (b'{"n": 1}' + b" " * 70_000, "application/json", "Ping", "m6", "MessageTooLargeError"),
+    ],
+    ids=["bad-json", "unknown-type", "bad-schema", "content-type", "no-message-id", "too-large"],
+)
+async def test_poison_is_dead_lettered_with_reason_and_consumer_goes_on(
+    backend: Backend,
+    body: bytes,
+    content_type: str,
+    type_: str,
+    message_id: str | None,
+    expected: str,
+) -> None:
+    if message_id is None and backend.is_real:
+        pytest.skip("aiormq gives every publish a message id, so this poison cannot be sent")
+    app = await backend.app("svc", max_message_bytes=64_000)
+    received = add_sink(app, Ping)
+    async with app:
+        queue = app.handlers["sink"].queue
+        poison = Message(
+            body=body,
+            routing_key=queue,
+            message_id=message_id,
+            type=type_,
+            content_type=content_type,
+        )
+        await app.transport.send(queue, poison)
+        await app.publish(Ping(n=1))
+        await wait_until(lambda: len(received) == 1, message="good message after poison")
+        await wait_until(_queue_has(app, f"{queue}.dlq", 1), message="dead letter")
+        delivery = await app.transport.get(f"{queue}.dlq")
+        assert delivery is not None
+        assert delivery.message.body == body
+        assert delivery.message.headers["x-txflow-exception-type"] == f"txflow.errors.{expected}"
+        assert delivery.message.headers["x-txflow-dead-letter-reason"]
+        await delivery.ack()
+        assert app.consumers[0].stats.dead_lettered == 1
+
+
+async def test_graceful_stop_finishes_in_flight_handlers(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.handler(Ping)
+    async def slow(event: Ping, ctx: Context) -> Pong:
+        started.set()
+        await release.wait()
+        await ctx.session.execute(sa.insert(effects).values(message_id=ctx.message_id, value=1))
+        return Pong(n=event.n)
+
+    sink_app = await backend.app("sink", database="sink")
+    received = add_sink(sink_app, Pong)
+    async with sink_app:
+        await app.start()
+        await app.publish(Ping(n=3))
+        await asyncio.wait_for(started.wait(), 10)
+        stopping = asyncio.create_task(app.stop())
+        await settle(0.2)
+        assert not stopping.done()  # waits for the handler
+        release.set()
+        await asyncio.wait_for(stopping, 10)
+        # The handler committed and the relay drained before stop returned.
+        await wait_until(lambda: len(received) == 1, message="Pong after graceful stop")
+
+
+async def test_handler_cancelled_at_shutdown_is_not_acked(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md, shutdown_timeout=0.2)
+    calls: list[int] = []
+
+    @app.handler(Ping)
+    async def stuck(event: Ping, ctx: Context) -> None:
+        calls.append(event.n)
+        if len(calls) == 1:
+            await asyncio.Event().wait()  # never finishes: cancelled by the stop
+        await ctx.session.execute(sa.insert(effects).values(message_id=ctx.message_id, value=1))
+
+    async with app:
+        await app.publish(Ping(n=9))
+        await wait_until(lambda: len(calls) == 1)
+    # Not acked, so the next run gets it again and finishes it.
+    again = await backend.app("svc", metadata=md)
+
+    @again.handler(Ping)
+    async def stuck(event: Ping, ctx: Context) -> None:  # noqa: F811 - same handler, new run
+        calls.append(event.n)
+        await ctx.session.execute(sa.insert(effects).values(message_id=ctx.message_id, value=1))
+
+    async with again:
+        await wait_until(lambda: len(calls) == 2, timeout=15, message="redelivery after cancel")
+        assert await count_rows(again, effects) == 1

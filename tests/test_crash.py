@@ -1,0 +1,48 @@
+"""Process deaths at the worst moments, with real process exits."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from tests.conftest import Backend
+from tests.support import Ping, add_sink
+from txflow.testing import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_event_committed_before_a_crash_is_published_by_a_new_app(backend: Backend) -> None:
+    database = await backend.database_url("main")
+    broker = backend.amqp_url or "memory://crashed"  # the memory broker dies with the process
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.crash_worker",
+        "after-commit",
+        database,
+        broker,
+        backend.exchange,
+        f"{backend.test_id}.",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 17, stderr.decode()
+    assert b"committed" in stdout
+    app = await backend.app("svc")
+    received = add_sink(app, Ping)
+    async with app:
+        before = await app.store.outbox_status()
+        assert before.pending == 1
+        await wait_until(lambda: len(received) == 1, timeout=15, message="recovered event")
+        assert received[0] == Ping(n=5)
+
+        async def marked() -> bool:
+            return (await app.store.outbox_status()).pending == 0
+
+        await wait_until(marked, message="row marked sent")
+        # Leased by the dead relay, then taken again by the new one after the lease ran out.
+        assert (await app.store.outbox_status()).republished == 1
