@@ -1,0 +1,575 @@
+"""Place a batch of orders, wait until every flow ended, and check the example's invariants.
+
+    python -m examples.order_inventory.demo [--orders N]
+        One process: the three apps share an in-memory broker, each has its own SQLite file
+        in a temporary directory. Add --broker amqp://... to use RabbitMQ instead.
+
+    python -m examples.order_inventory.demo --broker amqp://... --database postgresql://.../db
+        [--workers N]
+        Three services as `txflow run` processes on RabbitMQ, each with a fresh PostgreSQL
+        database created on the server of --database (and dropped at the end).
+
+Exits 0 only if every invariant check passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from examples.order_inventory import _rabbit, inventory, orders, payment
+from examples.order_inventory.orders import TERMINAL, place_order
+from examples.order_inventory.report import (
+    check_invariants,
+    count_by_status,
+    format_checks,
+    summary,
+    take_snapshot,
+)
+from examples.order_inventory.settings import (
+    CONCURRENCY_ENV,
+    EXCHANGE_ENV,
+    QUEUE_PREFIX_ENV,
+    database_url_env,
+)
+from examples.order_inventory.workload import OrderRequest, initial_stock, make_orders
+from txflow import Store, Transport, TxFlow
+from txflow.testing import InMemoryBroker, InMemoryTransport
+
+DEFAULT_ORDERS = 200
+DEFAULT_TIMEOUT = 120.0
+# Orders being placed at once, like concurrent web requests.
+PLACING_CONCURRENCY = 16
+# Seconds the services get to start consuming, and to stop gracefully.
+SERVICE_START_TIMEOUT = 60.0
+SERVICE_STOP_TIMEOUT = 70.0
+# Database connections a service process uses besides its handlers' (relay, LISTEN, sweeps),
+# and those the demo process itself holds (placing orders, reading results).
+PROCESS_CONNECTIONS = 4
+DEMO_CONNECTIONS = PLACING_CONCURRENCY + 8
+MAX_CONCURRENCY = 32
+LOG_TAIL_LINES = 30
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+FACTORIES: dict[str, Callable[..., TxFlow]] = {
+    "orders": orders.create_app,
+    "inventory": inventory.create_app,
+    "payment": payment.create_app,
+}
+
+
+class DemoError(Exception):
+    """The demo could not run (bad arguments, a service died, a timeout)."""
+
+
+@dataclass(slots=True)
+class Run:
+    """One demo run: the orders to place, the stock to start with, and progress."""
+
+    requests: Sequence[OrderRequest]
+    stock: Mapping[str, int]
+    timeout: float
+    placed: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+# -- the part both modes share ------------------------------------------------------------
+
+
+async def place_all(app: TxFlow, run: Run) -> None:
+    gate = asyncio.Semaphore(PLACING_CONCURRENCY)
+
+    async def place(request: OrderRequest) -> None:
+        async with gate:
+            await place_order(
+                app,
+                order_id=request.order_id,
+                sku=request.sku,
+                quantity=request.quantity,
+                amount=request.amount,
+                customer=request.customer,
+            )
+            run.placed.append(request.order_id)
+
+    async with asyncio.TaskGroup() as tasks:
+        for request in run.requests:
+            tasks.create_task(place(request))
+
+
+async def watch(store: Store, run: Run, check_alive: Callable[[], None]) -> bool:
+    """Print progress every second until every order is terminal; False on timeout."""
+    total = len(run.requests)
+    next_line = 0.0
+    while True:
+        counts = await count_by_status(store)
+        terminal = sum(counts[s] for s in TERMINAL)
+        done = terminal == total and len(run.placed) == total
+        if done or run.elapsed() >= next_line:
+            next_line += 1.0
+            print(
+                f"[{run.elapsed():6.1f}s] placed {len(run.placed):>6}/{total}  "
+                f"terminal {terminal:>6}/{total}  pending {counts['PENDING']:>6}",
+                flush=True,
+            )
+        if done:
+            run.finished = run.elapsed()
+            return True
+        check_alive()
+        if run.elapsed() > run.timeout:
+            print(
+                f"TIMEOUT: {total - terminal} of {total} orders not terminal after "
+                f"{run.timeout:.0f}s (statuses: {dict(counts)})",
+                flush=True,
+            )
+            return False
+        await asyncio.sleep(0.1)
+
+
+async def drive(client: TxFlow, run: Run, check_alive: Callable[[], None] = lambda: None) -> bool:
+    """Place all orders while watching progress; True when every order became terminal.
+
+    Raises:
+        DemoError: placing failed, or `check_alive` found a dead service.
+    """
+    run.started = time.monotonic()
+    placing = asyncio.create_task(place_all(client, run))
+
+    def check() -> None:
+        if placing.done() and not placing.cancelled() and placing.exception() is not None:
+            raise DemoError(f"placing orders failed: {placing.exception()!r}")
+        check_alive()
+
+    try:
+        return await watch(client.store, run, check)
+    finally:
+        placing.cancel()
+        await asyncio.gather(placing, return_exceptions=True)
+
+
+async def report(
+    stores: Mapping[str, Store], dead_letters: Mapping[str, int], run: Run, finished: bool
+) -> bool:
+    """Print the summary and the invariant checks; True if all passed."""
+    snap = await take_snapshot(stores["orders"], stores["inventory"], stores["payment"])
+    snap.dead_letters = dict(dead_letters)
+    print()
+    print(summary(snap, run.stock))
+    if run.finished:
+        print(
+            f"{len(run.requests)} orders in {run.finished:.1f}s "
+            f"({len(run.requests) / run.finished:.0f} orders/s end to end)"
+        )
+    print()
+    checks = check_invariants(snap, run.stock, [r.order_id for r in run.requests])
+    print(format_checks(checks))
+    ok = finished and all(c.ok for c in checks)
+    print()
+    print("ALL CHECKS PASSED" if ok else "SOME CHECKS FAILED")
+    return ok
+
+
+async def dead_letter_depths(apps: Sequence[TxFlow], transport: Transport) -> dict[str, int]:
+    return {
+        spec.dead_letter_queue: await transport.queue_depth(spec.dead_letter_queue)
+        for app in apps
+        for spec in app.topology().queues
+    }
+
+
+def new_run_id() -> str:
+    """Unique per run: names queues, the exchange and databases, so runs never collide."""
+    return f"oidemo_{secrets.token_hex(4)}"
+
+
+def isolation_options(run_id: str) -> dict[str, str]:
+    # Both are needed: a shared exchange would route one run's events into another's queues.
+    return {"queue_prefix": f"{run_id}.", "exchange": f"{run_id}.events"}
+
+
+# -- one process ------------------------------------------------------------------------------
+
+
+async def run_in_process(args: argparse.Namespace, run: Run) -> bool:
+    """All three apps in this process, each with its own SQLite file."""
+    run_id = new_run_id()
+    broker = InMemoryBroker()
+
+    def options() -> dict[str, Any]:
+        tuning = {"concurrency": args.concurrency} if args.concurrency else {}
+        if args.broker:
+            return {"broker_url": args.broker, **isolation_options(run_id), **tuning}
+        return {"transport": InMemoryTransport(broker), **tuning}
+
+    with tempfile.TemporaryDirectory(prefix="txflow-order-demo-") as tmp:
+        apps = {
+            name: factory(database_url=f"sqlite:///{Path(tmp) / name}.db", **options())
+            for name, factory in FACTORIES.items()
+        }
+        print(
+            f"one process: broker {args.broker_display or 'in-memory'}, SQLite databases in {tmp}"
+        )
+        if args.workers > 1:
+            print("note: --workers applies to separate processes (--database postgresql://...)")
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for app in apps.values():
+                    await stack.enter_async_context(app)
+                await inventory.seed_stock(apps["inventory"], run.stock)
+                finished = await drive(apps["orders"], run)
+                dead = await dead_letter_depths(list(apps.values()), apps["orders"].transport)
+                return await report({n: a.store for n, a in apps.items()}, dead, run, finished)
+        finally:
+            if args.broker and not args.keep:
+                await _cleanup(
+                    "deleting the run's queues",
+                    _rabbit.delete_topology(args.broker, [a.topology() for a in apps.values()]),
+                )
+
+
+# -- separate processes ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Service:
+    name: str
+    process: asyncio.subprocess.Process
+    log: Path
+
+    def problems(self) -> str:
+        """How many warnings and errors the service logged."""
+        levels = Counter(
+            level
+            for line in self.log.read_text(errors="replace").splitlines()
+            for level in ("WARNING", "ERROR", "CRITICAL")
+            if f" {level} " in line
+        )
+        return ", ".join(f"{n} {level}" for level, n in levels.items()) or "clean"
+
+    def tail(self) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        return "\n".join(f"    {line}" for line in lines)
+
+
+def _txflow_command() -> list[str]:
+    found = shutil.which("txflow", path=str(Path(sys.executable).parent)) or shutil.which("txflow")
+    if found is None:
+        raise DemoError("the `txflow` command is not installed; `pip install -e .` first")
+    return [found]
+
+
+async def start_services(
+    args: argparse.Namespace,
+    run_id: str,
+    urls: Mapping[str, str],
+    concurrency: int,
+    log_dir: Path,
+) -> list[Service]:
+    """`txflow run examples.order_inventory.<name>:app --workers N`, one per service.
+
+    URLs travel in the environment rather than as arguments, so passwords stay out of `ps`.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        "TXFLOW_BROKER_URL": args.broker,
+        QUEUE_PREFIX_ENV: isolation_options(run_id)["queue_prefix"],
+        EXCHANGE_ENV: isolation_options(run_id)["exchange"],
+        CONCURRENCY_ENV: str(concurrency),
+        **{database_url_env(name): url for name, url in urls.items()},
+    }
+    env.pop("TXFLOW_DATABASE_URL", None)
+    services = []
+    for name in FACTORIES:
+        log = log_dir / f"{name}.log"
+        command = [
+            *_txflow_command(),
+            "run",
+            f"examples.order_inventory.{name}:app",
+            "--workers",
+            str(args.workers),
+        ]
+        with log.open("wb") as out:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                # Its own process group: Ctrl-C here reaches the demo, which stops it cleanly.
+                start_new_session=True,
+            )
+        services.append(Service(name, process, log))
+        print(f"started {' '.join(command[1:])} (pid {process.pid}, log {log})")
+    return services
+
+
+def ensure_alive(services: Sequence[Service]) -> None:
+    for service in services:
+        code = service.process.returncode
+        if code is not None:
+            raise DemoError(
+                f"service {service.name} exited with code {code}; last lines of "
+                f"{service.log}:\n{service.tail()}"
+            )
+
+
+async def wait_consuming(
+    url: str, apps: Sequence[TxFlow], services: Sequence[Service], workers: int
+) -> None:
+    """Wait until every handler queue has a consumer per worker (or at least one, at worst)."""
+    queues = [spec.name for app in apps for spec in app.topology().queues]
+    started = time.monotonic()
+    while True:
+        ensure_alive(services)
+        counts = await _rabbit.consumer_counts(url, queues)
+        waited = time.monotonic() - started
+        if all(n >= workers for n in counts.values()) or (
+            all(counts.values()) and waited > SERVICE_START_TIMEOUT / 3
+        ):
+            print(
+                f"services consuming after {waited:.1f}s: "
+                + ", ".join(f"{q.split('.', 1)[1]}={n}" for q, n in counts.items())
+            )
+            return
+        if waited > SERVICE_START_TIMEOUT:
+            raise DemoError(
+                f"services did not start consuming within {SERVICE_START_TIMEOUT:.0f}s: "
+                f"{counts}\n" + "\n".join(f"  {s.name} ({s.log}):\n{s.tail()}" for s in services)
+            )
+        await asyncio.sleep(0.5)
+
+
+async def stop_services(services: Sequence[Service]) -> None:
+    """SIGTERM (graceful stop), then SIGKILL to the process group if it hangs."""
+    for service in services:
+        if service.process.returncode is None:
+            service.process.send_signal(signal.SIGTERM)
+    for service in services:
+        try:
+            await asyncio.wait_for(service.process.wait(), SERVICE_STOP_TIMEOUT)
+        except TimeoutError:
+            print(f"service {service.name} did not stop in {SERVICE_STOP_TIMEOUT:.0f}s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(service.process.pid, signal.SIGKILL)
+            await service.process.wait()
+        # Workers orphaned by a supervisor that died stay in its process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(service.process.pid, signal.SIGTERM)
+
+
+async def _admin(url: sa.URL, statements: Sequence[str]) -> list[Any]:
+    """Run `statements` on the server of `url`; returns the first value each one returned."""
+    import asyncpg
+
+    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return [await conn.fetchval(statement) for statement in statements]
+    finally:
+        await conn.close()
+
+
+async def plan_concurrency(server: sa.URL, workers: int, apps: Sequence[TxFlow]) -> int:
+    """The largest handler concurrency whose connections fit the server's free connections.
+
+    Each message in flight holds a connection, so the services need about
+    workers x (handlers x concurrency + PROCESS_CONNECTIONS per service) of them.
+    """
+    limit, reserved, in_use = await _admin(
+        server,
+        [
+            "SHOW max_connections",
+            "SHOW superuser_reserved_connections",
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+        ],
+    )
+    free = int(limit) - int(reserved) - int(in_use) - DEMO_CONNECTIONS
+    handlers = sum(len(app.handlers) for app in apps)
+    concurrency = min(
+        MAX_CONCURRENCY, (free // workers - PROCESS_CONNECTIONS * len(apps)) // handlers
+    )
+    if concurrency < 1:
+        raise DemoError(
+            f"PostgreSQL has {free + DEMO_CONNECTIONS} free connections, too few for "
+            f"{len(apps)} services x {workers} workers; lower --workers or raise max_connections"
+        )
+    return concurrency
+
+
+async def run_distributed(args: argparse.Namespace, run: Run) -> bool:
+    """Three `txflow run` services on RabbitMQ, each with a fresh PostgreSQL database.
+
+    The demo places orders through an orders app of its own with no handlers and no relay:
+    `place_order` commits the order and its OrderCreated outbox row and sends NOTIFY; the orders
+    service's relay (LISTEN) claims the row with SKIP LOCKED and publishes it. So the demo
+    acts like a web front end writing to the service's database, and never consumes.
+    """
+    if not args.broker or not args.broker.startswith(("amqp://", "amqps://")):
+        raise DemoError("--database needs --broker amqp://...: services in separate processes")
+    server = sa.make_url(args.database)
+    if server.get_backend_name() != "postgresql":
+        raise DemoError("--database must be a postgresql:// URL (SQLite is one process only)")
+    run_id = new_run_id()
+    names = {name: f"{run_id}_{name}" for name in FACTORIES}
+    urls = {
+        name: server.set(database=db).render_as_string(hide_password=False)
+        for name, db in names.items()
+    }
+    print(
+        f"separate processes: broker {args.broker_display}, databases "
+        f"{', '.join(names.values())} on {server.set(database='').render_as_string()}, "
+        f"--workers {args.workers}"
+    )
+    await _admin(server, [f'CREATE DATABASE "{db}"' for db in names.values()])
+    log_dir = Path(tempfile.mkdtemp(prefix=f"txflow-{run_id}-"))
+    options = {"broker_url": args.broker, **isolation_options(run_id)}
+    apps = {
+        name: factory(database_url=urls[name], **options) for name, factory in FACTORIES.items()
+    }
+    services: list[Service] = []
+    ok = False
+    try:
+        concurrency = args.concurrency or await plan_concurrency(
+            server, args.workers, list(apps.values())
+        )
+        print(f"handler concurrency {concurrency} (each message in flight holds a connection)")
+        for app in apps.values():
+            await app.init_db()  # what `txflow db init` does
+        await inventory.seed_stock(apps["inventory"], run.stock)
+        # Declared before any service runs, so nothing emitted early is unroutable.
+        from txflow.rabbit import RabbitTransport
+
+        async with RabbitTransport(args.broker) as transport:
+            for app in apps.values():
+                await transport.declare(app.topology())
+            services = await start_services(args, run_id, urls, concurrency, log_dir)
+            await wait_consuming(args.broker, list(apps.values()), services, args.workers)
+            client = orders.create_app(
+                handlers=False, relay=None, database_url=urls["orders"], **options
+            )
+            async with client:
+                finished = await drive(client, run, lambda: ensure_alive(services))
+            await stop_services(services)
+            dead = await dead_letter_depths(list(apps.values()), transport)
+        codes = {s.name: s.process.returncode for s in services}
+        print(f"services stopped, exit codes {codes}")
+        print("service logs: " + "; ".join(f"{s.name} {s.problems()}" for s in services))
+        ok = await report({n: a.store for n, a in apps.items()}, dead, run, finished)
+        if any(codes.values()):
+            print("FAIL  a service exited with a non-zero code")
+            ok = False
+        return ok
+    finally:
+        await stop_services(services)
+        for app in apps.values():
+            await app.stop()  # closes the store opened by init_db
+        if args.keep:
+            print(f"kept databases {list(names.values())}, queues {run_id}.*, logs {log_dir}")
+        else:
+            await _cleanup(
+                "deleting the run's queues",
+                _rabbit.delete_topology(args.broker, [a.topology() for a in apps.values()]),
+            )
+            await _cleanup(
+                "dropping the run's databases",
+                _admin(
+                    server,
+                    [f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)' for db in names.values()],
+                ),
+            )
+            if ok:
+                shutil.rmtree(log_dir, ignore_errors=True)
+            else:
+                print(f"service logs kept in {log_dir}")
+
+
+async def _cleanup(what: str, step: Awaitable[object]) -> None:
+    # One failed cleanup step must not skip the others, nor hide the demo's own error.
+    try:
+        await step
+    except Exception as exc:
+        print(f"warning: {what} failed: {exc!r}", file=sys.stderr)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.order_inventory.demo",
+        description="Run the order/inventory/payment example and check its invariants.",
+    )
+    parser.add_argument("--orders", type=int, default=DEFAULT_ORDERS, help="orders to place")
+    parser.add_argument("--broker", help="amqp://... (default: an in-memory broker)")
+    parser.add_argument(
+        "--database",
+        help="postgresql://.../db: run the services as separate processes, each with a fresh "
+        "database on this server (default: SQLite files, one process)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per service")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        help="messages each handler works on at once, per worker (default: what fits "
+        "PostgreSQL's max_connections; in one process: txflow's default)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds for all orders to end"
+    )
+    parser.add_argument("--seed", type=int, default=7, help="seed of the order mix")
+    parser.add_argument("--keep", action="store_true", help="keep databases, queues and logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log txflow at INFO")
+    args = parser.parse_args(argv)
+    if args.orders < 1 or args.workers < 1:
+        parser.error("--orders and --workers must be at least 1")
+    if args.database and not args.broker:
+        parser.error("--database needs --broker amqp://... (separate processes need RabbitMQ)")
+    args.broker_display = sa.make_url(args.broker).render_as_string() if args.broker else None
+    return args
+
+
+async def amain(args: argparse.Namespace) -> bool:
+    requests = make_orders(args.orders, args.seed)
+    run = Run(requests, initial_stock(requests), args.timeout)
+    if args.database:
+        return await run_distributed(args, run)
+    return await run_in_process(args, run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        ok = asyncio.run(amain(args))
+    except DemoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

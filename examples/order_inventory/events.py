@@ -1,0 +1,72 @@
+"""The events the three services exchange.
+
+The chain of one order:
+
+    OrderCreated            orders -> inventory
+    ├─ SubInventoryFail     inventory -> orders: FAILED (compensation; nothing was deducted)
+    └─ InventoryDeducted    inventory -> payment
+       ├─ PaymentSucceeded  payment -> orders: CONFIRMED
+       └─ PaymentDeclined   payment -> inventory: restock (compensates the deduction)
+          └─ InventoryRestocked  inventory -> orders: FAILED
+
+Money is in integer cents: exact, and stored the same way on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from txflow import Event
+
+
+class OrderCreated(Event):
+    """Orders accepted an order (PENDING) and asks inventory to reserve its stock."""
+
+    order_id: str
+    sku: str
+    quantity: int = Field(gt=0)
+    amount: int = Field(ge=0, description="total price in cents")
+    customer: str
+
+
+class InventoryDeducted(Event):
+    """Inventory took the order's quantity off the shelf; payment may now charge."""
+
+    order_id: str
+    sku: str
+    quantity: int
+    amount: int
+    customer: str
+
+
+class SubInventoryFail(Event):
+    """Inventory could not reserve the stock (short or unknown SKU); nothing was deducted."""
+
+    order_id: str
+    sku: str
+    quantity: int
+    reason: str
+
+
+class PaymentSucceeded(Event):
+    """Payment charged the customer."""
+
+    order_id: str
+    amount: int
+
+
+class PaymentDeclined(Event):
+    """Payment refused the charge; the deduction inventory made must be undone."""
+
+    order_id: str
+    amount: int
+    reason: str
+
+
+class InventoryRestocked(Event):
+    """Inventory put the stock of a declined order back (the compensation of a deduction)."""
+
+    order_id: str
+    sku: str
+    quantity: int
+    reason: str = Field(description="why the order failed: the payment's decline reason")

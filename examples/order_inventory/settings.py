@@ -1,0 +1,54 @@
+"""Where a service connects, read from the environment when its module is imported.
+
+So `txflow run examples.order_inventory.inventory:app` works without code changes, and each
+service gets its own database:
+
+- `ORDERS_DATABASE_URL`, `INVENTORY_DATABASE_URL`, `PAYMENT_DATABASE_URL`: the service's
+  database; unset falls back to txflow's `TXFLOW_DATABASE_URL`, then `sqlite:///txflow-<name>.db`
+  (the CLI's `--database` overrides all of them);
+- `TXFLOW_QUEUE_PREFIX`: prepended to every queue name, so runs on one broker do not share
+  queues;
+- `TXFLOW_CONCURRENCY`: messages each handler works on at once (its prefetch). Each one holds
+  a database connection, so processes x handlers x concurrency must fit PostgreSQL's
+  `max_connections`;
+- `TXFLOW_EXCHANGE`: the events exchange. Queues are bound to the exchange by event type, so a
+  prefix alone does not isolate two runs: both would receive each other's events. Give each
+  isolated environment its own exchange too (or its own RabbitMQ vhost).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from txflow import RetryPolicy
+
+QUEUE_PREFIX_ENV = "TXFLOW_QUEUE_PREFIX"
+EXCHANGE_ENV = "TXFLOW_EXCHANGE"
+CONCURRENCY_ENV = "TXFLOW_CONCURRENCY"
+
+# The handlers are deterministic, so what fails an attempt is the infrastructure (a database
+# restart, a full connection pool): worth a few tries spread over several seconds.
+RETRY = RetryPolicy.exponential(5, base=0.5, cap=4.0)
+
+
+def database_url_env(service: str) -> str:
+    """The name of the variable holding `service`'s database URL, e.g. `ORDERS_DATABASE_URL`."""
+    return f"{service.upper()}_DATABASE_URL"
+
+
+def service_options(service: str, **overrides: Any) -> dict[str, Any]:
+    """`TxFlow(...)` keyword arguments for `service` from the environment, then `overrides`."""
+    options: dict[str, Any] = {
+        "database_url": os.environ.get(database_url_env(service)),
+        "queue_prefix": os.environ.get(QUEUE_PREFIX_ENV, ""),
+        "retry": RETRY,
+    }
+    concurrency = os.environ.get(CONCURRENCY_ENV)
+    if concurrency:
+        options["concurrency"] = int(concurrency)
+    exchange = os.environ.get(EXCHANGE_ENV)
+    if exchange:
+        options["exchange"] = exchange
+    options.update(overrides)
+    return options
