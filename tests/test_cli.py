@@ -1,0 +1,121 @@
+"""`txflow` on the command line: one-line errors with the fix, graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Backend
+from tests.support import Ping, count_rows, effects
+from tests.support import user_metadata as md
+from txflow.testing import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def txflow(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "txflow", *args,
+        cwd=ROOT, env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "expected"),
+    [
+        (["run", "nosuch.module:app"], 2, "cannot import module 'nosuch.module'"),
+        (["run", "tests.cli_app:missing"], 2, "has no attribute 'missing'"),
+        (["run", "tests.cli_app:not_an_app"], 2, "is a int, not a TxFlow app"),
+        (["run", "tests.cli_app"], 2, "not of the form module:attribute"),
+        (["run", "tests.cli_app:app", "--broker", "kafka://x:9092"], 2, "unsupported broker URL"),
+        (["run", "tests.cli_app:app", "--database", "mysql://u@h/db"], 2, "unsupported database"),
+        (["run", "tests.cli_app:app", "--workers", "2"], 2, "--workers > 1 needs a real broker"),
+        (
+            ["run", "tests.cli_app:app", "--broker", "amqp://guest:s3cret@127.0.0.1:1/"],
+            1,
+            "cannot connect to amqp://guest:***@127.0.0.1:1/",
+        ),
+        (
+            ["db", "init", "tests.cli_app:app", "--database", "postgresql://u:s3cret@127.0.0.1:1/x"],
+            1,
+            "cannot connect to database postgresql+asyncpg://u:***@127.0.0.1:1/x",
+        ),
+    ],
+    ids=[
+        "no-module", "no-attribute", "not-an-app", "no-colon", "bad-broker-scheme",
+        "bad-db-scheme", "workers-on-memory", "broker-unreachable", "database-unreachable",
+    ],
+)  # fmt: skip
+async def test_bad_input_gives_one_line_error(
+    args: list[str], code: int, expected: str, tmp_path: Path
+) -> None:
+    rc, _out, err = await txflow(*args, env={"TXFLOW_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"})
+    assert rc == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("txflow: error: ")
+    assert expected in lines[0]
+    assert "s3cret" not in err
+    assert "Traceback" not in err
+
+
+async def test_db_init_then_outbox_status(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/svc.db"
+    rc, out, err = await txflow("db", "init", "tests.cli_app:app", "--database", url)
+    assert rc == 0, err
+    assert "created txflow's tables and the app's own" in out
+    rc, out, err = await txflow("outbox", "status", "--database", url, "--json")
+    assert rc == 0, err
+    assert '"pending": 0' in out
+
+
+async def test_sigterm_stops_gracefully_and_loses_nothing(real: Backend) -> None:
+    database = await real.database_url("main")
+    app = await real.app("cliapp", metadata=md)  # same queue names as the worker's app
+    env = {
+        "TEST_EXCHANGE": real.exchange,
+        "TEST_QUEUE_PREFIX": f"{real.test_id}.",
+        "TXFLOW_BROKER_URL": real.amqp_url or "",
+        "TXFLOW_DATABASE_URL": database,
+    }
+    rc, _, err = await txflow("db", "init", "tests.cli_app:app", env=env)
+    assert rc == 0, err
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "txflow", "run", "tests.cli_app:app", "--workers", "2",
+        cwd=ROOT, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        app.handlers.clear()  # this process only produces
+        async with app:
+            total = 200
+            async with app.transaction() as tx:
+                for i in range(total):
+                    tx.emit(Ping(n=i))
+
+            async def some_handled() -> bool:
+                return await count_rows(app, effects) >= 20
+
+            await wait_until(some_handled, timeout=30, message="workers handling")
+            worker.send_signal(signal.SIGTERM)
+            _, err_bytes = await asyncio.wait_for(worker.communicate(), 60)
+            assert worker.returncode == 0, err_bytes.decode()[-2000:]
+            log = err_bytes.decode()
+            assert log.count("cliapp stopped") == 2
+            # What the workers did not finish stays queued; nothing was acked uncommitted.
+            handled = await count_rows(app, effects)
+            depth = await app.transport.queue_depth(f"{real.test_id}.cliapp.record")
+            assert handled + depth == total
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
