@@ -323,3 +323,36 @@ async def test_handler_cancelled_at_shutdown_is_not_acked(backend: Backend) -> N
     async with again:
         await wait_until(lambda: len(calls) == 2, timeout=15, message="redelivery after cancel")
         assert await count_rows(again, effects) == 1
+
+
+async def test_sent_rows_are_deleted_after_retention(backend: Backend) -> None:
+    from txflow import RelayConfig
+
+    app = await backend.app(
+        "svc", relay=RelayConfig(retention=0.2, cleanup_interval=0.2, sweep_interval=0.2)
+    )
+    received = add_sink(app, Ping)
+    async with app:
+        await app.publish(*(Ping(n=i) for i in range(5)))
+        await wait_until(lambda: len(received) == 5)
+
+        async def cleaned() -> bool:
+            status = await app.store.outbox_status()
+            return status.pending == 0 and status.sent_retained == 0
+
+        await wait_until(cleaned, message="sent rows deleted after retention")
+
+
+async def test_zero_retention_deletes_on_confirm(backend: Backend) -> None:
+    from txflow import RelayConfig
+
+    app = await backend.app("svc", relay=RelayConfig(retention=0))
+    received = add_sink(app, Ping)
+    async with app:
+        await app.publish(Ping(n=1))
+        await wait_until(lambda: len(received) == 1)
+        await wait_until(lambda: app.relay.stats.marked == 1)
+        async with app.store.engine.connect() as conn:
+            assert (
+                await conn.execute(sa.select(sa.func.count()).select_from(outbox))
+            ).scalar() == 0

@@ -143,3 +143,17 @@ async def _publish_retrying(app, event: Ping, *, message_id: str) -> None:  # ty
         except sa.exc.DBAPIError:
             await asyncio.sleep(0.1)
     raise AssertionError(f"could not publish {message_id}")
+
+
+async def test_quorum_queues_carry_the_same_guarantees(real: Backend) -> None:
+    app = await real.app("svc", metadata=md, quorum_queues=True)
+    calls: list[str] = []
+    add_effect_handler(app, calls, emit=False)
+    async with app:
+        await app.publish(*(Ping(n=i) for i in range(10)))
+
+        async def done() -> bool:
+            return await count_rows(app, effects) == 10
+
+        await wait_until(done, message="handled on quorum queues")
+        assert len(calls) == 10

@@ -58,6 +58,8 @@ class TxFlow:
         shutdown_timeout: seconds to finish in-flight work on stop, before cancelling.
         db_pool_size: database connections this process opens at most; handlers beyond it
             wait for one (PostgreSQL's default max_connections is 100 for all processes).
+        quorum_queues: declare quorum queues (replicated across a RabbitMQ cluster) instead of
+            classic ones. An existing queue keeps its type: change it under a new queue_prefix.
         transport: a ready `Transport` instance instead of `broker_url`.
     """
 
@@ -77,6 +79,7 @@ class TxFlow:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         db_pool_size: int = DEFAULT_DB_POOL_SIZE,
+        quorum_queues: bool = False,
         transport: Transport | None = None,
     ) -> None:
         if not _NAME.match(name):
@@ -96,6 +99,7 @@ class TxFlow:
         self.max_message_bytes = max_message_bytes
         self.shutdown_timeout = shutdown_timeout
         self.db_pool_size = db_pool_size
+        self.quorum_queues = quorum_queues
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self._transport = transport
@@ -161,6 +165,7 @@ class TxFlow:
                     routing_keys=tuple(e.event_type for e in spec.event_types),
                     dead_letter_queue=f"{spec.queue}.dlq",
                     retry_delays=spec.retry.tiers(),
+                    quorum=self.quorum_queues,
                 )
                 for spec in self.handlers.values()
             ),

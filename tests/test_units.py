@@ -1,0 +1,156 @@
+"""Pure logic: envelopes, registry, retry decisions, handler registration, URLs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.support import Ping, Pong
+from txflow import (
+    ConfigurationError,
+    Context,
+    DeadLetter,
+    Event,
+    EventRegistry,
+    EventValidationError,
+    MalformedMessageError,
+    Retry,
+    RetryPolicy,
+    TxFlow,
+    UnknownEventTypeError,
+    UnsupportedURLError,
+    open_store,
+)
+from txflow.config import open_transport
+from txflow.errors import mask_url
+from txflow.messages import CAUSATION_HEADER, decode, encode
+from txflow.retry import Outcome
+
+
+class Renamed(Event):
+    event_type = "orders.Renamed"
+    x: int
+
+
+def test_event_type_defaults_to_class_name_and_can_be_overridden() -> None:
+    assert Ping.event_type == "Ping"
+    assert Renamed.event_type == "orders.Renamed"
+
+
+def test_encode_decode_round_trip_keeps_metadata() -> None:
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    message = encode(
+        Ping(n=3), message_id="m1", correlation_id="c1", causation_id="p0", occurred_at=now,
+        headers={"tenant": "acme"},
+    )  # fmt: skip
+    assert message.body == b'{"n":3}'
+    assert message.headers[CAUSATION_HEADER] == "p0"
+    envelope = decode(message, EventRegistry([Ping]))
+    assert envelope.event == Ping(n=3)
+    assert (envelope.message_id, envelope.correlation_id, envelope.causation_id) == (
+        "m1",
+        "c1",
+        "p0",
+    )
+    assert envelope.occurred_at == now
+    assert envelope.attempt == 1
+    assert envelope.headers["tenant"] == "acme"
+
+
+def test_decode_errors_are_distinct() -> None:
+    registry = EventRegistry([Ping])
+    good = encode(Ping(n=1), message_id="m", correlation_id="c", causation_id=None,
+                  occurred_at=datetime.now(UTC))  # fmt: skip
+    with pytest.raises(UnknownEventTypeError, match="'Pong' is not handled here"):
+        decode(encode(Pong(n=1), message_id="m", correlation_id="c", causation_id=None,
+                      occurred_at=datetime.now(UTC)), registry)  # fmt: skip
+    from dataclasses import replace
+
+    with pytest.raises(EventValidationError, match="Ping failed validation"):
+        decode(replace(good, body=b'{"n": []}'), registry)
+    with pytest.raises(MalformedMessageError, match="not valid JSON"):
+        decode(replace(good, body=b"\xff\xfe"), registry)
+
+
+def test_registry_refuses_two_classes_with_one_name() -> None:
+    class Ping(Event):  # a different class with the same wire name
+        n: int
+
+    from tests.support import Ping as Original
+
+    registry = EventRegistry([Original])
+    with pytest.raises(ConfigurationError, match="used by both"):
+        registry.add(Ping)
+
+
+def test_retry_policy_decisions() -> None:
+    policy = RetryPolicy(max_attempts=3, delays=(1.0, 5.0), fatal=(KeyError,))
+    assert policy.decide(ValueError(), 1) == policy.decide(ValueError(), 1)
+    assert policy.decide(ValueError(), 1).outcome is Outcome.RETRY
+    assert policy.decide(ValueError(), 1).delay == 1.0
+    assert policy.decide(ValueError(), 2).delay == 5.0
+    assert policy.decide(ValueError(), 3).outcome is Outcome.DEAD_LETTER
+    assert policy.decide(KeyError(), 1).outcome is Outcome.DEAD_LETTER
+    assert policy.decide(DeadLetter("no"), 1).outcome is Outcome.DEAD_LETTER
+    assert policy.decide(Retry(delay=4.0), 1).delay == 5.0  # nearest tier
+    assert policy.tiers() == (1.0, 5.0)
+    assert RetryPolicy.exponential(5, base=1, factor=2, cap=5).delays == (1, 2, 4, 5)
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(max_attempts=0)
+
+
+def test_handler_events_come_from_annotations() -> None:
+    app = TxFlow("units")
+
+    @app.handler()
+    async def both(event: Ping | Pong, ctx: Context) -> None: ...
+
+    @app.handler()
+    async def no_context(event: Ping) -> None: ...
+
+    assert app.handlers["both"].event_types == (Ping, Pong)
+    assert app.handlers["both"].takes_context
+    assert not app.handlers["no_context"].takes_context
+    assert app.handlers["both"].queue == "units.both"
+    topology = app.topology()
+    assert topology.queues[0].routing_keys == ("Ping", "Pong")
+    assert topology.queues[0].dead_letter_queue == "units.both.dlq"
+
+
+def test_handler_registration_errors_name_the_fix() -> None:
+    app = TxFlow("units")
+    with pytest.raises(ConfigurationError, match="annotate its first parameter"):
+
+        @app.handler()
+        async def unannotated(event, ctx) -> None:  # type: ignore[no-untyped-def]
+            ...
+
+    with pytest.raises(ConfigurationError, match="must be `async def`"):
+
+        @app.handler(Ping)
+        def sync(event: Ping) -> None: ...
+
+    @app.handler(Ping)
+    async def dup(event: Ping) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="already has a handler named 'dup'"):
+
+        @app.handler(Ping, name="dup")
+        async def other(event: Ping) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="may only use"):
+        TxFlow("bad name")
+
+
+def test_urls_are_checked_and_masked() -> None:
+    assert mask_url("amqp://guest:secret@host:5672/v") == "amqp://guest:***@host:5672/v"
+    assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    with pytest.raises(UnsupportedURLError, match="unsupported broker URL 'redis://h'"):
+        open_transport("redis://h")
+    with pytest.raises(UnsupportedURLError, match="mysql"):
+        open_store("mysql://u:pw@h/db")
+    assert type(open_store("postgresql://u@h/db")).__name__ == "PostgresStore"
+    assert type(open_store("sqlite:///x.db")).__name__ == "SQLiteStore"
+    assert type(open_transport("amqp://h/")).__name__ == "RabbitTransport"
+    assert type(open_transport("memory://x")).__name__ == "InMemoryTransport"
