@@ -56,10 +56,7 @@ async def test_rollback_publishes_nothing(backend: Backend) -> None:
         await settle(0.5)
         assert received == []
         assert await count_rows(app, effects) == 0
-        async with app.store.engine.connect() as conn:
-            assert (
-                await conn.execute(sa.select(sa.func.count()).select_from(outbox))
-            ).scalar() == 0
+        assert await count_rows(app, outbox) == 0
 
 
 async def test_duplicate_delivery_runs_handler_once(backend: Backend) -> None:
@@ -352,7 +349,4 @@ async def test_zero_retention_deletes_on_confirm(backend: Backend) -> None:
         await app.publish(Ping(n=1))
         await wait_until(lambda: len(received) == 1)
         await wait_until(lambda: app.relay.stats.marked == 1)
-        async with app.store.engine.connect() as conn:
-            assert (
-                await conn.execute(sa.select(sa.func.count()).select_from(outbox))
-            ).scalar() == 0
+        assert await count_rows(app, outbox) == 0

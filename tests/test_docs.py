@@ -33,7 +33,7 @@ def tutorial_files() -> dict[str, str]:
 
 
 def documented_output(script: str) -> str:
-    outputs = dict(OUTPUT_BLOCK.findall(PAGE.read_text()))
+    outputs: dict[str, str] = dict(OUTPUT_BLOCK.findall(PAGE.read_text()))
     return outputs[script]
 
 
