@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from tests.conftest import Backend
-from tests.support import Ping, add_sink
+from tests.support import Ping, add_effect_handler, add_sink, count_rows, effects
+from tests.support import user_metadata as md
 from txflow.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,3 +47,35 @@ async def test_event_committed_before_a_crash_is_published_by_a_new_app(backend:
         await wait_until(marked, message="row marked sent")
         # Leased by the dead relay, then taken again by the new one after the lease ran out.
         assert (await app.store.outbox_status()).republished == 1
+
+
+async def test_worker_killed_between_commit_and_ack_is_deduplicated(real: Backend) -> None:
+    database = await real.database_url("main")
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.crash_worker", "before-ack", database, real.amqp_url or "",
+        real.exchange, f"{real.test_id}.",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        line = await asyncio.wait_for(worker.stdout.readline(), 30)
+        assert line.strip() == b"ready", (line, await worker.stderr.read())  # type: ignore[union-attr]
+        producer = await real.app("producer", database="producer")
+        async with producer:
+            await producer.publish(Ping(n=1))
+            await asyncio.wait_for(worker.wait(), 30)
+        assert worker.returncode == 17
+        assert b"committed True" in await worker.stdout.read()
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+    # The broker redelivers the unacked message to the next worker; its inbox drops it.
+    calls: list[str] = []
+    app = await real.app("svc", metadata=md)
+    add_effect_handler(app, calls, emit=False)
+    async with app:
+        consumer = app.consumers[0]
+        await wait_until(lambda: consumer.stats.duplicates == 1, timeout=20, message="redelivery")
+        assert calls == []
+        assert await count_rows(app, effects) == 1

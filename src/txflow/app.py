@@ -60,6 +60,9 @@ class TxFlow:
             wait for one (PostgreSQL's default max_connections is 100 for all processes).
         quorum_queues: declare quorum queues (replicated across a RabbitMQ cluster) instead of
             classic ones. An existing queue keeps its type: change it under a new queue_prefix.
+        notify: with `relay=None` on PostgreSQL, send one NOTIFY per transaction that emitted
+            events, so relays in other processes publish them at once rather than at their
+            next sweep. Turn off to rely on sweeps alone.
         transport: a ready `Transport` instance instead of `broker_url`.
     """
 
@@ -80,6 +83,7 @@ class TxFlow:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         db_pool_size: int = DEFAULT_DB_POOL_SIZE,
         quorum_queues: bool = False,
+        notify: bool = True,
         transport: Transport | None = None,
     ) -> None:
         if not _NAME.match(name):
@@ -100,6 +104,7 @@ class TxFlow:
         self.shutdown_timeout = shutdown_timeout
         self.db_pool_size = db_pool_size
         self.quorum_queues = quorum_queues
+        self.notify = notify
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self._transport = transport
@@ -252,7 +257,9 @@ class TxFlow:
             await self._check_tables(store)
         await self._transport.connect()
         await self._transport.declare(self.topology())
-        self._relay = OutboxRelay(store, self._transport, self.exchange, self.relay_config)
+        self._relay = OutboxRelay(
+            store, self._transport, self.exchange, self.relay_config, notify=self.notify
+        )
         if self.relay_config is not None:
             await self._relay.start()
         for spec in self.handlers.values():

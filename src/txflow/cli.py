@@ -132,14 +132,13 @@ async def _serve(app: TxFlow) -> None:
 
 async def _check_reachable(app: TxFlow) -> None:
     """Connect once to the database and the broker, so a supervisor fails fast and clearly."""
-    store = await app.open_store()
+    await app.open_store()
     try:
         transport = open_transport(resolve_broker_url(app.broker_url))
         await transport.connect()
         await transport.aclose()
     finally:
-        await store.aclose()
-        app._store = None
+        await app.stop()  # closes the store again
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

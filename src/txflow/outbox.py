@@ -58,7 +58,6 @@ class RelayConfig:
         retention: seconds to keep sent rows (0 deletes them as soon as they are confirmed).
         cleanup_interval: seconds between deletions of expired sent rows.
         listen: on PostgreSQL, wake on NOTIFY from other processes.
-        notify: on PostgreSQL, send NOTIFY from transactions no local relay will publish.
     """
 
     lease: float = DEFAULT_LEASE
@@ -68,7 +67,6 @@ class RelayConfig:
     retention: float = DEFAULT_RETENTION
     cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL
     listen: bool = True
-    notify: bool = True
 
 
 @dataclass(slots=True)
@@ -85,6 +83,14 @@ class RelayStats:
 class OutboxRelay:
     """Publishes committed outbox rows with publisher confirms; at-least-once, in row order.
 
+    Args:
+        store: the database whose outbox it publishes.
+        transport: the broker connection.
+        exchange: where events go.
+        config: timings and sizes; defaults suit production.
+        notify: on PostgreSQL, a transaction whose rows no local relay will publish (this
+            relay is not running) sends one NOTIFY so relays in other processes wake at once.
+
     Guarantee: a committed row is published until the broker confirms it, across broker
     restarts (retried in memory) and crashes (the sweep of this or another relay takes it
     when its lease runs out). Rows are marked sent only after the confirm, so a crash between
@@ -97,11 +103,14 @@ class OutboxRelay:
         transport: Transport,
         exchange: str,
         config: RelayConfig | None = None,
+        *,
+        notify: bool = True,
     ) -> None:
         self.store = store
         self.transport = transport
         self.exchange = exchange
         self.config = config or RelayConfig()
+        self.notify = notify
         self.stats = RelayStats()
         self._queue: deque[OutboxRecord] = deque()
         self._owned: set[int] = set()
@@ -132,7 +141,7 @@ class OutboxRelay:
         if not rows:
             return []
         seqs = await self.store.insert_outbox(ctx.session, rows)
-        if not self._running and self.config.notify and self.store.supports_notify:
+        if not self._running and self.notify and self.store.supports_notify:
             await self.store.notify(ctx.session)
         return [make_record(seq, row) for seq, row in zip(seqs, rows, strict=True)]
 
