@@ -111,7 +111,12 @@ async def test_sigterm_stops_gracefully_and_loses_nothing(real: Backend) -> None
             assert worker.returncode == 0, err_bytes.decode()[-2000:]
             log = err_bytes.decode()
             assert log.count("cliapp stopped") == 2
+
             # What the workers did not finish stays queued; nothing was acked uncommitted.
+            async def producer_drained() -> bool:
+                return (await app.store.outbox_status()).pending == 0
+
+            await wait_until(producer_drained, timeout=30, message="producer outbox drained")
             handled = await count_rows(app, effects)
             depth = await app.transport.queue_depth(f"{real.test_id}.cliapp.record")
             assert handled + depth == total
