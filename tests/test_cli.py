@@ -94,7 +94,20 @@ async def test_sigterm_stops_gracefully_and_loses_nothing(real: Backend) -> None
         cwd=ROOT, env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    lines: list[str] = []
+
+    async def read_log() -> None:
+        assert worker.stderr is not None
+        async for raw in worker.stderr:
+            lines.append(raw.decode())
+
+    reader = asyncio.create_task(read_log())
     try:
+        await wait_until(
+            lambda: sum("cliapp running" in line for line in lines) == 2,
+            timeout=30,
+            message="both workers running",
+        )
         app.handlers.clear()  # this process only produces
         async with app:
             total = 200
@@ -107,9 +120,10 @@ async def test_sigterm_stops_gracefully_and_loses_nothing(real: Backend) -> None
 
             await wait_until(some_handled, timeout=30, message="workers handling")
             worker.send_signal(signal.SIGTERM)
-            _, err_bytes = await asyncio.wait_for(worker.communicate(), 60)
-            assert worker.returncode == 0, err_bytes.decode()[-2000:]
-            log = err_bytes.decode()
+            await asyncio.wait_for(worker.wait(), 60)
+            await reader
+            log = "".join(lines)
+            assert worker.returncode == 0, log[-2000:]
             assert log.count("cliapp stopped") == 2
 
             # What the workers did not finish stays queued; nothing was acked uncommitted.
@@ -124,3 +138,4 @@ async def test_sigterm_stops_gracefully_and_loses_nothing(real: Backend) -> None
         if worker.returncode is None:
             worker.kill()
             await worker.wait()
+        reader.cancel()

@@ -115,11 +115,22 @@ def _apply_urls(app: TxFlow, args: argparse.Namespace) -> None:
 # -- txflow run ------------------------------------------------------------------------------
 
 
+# Signals that arrived before the event loop took over signal handling (during imports and
+# start-up); they still mean "stop gracefully".
+_early_signals: list[int] = []
+
+
+def _record_early_signal(signum: int, _frame: object) -> None:
+    _early_signals.append(signum)
+
+
 async def _serve(app: TxFlow) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if _early_signals:
+        stop.set()
     await app.start()
     log.info("%s running; SIGINT or SIGTERM stops it gracefully", app.name)
     try:
@@ -142,6 +153,8 @@ async def _check_reachable(app: TxFlow) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _record_early_signal)
     app = load_app(args.target)
     _apply_urls(app, args)
     if args.shutdown_timeout is not None:
