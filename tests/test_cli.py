@@ -139,3 +139,18 @@ async def test_sigterm_stops_gracefully_and_loses_nothing(real: Backend) -> None
             worker.kill()
             await worker.wait()
         reader.cancel()
+
+
+async def test_outbox_status_without_tables_is_one_line(tmp_path: Path) -> None:
+    rc, _out, err = await txflow("outbox", "status", "--database", f"sqlite:///{tmp_path}/none.db")
+    assert rc == 2
+    assert err.strip().splitlines() == [
+        f"txflow: error: no SQLite database at {tmp_path}/none.db; check the path or --database"
+    ]
+    assert not (tmp_path / "none.db").exists()
+
+
+async def test_bad_log_level_is_a_usage_error() -> None:
+    rc, _out, err = await txflow("run", "tests.cli_app:app", "--log-level", "loud")
+    assert rc == 2
+    assert "invalid choice: 'loud'" in err

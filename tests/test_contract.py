@@ -350,3 +350,74 @@ async def test_zero_retention_deletes_on_confirm(backend: Backend) -> None:
         await wait_until(lambda: len(received) == 1)
         await wait_until(lambda: app.relay.stats.marked == 1)
         assert await count_rows(app, outbox) == 0
+
+
+async def test_handler_connection_error_goes_through_retry_policy(backend: Backend) -> None:
+    """A ConnectionError from handler code (an HTTP call, say) is the handler's failure, not a
+    database outage: retried and dead-lettered, never requeued forever."""
+    app = await backend.app("svc")
+    attempts: list[int] = []
+
+    @app.handler(Ping)
+    async def calls_out(event: Ping, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        raise ConnectionRefusedError("payment gateway refused the connection")
+
+    async with app:
+        await app.publish(Ping(n=1))
+        await wait_until(_queue_has(app, f"{app.handlers['calls_out'].queue}.dlq", 1))
+        assert attempts == [1, 2, 3]
+        assert app.consumers[0].stats.requeued == 0
+
+
+async def test_sql_error_in_handler_is_dead_lettered_not_looped(backend: Backend) -> None:
+    app = await backend.app("svc")
+
+    @app.handler(Ping)
+    async def bad_sql(event: Ping, ctx: Context) -> None:
+        await ctx.session.execute(sa.text("SELECT * FROM no_such_table"))
+
+    async with app:
+        await app.publish(Ping(n=1))
+        dlq = f"{app.handlers['bad_sql'].queue}.dlq"
+        await wait_until(_queue_has(app, dlq, 1), message="dead letter")
+        assert app.consumers[0].stats.requeued == 0
+        delivery = await app.transport.get(dlq)
+        assert delivery is not None
+        assert "no_such_table" in delivery.message.headers["x-txflow-dead-letter-reason"]
+        await delivery.ack()
+
+
+async def test_long_message_id_is_poison_with_a_clear_reason(backend: Backend) -> None:
+    if backend.is_real:
+        pytest.skip("AMQP caps message_id at 255 bytes, so RabbitMQ cannot carry a longer one")
+    app = await backend.app("svc")
+    received = add_sink(app, Ping)
+    async with app:
+        queue = app.handlers["sink"].queue
+        await app.transport.send(
+            queue, Message(body=b'{"n": 1}', routing_key=queue, message_id="x" * 300, type="Ping")
+        )
+        await wait_until(_queue_has(app, f"{queue}.dlq", 1), message="dead letter")
+        delivery = await app.transport.get(f"{queue}.dlq")
+        assert delivery is not None
+        assert "over the limit of 255" in delivery.message.headers["x-txflow-dead-letter-reason"]
+        await delivery.ack()
+        assert received == []
+
+
+async def test_occurred_at_keeps_microseconds_on_every_transport(backend: Backend) -> None:
+    app = await backend.app("svc")
+    seen: list[Context] = []
+
+    @app.handler(Ping)
+    async def record(event: Ping, ctx: Context) -> None:
+        seen.append(ctx)
+
+    async with app:
+        before = datetime.now(UTC)
+        await app.publish(Ping(n=1))
+        await wait_until(lambda: len(seen) == 1)
+        envelope = seen[0].envelope
+        assert envelope is not None
+        assert before <= envelope.occurred_at <= datetime.now(UTC)

@@ -25,8 +25,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
+
 from txflow.app import TxFlow
-from txflow.config import BROKER_URL_ENV, DATABASE_URL_ENV, open_transport, resolve_broker_url
+from txflow.config import (
+    BROKER_URL_ENV,
+    DATABASE_URL_ENV,
+    open_transport,
+    resolve_broker_url,
+    resolve_database_url,
+)
 from txflow.errors import (
     AppNotFoundError,
     ConfigurationError,
@@ -167,7 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"process; pass --broker amqp://... or set {BROKER_URL_ENV}"
             )
         _run_async(lambda: _check_reachable(app))
-        return _supervise(args)
+        return _supervise(args, app.shutdown_timeout)
     _run_async(lambda: _serve(app))
     return 0
 
@@ -184,7 +192,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _supervise(args: argparse.Namespace) -> int:
+def _supervise(args: argparse.Namespace, shutdown_timeout: float) -> int:
     """Run `args.workers` worker processes; restart any that die; forward SIGINT/SIGTERM."""
     argv = _worker_argv(args)
     stopping: list[int] = []
@@ -216,7 +224,8 @@ def _supervise(args: argparse.Namespace) -> int:
     for proc, _ in workers.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + (args.shutdown_timeout or 30.0) * 2 + 5
+    # A worker waits up to shutdown_timeout for handlers and again for the relay.
+    deadline = time.monotonic() + shutdown_timeout * 2 + 5
     for proc, _ in workers.values():
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -249,19 +258,28 @@ def _cmd_outbox_status(args: argparse.Namespace) -> int:
     if args.target:
         app = load_app(args.target)
         _apply_urls(app, args)
-        url = app.database_url or os.environ.get(DATABASE_URL_ENV)
+        url: str | None = resolve_database_url(app.database_url, app.name)
     else:
         url = args.database or os.environ.get(DATABASE_URL_ENV)
     if not url:
         raise ConfigurationError(
             f"no database: pass module:app, --database URL, or set {DATABASE_URL_ENV}"
         )
+    store = open_store(url)
+    path = store.url.database
+    if store.url.get_backend_name() == "sqlite" and path and not os.path.exists(path):
+        raise ConfigurationError(f"no SQLite database at {path}; check the path or --database")
 
     async def main() -> dict[str, Any]:
-        store = open_store(url)
         await store.connect()
         try:
             status = await store.outbox_status()
+        except sa.exc.SQLAlchemyError as exc:
+            cause = getattr(exc, "orig", None) or exc
+            raise ConfigurationError(
+                f"cannot read the outbox in {store.masked_url} ({type(cause).__name__}); "
+                "are txflow's tables there? `txflow db init module:app` creates them"
+            ) from exc
         finally:
             await store.aclose()
         oldest = status.oldest_pending_at
@@ -304,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("target", help="module:attribute naming a TxFlow app (or a factory)")
     add_urls(run)
     run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    run.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    run.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error", "critical"],
+        help="log level (default info)",
+    )
     run.add_argument(
         "--shutdown-timeout", type=float, help="seconds to finish in-flight work on stop"
     )

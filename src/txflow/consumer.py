@@ -18,7 +18,7 @@ from txflow.abc import Consumer, Delivery, Transport
 from txflow.context import Context
 from txflow.dead_letters import dead_letter_message, exception_type_name, failure_headers
 from txflow.errors import PoisonMessageError, TxflowError
-from txflow.handlers import HandlerSpec
+from txflow.handlers import HandlerRaised, HandlerSpec
 from txflow.messages import (
     ATTEMPT_HEADER,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -118,8 +118,15 @@ class HandlerConsumer:
             return
         try:
             handled = await self._handle(envelope)
+        except HandlerRaised as raised:
+            if self.store.is_transient_error(raised.error):
+                await self._requeue(delivery, raised.error)
+            else:
+                await self._after_failure(delivery, envelope, raised.error)
+            return
         except Exception as exc:
-            if self.store.is_transient_error(exc):
+            # Raised by txflow's own steps: begin, inbox, outbox, commit.
+            if self.store.is_transient_error(exc) or isinstance(exc, (OSError, TimeoutError)):
                 await self._requeue(delivery, exc)
             else:
                 await self._after_failure(delivery, envelope, exc)

@@ -23,10 +23,11 @@ class HandlerSpec:
     """One registered handler.
 
     Attributes:
-        name: unique within the app; also the inbox key together with the app name.
+        name: unique within the app.
         func: the async function.
         event_types: the events it handles (bound to its queue by type name).
-        queue: its durable queue on the broker.
+        queue: its durable queue on the broker; also its inbox key, so changing the queue
+            name (or the app's queue_prefix) starts deduplication afresh.
         retry: its retry policy (the app's default unless given).
         concurrency: most messages it handles at once (the queue's prefetch).
         takes_context: whether `func` accepts the `Context` as second argument.
@@ -41,9 +42,26 @@ class HandlerSpec:
     takes_context: bool
 
     async def call(self, event: Event, ctx: Context) -> HandlerResult:
-        if self.takes_context:
-            return await self.func(event, ctx)  # type: ignore[no-any-return]
-        return await self.func(event)  # type: ignore[no-any-return]
+        """Run the handler; whatever it raises comes out wrapped in `HandlerRaised`."""
+        try:
+            if self.takes_context:
+                return await self.func(event, ctx)  # type: ignore[no-any-return]
+            return await self.func(event)  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise HandlerRaised(exc) from exc
+
+
+class HandlerRaised(Exception):
+    """Carries an exception raised by handler code, as opposed to by txflow's own steps.
+
+    A `ConnectionError` from the handler (say, an HTTP call) is the handler's failure and
+    goes through its retry policy; the same error opening txflow's transaction means the
+    database is down, which hands the message back without counting an attempt.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def events_from_annotation(func: HandlerFunc) -> tuple[type[Event], ...]:

@@ -28,6 +28,10 @@ CONTENT_TYPE = "application/json"
 # Header names txflow owns on the wire.
 CAUSATION_HEADER = "x-txflow-causation-id"
 ATTEMPT_HEADER = "x-txflow-attempt"
+# AMQP timestamps have whole seconds; this header keeps the microseconds.
+OCCURRED_AT_HEADER = "x-txflow-occurred-at"
+# Longest message id accepted (the inbox column's width).
+MAX_MESSAGE_ID_LENGTH = 255
 # Bodies above this are poison: they would stall the consumer and bloat the dead-letter queue.
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -126,6 +130,7 @@ def encode(
 ) -> Message:
     """The wire form of `event`: JSON body, metadata in message properties and headers."""
     all_headers: dict[str, Any] = dict(headers or {})
+    all_headers[OCCURRED_AT_HEADER] = occurred_at.isoformat()
     if causation_id is not None:
         all_headers[CAUSATION_HEADER] = causation_id
     return Message(
@@ -138,6 +143,16 @@ def encode(
         timestamp=occurred_at,
         headers=all_headers,
     )
+
+
+def _occurred_at(message: Message) -> datetime:
+    stamp = message.headers.get(OCCURRED_AT_HEADER)
+    if isinstance(stamp, str):
+        try:
+            return datetime.fromisoformat(stamp)
+        except ValueError:
+            pass  # a foreign or mangled header: fall back to the AMQP timestamp
+    return message.timestamp or datetime.now(UTC)
 
 
 def decode(
@@ -167,6 +182,11 @@ def decode(
             "message has no message_id property, so it cannot be deduplicated; "
             "publishers must set one"
         )
+    if len(message.message_id) > MAX_MESSAGE_ID_LENGTH:
+        raise MalformedMessageError(
+            f"message_id is {len(message.message_id)} characters, over the limit of "
+            f"{MAX_MESSAGE_ID_LENGTH}"
+        )
     type_name = message.type or message.routing_key
     event_cls = registry.get(type_name)
     if event_cls is None:
@@ -189,7 +209,7 @@ def decode(
         event_type=type_name,
         correlation_id=message.correlation_id or message.message_id,
         causation_id=str(causation) if causation is not None else None,
-        occurred_at=message.timestamp or datetime.now(UTC),
+        occurred_at=_occurred_at(message),
         attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
         headers=headers,
     )

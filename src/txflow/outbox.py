@@ -116,6 +116,8 @@ class OutboxRelay:
         self._owned: set[int] = set()
         self._confirmed: list[int] = []
         self._marking = 0  # rows in a mark-sent UPDATE that has not finished yet
+        self._failed: list[OutboxRecord] = []  # publish failed; back in the queue after a pause
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._in_flight = 0
         self._window = asyncio.Semaphore(self.config.max_in_flight)
         self._wake = asyncio.Event()
@@ -192,6 +194,9 @@ class OutboxRelay:
     async def aclose(self) -> None:
         """Stop all relay tasks. Rows not yet confirmed stay unsent in the outbox."""
         self._running = False
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         loops, self._loops = self._loops, []
         for task in [*loops, *self._tasks]:
             task.cancel()
@@ -209,7 +214,9 @@ class OutboxRelay:
         task.add_done_callback(self._tasks.discard)
 
     def _is_idle(self) -> bool:
-        return not (self._queue or self._in_flight or self._confirmed or self._marking)
+        return not (
+            self._queue or self._in_flight or self._confirmed or self._marking or self._failed
+        )
 
     def _maybe_idle(self) -> None:
         if self._is_idle():
@@ -238,9 +245,11 @@ class OutboxRelay:
         except TransportClosedError as exc:
             log.warning("publish of outbox row %d failed, will retry: %s", record.seq, exc)
             self.stats.failed += 1
-            await asyncio.sleep(RECONNECT_BACKOFF)
-            self._queue.appendleft(record)
-            self._wake.set()
+            self._failed.append(record)
+            if self._retry_timer is None:
+                self._retry_timer = asyncio.get_running_loop().call_later(
+                    RECONNECT_BACKOFF, self._requeue_failed
+                )
         except UnroutableError as exc:
             # Not sent: the row stays pending and the sweep retries it after its lease.
             self.stats.unroutable += 1
@@ -258,6 +267,13 @@ class OutboxRelay:
             self._in_flight -= 1
             self._window.release()
             self._maybe_idle()
+
+    def _requeue_failed(self) -> None:
+        """Put rows whose publish failed back in front, in row order, after a backoff."""
+        self._retry_timer = None
+        failed, self._failed = sorted(self._failed, key=lambda r: r.seq), []
+        self._queue.extendleft(reversed(failed))
+        self._wake.set()
 
     async def _flush_loop(self) -> None:
         # One UPDATE per round; rows confirmed while it runs ride in the next one.

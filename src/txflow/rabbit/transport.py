@@ -28,6 +28,7 @@ from pamqp.common import FieldValue
 from txflow.abc import Consumer, Delivery, DeliveryCallback, Message, QueueSpec, Topology, Transport
 from txflow.errors import (
     BrokerUnavailableError,
+    ConfigurationError,
     PublishError,
     TransportClosedError,
     UnroutableError,
@@ -195,32 +196,41 @@ class RabbitTransport(Transport):
     async def declare(self, topology: Topology) -> None:
         channel = await self._conn().channel()
         try:
-            exchange = await channel.declare_exchange(
-                topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-            )
-            for spec_ in topology.queues:
-                self._specs[spec_.name] = spec_
-                await channel.declare_queue(
-                    spec_.dead_letter_queue, durable=True, arguments=_queue_arguments(spec_)
-                )
-                queue = await channel.declare_queue(
-                    spec_.name, durable=True, arguments=_queue_arguments(spec_)
-                )
-                for key in spec_.routing_keys:
-                    await queue.bind(exchange, routing_key=key)
-                for delay in spec_.retry_delays:
-                    await channel.declare_queue(
-                        retry_queue_name(spec_, delay),
-                        durable=True,
-                        arguments={
-                            **_queue_arguments(spec_),
-                            "x-message-ttl": round(delay * 1000),
-                            "x-dead-letter-exchange": "",
-                            "x-dead-letter-routing-key": spec_.name,
-                        },
-                    )
+            await self._declare(channel, topology)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise ConfigurationError(
+                f"the broker refused txflow's topology on {self.masked_url}: {exc}; an exchange "
+                "or queue of that name exists with other settings (e.g. classic vs quorum): "
+                "delete it, or use another queue_prefix or exchange"
+            ) from exc
         finally:
-            await channel.close()
+            await _close_quietly(channel)
+
+    async def _declare(self, channel: AbstractChannel, topology: Topology) -> None:
+        exchange = await channel.declare_exchange(
+            topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        for spec_ in topology.queues:
+            self._specs[spec_.name] = spec_
+            await channel.declare_queue(
+                spec_.dead_letter_queue, durable=True, arguments=_queue_arguments(spec_)
+            )
+            queue = await channel.declare_queue(
+                spec_.name, durable=True, arguments=_queue_arguments(spec_)
+            )
+            for key in spec_.routing_keys:
+                await queue.bind(exchange, routing_key=key)
+            for delay in spec_.retry_delays:
+                await channel.declare_queue(
+                    retry_queue_name(spec_, delay),
+                    durable=True,
+                    arguments={
+                        **_queue_arguments(spec_),
+                        "x-message-ttl": round(delay * 1000),
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": spec_.name,
+                    },
+                )
 
     async def _publish(self, exchange: str, routing_key: str, message: Message) -> None:
         if self._publish_channel is None:

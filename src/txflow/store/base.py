@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from txflow.abc import Message
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
-from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE
+from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
 from txflow.store.tables import metadata, outbox
 
 # Rows the relay claims or deletes in one statement.
@@ -69,6 +69,7 @@ class Listener(abc.ABC):
 def make_record(seq: int, values: Mapping[str, Any]) -> OutboxRecord:
     """An `OutboxRecord` from an outbox row's column values."""
     headers = dict(values["headers"])
+    headers[OCCURRED_AT_HEADER] = _aware(values["created_at"]).isoformat()
     if values["causation_id"] is not None:
         headers[CAUSATION_HEADER] = values["causation_id"]
     return OutboxRecord(
@@ -80,10 +81,15 @@ def make_record(seq: int, values: Mapping[str, Any]) -> OutboxRecord:
             correlation_id=values["correlation_id"],
             type=values["event_type"],
             content_type=CONTENT_TYPE,
-            timestamp=values["created_at"],
+            timestamp=_aware(values["created_at"]),
             headers=headers,
         ),
     )
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; txflow only ever writes UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class Store(abc.ABC):
@@ -198,15 +204,9 @@ class Store(abc.ABC):
         """
         if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
             return True
+        # InterfaceError is the driver losing its connection; TimeoutError the pool running dry.
         return isinstance(
-            exc,
-            (
-                sa.exc.OperationalError,
-                sa.exc.InterfaceError,
-                sa.exc.DisconnectionError,
-                sa.exc.TimeoutError,
-                ConnectionError,
-            ),
+            exc, (sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
         )
 
     # -- relay side --------------------------------------------------------------------------

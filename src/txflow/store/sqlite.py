@@ -20,6 +20,8 @@ from sqlalchemy.pool import StaticPool
 from txflow.store.base import Store
 from txflow.store.tables import inbox
 
+# SQLite OperationalError texts that pass with time: another writer, a full or busy disk.
+TRANSIENT_MESSAGES = ("locked", "busy", "disk i/o error", "unable to open")
 # Seconds a connection waits for another process's write lock before failing.
 BUSY_TIMEOUT_MS = 30_000
 
@@ -59,6 +61,14 @@ class SQLiteStore(Store):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
+
+    def is_transient_error(self, exc: BaseException) -> bool:
+        # SQLite reports "database is locked" and "no such table" alike as OperationalError;
+        # only the first kind goes away by waiting.
+        if isinstance(exc, sa.exc.OperationalError):
+            text = str(exc.orig).lower()
+            return any(word in text for word in TRANSIENT_MESSAGES)
+        return super().is_transient_error(exc)
 
     def _build_inbox_insert(self) -> sa.Insert:
         return sqlite.insert(inbox).on_conflict_do_nothing()

@@ -1,35 +1,19 @@
 """txflow's tables as SQLAlchemy metadata.
 
+Times are stored timezone-aware where the database can (PostgreSQL) and as UTC wall time on
+SQLite; readers treat a naive value as UTC.
+
 Include `txflow.metadata` in your Alembic `target_metadata` (a list is fine) to migrate
 these tables with your own; `txflow db init` creates them for a quick start.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
 import sqlalchemy as sa
-from sqlalchemy.engine import Dialect
 
 metadata = sa.MetaData()
-
-
-class UTCDateTime(sa.TypeDecorator[datetime]):
-    """A timezone-aware datetime that reads back aware on every backend (SQLite drops the zone)."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value  # type: ignore[no-any-return]
+# Longest message id txflow stores; longer incoming ids are rejected as malformed.
+MAX_ID_LENGTH = 255
 
 
 # BIGINT identity on PostgreSQL; SQLite only autoincrements an INTEGER primary key.
@@ -40,18 +24,18 @@ outbox = sa.Table(
     metadata,
     # Order of insertion: the relay publishes in seq order, which keeps emit order.
     sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
-    sa.Column("message_id", sa.String(64), nullable=False),
+    sa.Column("message_id", sa.String(MAX_ID_LENGTH), nullable=False),
     sa.Column("event_type", sa.String(255), nullable=False),
     sa.Column("correlation_id", sa.String(255), nullable=False),
     sa.Column("causation_id", sa.String(255), nullable=True),
     sa.Column("headers", sa.JSON, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     # Epoch seconds until which one relay owns the row; NULL or past means any relay may claim.
     sa.Column("lease_until", sa.Float, nullable=True),
     # How many times a relay took the row to publish; above 1 means a republish.
     sa.Column("publish_attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("sent_at", UTCDateTime, nullable=True),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
     sa.Index(
         "ix_txflow_outbox_unsent",
         "seq",
@@ -71,6 +55,6 @@ inbox = sa.Table(
     metadata,
     # One row per (handler, message id): the unique key that makes handling effectively-once.
     sa.Column("handler", sa.String(255), primary_key=True),
-    sa.Column("message_id", sa.String(64), primary_key=True),
-    sa.Column("processed_at", UTCDateTime, nullable=False),
+    sa.Column("message_id", sa.String(MAX_ID_LENGTH), primary_key=True),
+    sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
 )
