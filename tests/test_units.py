@@ -93,11 +93,36 @@ def test_retry_policy_decisions() -> None:
     assert policy.decide(ValueError(), 3).outcome is Outcome.DEAD_LETTER
     assert policy.decide(KeyError(), 1).outcome is Outcome.DEAD_LETTER
     assert policy.decide(DeadLetter("no"), 1).outcome is Outcome.DEAD_LETTER
-    assert policy.decide(Retry(delay=4.0), 1).delay == 5.0  # nearest tier
+    requested = policy.decide(Retry(delay=4.0), 1)
+    assert (requested.delay, requested.tier) == (4.0, 5.0)  # exact delay, served by the 5 s tier
+    assert policy.decide(Retry(delay=60.0), 1).delay == 10.0  # at most twice the largest tier
     assert policy.tiers() == (1.0, 5.0)
-    assert RetryPolicy.exponential(5, base=1, factor=2, cap=5).delays == (1, 2, 4, 5)
     with pytest.raises(ConfigurationError):
         RetryPolicy(max_attempts=0)
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(jitter=1.5)
+
+
+def test_retry_policy_shapes() -> None:
+    assert RetryPolicy.exponential(5, base=1, factor=2, cap=5).delays == (1, 2, 4, 5)
+    assert RetryPolicy.exponential(5, base=1, immediate=2).delays == (0, 0, 1, 2)
+    ladder = RetryPolicy.ladder(1, 5, 30, 120, 600)
+    assert ladder.max_attempts == 6
+    assert [ladder.delay_before(a) for a in range(2, 7)] == [1, 5, 30, 120, 600]
+    fixed = RetryPolicy.fixed(2.0, 5, immediate=1)
+    assert [fixed.decide(ValueError(), a).delay for a in range(1, 5)] == [0.0, 2.0, 2.0, 2.0]
+    assert fixed.tiers() == (2.0,)
+    assert RetryPolicy.immediate(4).decide(ValueError(), 3).delay == 0.0
+
+
+def test_jitter_stays_within_its_fraction() -> None:
+    policy = RetryPolicy.fixed(10.0, 3)
+    jittered = RetryPolicy(3, (10.0,), jitter=0.2)
+    delays = {jittered.decide(ValueError(), 1).delay for _ in range(200)}
+    assert all(8.0 <= d <= 12.0 for d in delays)
+    assert len(delays) > 50  # it does vary
+    assert {policy.decide(ValueError(), 1).delay for _ in range(20)} == {10.0}
+    assert jittered.decide(ValueError(), 1).tier == 10.0
 
 
 def test_handler_events_come_from_annotations() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Self
@@ -63,6 +64,19 @@ class QueueSpec:
     dead_letter_queue: str
     retry_delays: tuple[float, ...] = ()
     quorum: bool = False
+
+    def retry_queue(self, delay: float) -> str:
+        """The name of the holding queue of the `delay`-second tier."""
+        return retry_queue_name(self.name, delay)
+
+    def all_queues(self) -> tuple[str, ...]:
+        """Every queue this spec declares: main, dead-letter and holding queues."""
+        return (self.name, self.dead_letter_queue, *map(self.retry_queue, self.retry_delays))
+
+
+def retry_queue_name(queue: str, delay: float) -> str:
+    """`<queue>.retry.<ms>ms`: the holding queue of `queue`'s `delay`-second tier."""
+    return f"{queue}.retry.{round(delay * 1000)}ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +148,18 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def send(self, queue: str, message: Message, *, delay: float = 0.0) -> None:
+    async def send(
+        self, queue: str, message: Message, *, delay: float = 0.0, tier: float | None = None
+    ) -> None:
         """Put `message` straight onto `queue` (dead letters, retries, replays), confirmed.
 
-        With a `delay`, the message goes through the queue's retry tier of that delay.
+        With a `delay`, the message waits in the queue's holding queue of `tier` seconds
+        (default: `delay`), which must be one of the queue's `retry_delays`, and comes back
+        after `delay` seconds.
+
+        Raises:
+            UnroutableError: no such queue, or no such tier.
+            PublishError: the broker did not confirm.
         """
 
     @abc.abstractmethod
@@ -151,6 +173,21 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def get(self, queue: str) -> Delivery | None:
         """Take one message from `queue` without a consumer, or None when it is empty."""
+
+    @abc.abstractmethod
+    def fetch(self, queue: str, limit: int) -> AbstractAsyncContextManager[list[Delivery]]:
+        """Take up to `limit` messages from `queue`, in queue order, without a consumer.
+
+        Inside the block each delivery may be acked (gone) or left alone; on leaving it, every
+        unsettled delivery goes back to its place in the queue. For operator tools.
+
+        Raises:
+            UnroutableError: `queue` does not exist.
+        """
+
+    @abc.abstractmethod
+    async def purge(self, queue: str) -> int:
+        """Delete every ready message in `queue`; returns how many."""
 
     async def __aenter__(self) -> Self:
         await self.connect()

@@ -173,7 +173,9 @@ class HandlerConsumer:
             {**failure_headers(delivery.message, exc), ATTEMPT_HEADER: envelope.attempt + 1}
         )
         try:
-            await self.transport.send(self.spec.queue, retry, delay=decision.delay)
+            await self.transport.send(
+                self.spec.queue, retry, delay=decision.delay, tier=decision.tier
+            )
         except TxflowError as send_exc:
             log.warning("%s: could not schedule retry (%s); requeueing", self.spec.name, send_exc)
             await delivery.reject(requeue=True)

@@ -8,14 +8,18 @@ Nothing survives the process.
 
 from __future__ import annotations
 
+import abc
 import asyncio
+import heapq
 import logging
 import re
 from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from itertools import count
 
-from txflow.abc import Consumer, Delivery, DeliveryCallback, Message, QueueSpec, Topology, Transport
+from txflow.abc import Consumer, Delivery, DeliveryCallback, Message, Topology, Transport
 from txflow.errors import TransportClosedError, UnroutableError
 
 log = logging.getLogger("txflow.memory")
@@ -63,14 +67,67 @@ class _Queue:
         return None
 
 
-class InMemoryBroker:
-    """The broker's state: exchanges, bindings and queues. Transports connect to it.
+class Clock(abc.ABC):
+    """Time for delayed retries: real time by default, or a `ManualClock` in tests."""
 
-    `InMemoryBroker.named("default")` returns the broker `memory://default` URLs share
-    within one process.
+    @abc.abstractmethod
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
+
+
+class LoopClock(Clock):
+    """Real time, on the running event loop."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_later(delay, callback)
+
+
+class ManualClock(Clock):
+    """A clock that moves only when a test calls `advance`, so retry schedules run instantly.
+
+    clock = ManualClock()
+    broker = InMemoryBroker(clock=clock)
+    ...
+    clock.advance(30)  # everything due within 30 s is released now, in due order
     """
 
     def __init__(self) -> None:
+        self.now = 0.0
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = count()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._due, (self.now + delay, next(self._seq), callback))
+
+    def advance(self, seconds: float) -> int:
+        """Move time forward; run what fell due. Returns how many callbacks ran."""
+        self.now += seconds
+        ran = 0
+        while self._due and self._due[0][0] <= self.now:
+            _, _, callback = heapq.heappop(self._due)
+            callback()
+            ran += 1
+        return ran
+
+    @property
+    def pending(self) -> int:
+        """Callbacks not yet due."""
+        return len(self._due)
+
+
+class InMemoryBroker:
+    """The broker's state: exchanges, bindings, queues and held retries.
+
+    `InMemoryBroker.named("default")` returns the broker `memory://default` URLs share
+    within one process. Messages held for a delayed retry belong to the broker, so they
+    survive a transport closing, as they would on RabbitMQ.
+
+    Args:
+        clock: when held messages come back; real time unless a `ManualClock` is given.
+    """
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock = clock or LoopClock()
+        self.held = 0
         self.queues: dict[str, _Queue] = {}
         self.bindings: dict[str, list[tuple[re.Pattern[str], str]]] = {}
         # (queue, delay in ms) -> the holding queue of that retry tier
@@ -91,7 +148,7 @@ class InMemoryBroker:
                 if all(p.pattern != entry[0].pattern or q != spec.name for p, q in bindings):
                     bindings.append(entry)
             for delay in spec.retry_delays:
-                self.retry_tiers[spec.name, round(delay * 1000)] = retry_queue_name(spec, delay)
+                self.retry_tiers[spec.name, round(delay * 1000)] = spec.retry_queue(delay)
 
     def _queue(self, name: str) -> _Queue:
         queue = self.queues.get(name)
@@ -108,14 +165,20 @@ class InMemoryBroker:
         for name in sorted(targets):
             self.queues[name].put(message)
 
+    def hold(self, queue: str, message: Message, delay: float) -> None:
+        """Put `message` on `queue` after `delay` seconds of the broker's clock."""
+        target = self.queues[queue]
+        self.held += 1
+
+        def release() -> None:
+            self.held -= 1
+            target.put(message)
+
+        self.clock.call_later(delay, release)
+
     def depth(self, queue: str) -> int:
         q = self.queues.get(queue)
         return len(q.ready) if q is not None else 0
-
-
-def retry_queue_name(spec: QueueSpec, delay: float) -> str:
-    """The name of `spec`'s holding queue for `delay` seconds."""
-    return f"{spec.name}.retry.{round(delay * 1000)}ms"
 
 
 class _MemoryDelivery(Delivery):
@@ -199,7 +262,6 @@ class InMemoryTransport(Transport):
         self.broker = broker if broker is not None else InMemoryBroker.named("default")
         self._consumers: list[_MemoryConsumer] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._timers: set[asyncio.TimerHandle] = set()
         self._connected = False
         self.published = count()
 
@@ -219,9 +281,6 @@ class InMemoryTransport(Transport):
         for consumer in self._consumers:
             consumer.requeue_unacked()
         self._consumers.clear()
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
 
     def _check(self) -> None:
         if not self._connected:
@@ -241,16 +300,17 @@ class InMemoryTransport(Transport):
         next(self.published)
         self.broker.route(exchange, message)
 
-    async def send(self, queue: str, message: Message, *, delay: float = 0.0) -> None:
+    async def send(
+        self, queue: str, message: Message, *, delay: float = 0.0, tier: float | None = None
+    ) -> None:
         self._check()
         # As on RabbitMQ's default exchange: the queue name becomes the routing key.
         message = replace(message, routing_key=queue)
         if delay > 0:
-            if (queue, round(delay * 1000)) not in self.broker.retry_tiers:
-                raise UnroutableError(f"queue {queue!r} has no retry tier of {delay}s")
-            target = self.broker.queues[queue]
-            timer = asyncio.get_running_loop().call_later(delay, target.put, message)
-            self._timers.add(timer)
+            tier = delay if tier is None else tier
+            if (queue, round(tier * 1000)) not in self.broker.retry_tiers:
+                raise UnroutableError(f"queue {queue!r} has no retry tier of {tier}s")
+            self.broker.hold(queue, message, delay)
             return
         target_queue = self.broker.queues.get(queue)
         if target_queue is None:
@@ -278,3 +338,29 @@ class InMemoryTransport(Transport):
             return None
         message, redelivered = q.ready.popleft()
         return _MemoryDelivery(None, q, message, redelivered)
+
+    @asynccontextmanager
+    async def fetch(self, queue: str, limit: int) -> AsyncIterator[list[Delivery]]:
+        self._check()
+        q = self.broker.queues.get(queue)
+        if q is None:
+            raise UnroutableError(f"no queue named {queue!r}")
+        taken = [
+            _MemoryDelivery(None, q, *q.ready.popleft()) for _ in range(min(limit, len(q.ready)))
+        ]
+        try:
+            yield list(taken)
+        finally:
+            for delivery in reversed(taken):  # front-inserted in reverse: original order
+                if not delivery.settled:
+                    delivery.settled = True
+                    q.put(delivery.message, redelivered=True, front=True)
+
+    async def purge(self, queue: str) -> int:
+        self._check()
+        q = self.broker.queues.get(queue)
+        if q is None:
+            return 0
+        purged = len(q.ready)
+        q.ready.clear()
+        return purged

@@ -12,9 +12,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from txflow.memory import InMemoryBroker, InMemoryTransport
+from txflow.memory import Clock, InMemoryBroker, InMemoryTransport, ManualClock
 
-__all__ = ["InMemoryBroker", "InMemoryTransport", "wait_until"]
+__all__ = ["Clock", "InMemoryBroker", "InMemoryTransport", "ManualClock", "wait_until"]
 
 
 async def wait_until(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +36,7 @@ from txflow.errors import (
     UnroutableError,
     mask_url,
 )
-from txflow.memory import retry_queue_name
+from txflow.retry import MAX_HOLD_FACTOR
 
 log = logging.getLogger("txflow.rabbit")
 
@@ -77,9 +79,10 @@ def _to_message(incoming: AbstractIncomingMessage) -> Message:
     )
 
 
-def _properties(message: Message) -> spec.Basic.Properties:
+def _properties(message: Message, expiration: float | None = None) -> spec.Basic.Properties:
     timestamp = message.timestamp or datetime.now(UTC)
     return spec.Basic.Properties(
+        expiration=str(max(0, round(expiration * 1000))) if expiration is not None else None,
         content_type=message.content_type,
         delivery_mode=PERSISTENT,
         message_id=message.message_id,
@@ -91,10 +94,16 @@ def _properties(message: Message) -> spec.Basic.Properties:
 
 
 class _RabbitDelivery(Delivery):
-    __slots__ = ("_incoming", "message", "queue", "redelivered")
+    __slots__ = ("_incoming", "_owned_channel", "message", "queue", "redelivered")
 
-    def __init__(self, incoming: AbstractIncomingMessage, queue: str) -> None:
+    def __init__(
+        self,
+        incoming: AbstractIncomingMessage,
+        queue: str,
+        owned_channel: AbstractChannel | None = None,
+    ) -> None:
         self._incoming = incoming
+        self._owned_channel = owned_channel
         self.message = _to_message(incoming)
         self.redelivered = bool(incoming.redelivered)
         self.queue = queue
@@ -107,6 +116,8 @@ class _RabbitDelivery(Delivery):
                 f"cannot ack {self.message.message_id} on {self.queue!r}: channel closed ({exc}); "
                 "the broker will redeliver it"
             ) from exc
+        finally:
+            await self._release_channel()
 
     async def reject(self, *, requeue: bool) -> None:
         try:
@@ -115,6 +126,13 @@ class _RabbitDelivery(Delivery):
             raise TransportClosedError(
                 f"cannot reject {self.message.message_id} on {self.queue!r}: channel closed ({exc})"
             ) from exc
+        finally:
+            await self._release_channel()
+
+    async def _release_channel(self) -> None:
+        channel, self._owned_channel = self._owned_channel, None
+        if channel is not None:
+            await _close_quietly(channel)
 
 
 class _RabbitConsumer(Consumer):
@@ -222,17 +240,19 @@ class RabbitTransport(Transport):
                 await queue.bind(exchange, routing_key=key)
             for delay in spec_.retry_delays:
                 await channel.declare_queue(
-                    retry_queue_name(spec_, delay),
+                    spec_.retry_queue(delay),
                     durable=True,
                     arguments={
                         **_queue_arguments(spec_),
-                        "x-message-ttl": round(delay * 1000),
+                        "x-message-ttl": round(delay * MAX_HOLD_FACTOR * 1000),
                         "x-dead-letter-exchange": "",
                         "x-dead-letter-routing-key": spec_.name,
                     },
                 )
 
-    async def _publish(self, exchange: str, routing_key: str, message: Message) -> None:
+    async def _publish(
+        self, exchange: str, routing_key: str, message: Message, expiration: float | None = None
+    ) -> None:
         if self._publish_channel is None:
             raise TransportClosedError(f"not connected to {self.masked_url}")
         try:
@@ -242,7 +262,7 @@ class RabbitTransport(Transport):
                     message.body,
                     exchange=exchange,
                     routing_key=routing_key,
-                    properties=_properties(message),
+                    properties=_properties(message, expiration),
                     mandatory=True,
                 )
         except aiormq.exceptions.PublishError as exc:
@@ -263,14 +283,18 @@ class RabbitTransport(Transport):
     async def publish(self, exchange: str, message: Message) -> None:
         await self._publish(exchange, message.routing_key, message)
 
-    async def send(self, queue: str, message: Message, *, delay: float = 0.0) -> None:
-        target = queue
-        if delay > 0:
-            spec_ = self._specs.get(queue)
-            if spec_ is None or delay not in spec_.retry_delays:
-                raise UnroutableError(f"queue {queue!r} has no retry tier of {delay}s")
-            target = retry_queue_name(spec_, delay)
-        await self._publish("", target, message)
+    async def send(
+        self, queue: str, message: Message, *, delay: float = 0.0, tier: float | None = None
+    ) -> None:
+        if delay <= 0:
+            await self._publish("", queue, message)
+            return
+        tier = delay if tier is None else tier
+        spec_ = self._specs.get(queue)
+        if spec_ is None or tier not in spec_.retry_delays:
+            raise UnroutableError(f"queue {queue!r} has no retry tier of {tier}s")
+        # The message's own expiry carries the (jittered) delay; the queue's TTL is a backstop.
+        await self._publish("", spec_.retry_queue(tier), message, expiration=delay)
 
     async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
         channel = await self._conn().channel()
@@ -310,13 +334,42 @@ class RabbitTransport(Transport):
         found = await self._passive(queue)
         if found is None:
             return None
-        _channel, amqp_queue = found
+        channel, amqp_queue = found
         incoming = await amqp_queue.get(no_ack=False, fail=False)
         if incoming is None:
-            await _close_quietly(_channel)
+            await _close_quietly(channel)
             return None
-        # The channel stays open until the delivery is settled; it closes with the connection.
-        return _RabbitDelivery(incoming, queue)
+        # The delivery owns the channel and closes it once settled.
+        return _RabbitDelivery(incoming, queue, owned_channel=channel)
+
+    @asynccontextmanager
+    async def fetch(self, queue: str, limit: int) -> AsyncIterator[list[Delivery]]:
+        found = await self._passive(queue)
+        if found is None:
+            raise UnroutableError(f"no queue named {queue!r} on {self.masked_url}")
+        channel, amqp_queue = found
+        try:
+            taken: list[Delivery] = []
+            while len(taken) < limit:
+                incoming = await amqp_queue.get(no_ack=False, fail=False)
+                if incoming is None:
+                    break
+                taken.append(_RabbitDelivery(incoming, queue))
+            yield taken
+        finally:
+            # Closing the channel returns every unsettled message to its place in the queue.
+            await _close_quietly(channel)
+
+    async def purge(self, queue: str) -> int:
+        found = await self._passive(queue)
+        if found is None:
+            return 0
+        channel, amqp_queue = found
+        try:
+            result: Any = await amqp_queue.purge()
+            return int(result.message_count or 0)
+        finally:
+            await _close_quietly(channel)
 
 
 async def _close_quietly(channel: AbstractChannel) -> None:
