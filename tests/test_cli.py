@@ -154,3 +154,56 @@ async def test_bad_log_level_is_a_usage_error() -> None:
     rc, _out, err = await txflow("run", "tests.cli_app:app", "--log-level", "loud")
     assert rc == 2
     assert "invalid choice: 'loud'" in err
+
+
+async def test_dlq_commands_list_show_replay_purge(real: Backend) -> None:
+    import json
+
+    from txflow import Message
+
+    env = {
+        "TEST_EXCHANGE": real.exchange,
+        "TEST_QUEUE_PREFIX": f"{real.test_id}.",
+        "TXFLOW_BROKER_URL": real.amqp_url or "",
+        "TXFLOW_DATABASE_URL": await real.database_url("main"),
+    }
+    app = await real.app("cliapp", metadata=md)
+
+    @app.handler(Ping, name="record")
+    async def record(event: Ping) -> None: ...
+
+    queue = f"{real.test_id}.cliapp.record"
+    async with app:
+        await app.consumers[0].stop(timeout=1)  # declared, but nobody consumes
+        for i in range(3):
+            bad = Message(body=b"{oops", routing_key=queue, message_id=f"bad-{i}", type="Ping")
+            await app.transport.send(queue + ".dlq", bad.with_headers({
+                "x-txflow-exception-type": "txflow.errors.MalformedMessageError",
+                "x-txflow-dead-letter-reason": "body is not valid JSON",
+                "x-txflow-attempts": 1,
+            }))  # fmt: skip
+
+        rc, out, err = await txflow("dlq", "list", "tests.cli_app:app", env=env)
+        assert rc == 0, err
+        assert f"{queue}.dlq" in out and " 3" in out
+
+        rc, out, err = await txflow("dlq", "show", queue, "--json", env=env)
+        assert rc == 0, err
+        shown = json.loads(out)
+        assert [d["message_id"] for d in shown] == ["bad-0", "bad-1", "bad-2"]
+        assert shown[0]["reason"] == "body is not valid JSON"
+
+        rc, out, err = await txflow("dlq", "show", queue, env=env)
+        assert rc == 0, err
+        assert "3 dead letter(s)" in out and "MalformedMessageError" in out
+
+        rc, out, err = await txflow("dlq", "replay", queue, "--id", "bad-1", env=env)
+        assert rc == 0, err
+        assert out.strip() == f"replayed 1 message(s) to {queue}"
+        assert await app.transport.queue_depth(queue) == 1
+
+        rc, out, err = await txflow("dlq", "purge", queue, env=env)
+        assert rc == 2 and "--yes" in err
+        rc, out, err = await txflow("dlq", "purge", queue, "--yes", "--json", env=env)
+        assert rc == 0, err
+        assert json.loads(out) == {"purged": 2}

@@ -4,6 +4,7 @@ Handlers run in one database transaction with the events they emit (transactiona
 deduplicate deliveries by message id (inbox), and retry on a policy into dead-letter queues.
 """
 
+from txflow import dlq
 from txflow.abc import Delivery, Message, QueueSpec, Topology, Transport
 from txflow.app import TxFlow
 from txflow.context import Context
@@ -69,6 +70,7 @@ __all__ = [
     "UnroutableError",
     "UnsupportedURLError",
     "__version__",
+    "dlq",
     "metadata",
     "open_store",
 ]

@@ -57,6 +57,9 @@ class QueueSpec:
         dead_letter_queue: where messages that will never succeed go.
         retry_delays: delay tiers in seconds; each gets a holding queue that sends back here.
         quorum: declare a quorum queue (replicated on a RabbitMQ cluster).
+        delivery_limit: on a quorum queue, deliveries after which the broker itself moves a
+            message to the dead-letter queue: a backstop for messages that crash their
+            worker before it can record a failure. None for no limit.
     """
 
     name: str
@@ -64,6 +67,7 @@ class QueueSpec:
     dead_letter_queue: str
     retry_delays: tuple[float, ...] = ()
     quorum: bool = False
+    delivery_limit: int | None = None
 
     def retry_queue(self, delay: float) -> str:
         """The name of the holding queue of the `delay`-second tier."""

@@ -32,6 +32,8 @@ DEFAULT_EXCHANGE = "txflow.events"
 DEFAULT_CONCURRENCY = 32
 # Seconds a graceful stop waits for in-flight handlers, and again for the relay to drain.
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# Deliveries of one message before a quorum queue dead-letters it by itself.
+DEFAULT_DELIVERY_LIMIT = 50
 # Database connections per process: more rarely helps, and many processes share one server.
 DEFAULT_DB_POOL_SIZE = 10
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -60,6 +62,9 @@ class TxFlow:
             wait for one (PostgreSQL's default max_connections is 100 for all processes).
         quorum_queues: declare quorum queues (replicated across a RabbitMQ cluster) instead of
             classic ones. An existing queue keeps its type: change it under a new queue_prefix.
+        delivery_limit: with quorum queues, the broker dead-letters a message delivered this
+            many times without being settled (a worker that crashes on it each time). Each
+            hand-back during a database outage counts as a delivery too, so keep it generous.
         notify: with `relay=None` on PostgreSQL, send one NOTIFY per transaction that emitted
             events, so relays in other processes publish them at once rather than at their
             next sweep. Turn off to rely on sweeps alone.
@@ -83,6 +88,7 @@ class TxFlow:
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
         db_pool_size: int = DEFAULT_DB_POOL_SIZE,
         quorum_queues: bool = False,
+        delivery_limit: int | None = DEFAULT_DELIVERY_LIMIT,
         notify: bool = True,
         transport: Transport | None = None,
     ) -> None:
@@ -104,6 +110,7 @@ class TxFlow:
         self.shutdown_timeout = shutdown_timeout
         self.db_pool_size = db_pool_size
         self.quorum_queues = quorum_queues
+        self.delivery_limit = delivery_limit
         self.notify = notify
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
@@ -171,6 +178,7 @@ class TxFlow:
                     dead_letter_queue=f"{spec.queue}.dlq",
                     retry_delays=spec.retry.tiers(),
                     quorum=self.quorum_queues,
+                    delivery_limit=self.delivery_limit,
                 )
                 for spec in self.handlers.values()
             ),

@@ -3,6 +3,8 @@
     txflow run module:app [--broker URL] [--database URL] [--workers N] [--log-level LEVEL]
     txflow db init module:app [--database URL]
     txflow outbox status module:app [--database URL] [--json]
+    txflow dlq list module:app | show QUEUE | replay QUEUE --id ID|--all|--exception-type T
+    txflow dlq purge QUEUE --yes
 
 Errors print one line naming the fix and exit non-zero: 2 for usage and configuration
 errors (bad target, bad URL), 1 for unreachable services.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -27,6 +30,8 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from txflow import dlq
+from txflow.abc import Transport
 from txflow.app import TxFlow
 from txflow.config import (
     BROKER_URL_ENV,
@@ -302,6 +307,143 @@ def _cmd_outbox_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- txflow dlq -------------------------------------------------------------------------------
+
+
+def _on_broker(
+    args: argparse.Namespace, work: Callable[[Transport], Awaitable[T]], app: TxFlow | None = None
+) -> T:
+    """Connect to the broker the arguments name, run `work` on it, close."""
+    url = args.broker or (app.broker_url if app else None) or os.environ.get(BROKER_URL_ENV)
+    if not url or url.startswith("memory:"):
+        raise ConfigurationError(
+            f"dead-letter commands need the broker: pass --broker amqp://... or set "
+            f"{BROKER_URL_ENV} (the in-memory broker lives inside its own process)"
+        )
+    transport = open_transport(url)
+
+    async def main() -> T:
+        await transport.connect()
+        try:
+            return await work(transport)
+        finally:
+            await transport.aclose()
+
+    return _run_async(main)
+
+
+def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+
+
+def _cmd_dlq_list(args: argparse.Namespace) -> int:
+    app = load_app(args.target)
+    found = _on_broker(args, lambda t: dlq.counts(t, app.topology()), app)
+    rows = [{"queue": c.queue, "messages": c.messages, "handler": c.handler_queue} for c in found]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        _print_table(rows, ["queue", "messages"])
+    return 0
+
+
+def _cmd_dlq_show(args: argparse.Namespace) -> int:
+    infos = _on_broker(args, lambda t: dlq.show(t, args.queue, args.limit))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(i) for i in infos]))
+        return 0
+    rows = [
+        {
+            "message_id": i.message_id,
+            "event": i.event_type,
+            "handler": i.handler,
+            "attempts": i.attempts,
+            "exception": (i.exception_type or "").rsplit(".", 1)[-1],
+            "reason": _shorten(i.reason or "", 60),
+            "last_failure": i.last_failure_at,
+        }
+        for i in infos
+    ]
+    print(f"{len(rows)} dead letter(s) in {dlq.dead_letter_queue(args.queue)}")
+    if rows:
+        _print_table(rows, list(rows[0]))
+    return 0
+
+
+def _shorten(text: str, width: int) -> str:
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _cmd_dlq_replay(args: argparse.Namespace) -> int:
+    count = _on_broker(
+        args,
+        lambda t: dlq.replay(
+            t,
+            args.queue,
+            message_ids=args.id or (),
+            exception_type=args.exception_type,
+            replay_all=args.all,
+        ),
+    )
+    target = dlq.handler_queue(dlq.dead_letter_queue(args.queue))
+    if args.json:
+        print(json.dumps({"replayed": count, "to": target}))
+    else:
+        print(f"replayed {count} message(s) to {target}")
+    return 0
+
+
+def _cmd_dlq_purge(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise ConfigurationError("purge deletes dead letters for good; add --yes to confirm")
+    count = _on_broker(args, lambda t: dlq.purge(t, args.queue))
+    if args.json:
+        print(json.dumps({"purged": count}))
+    else:
+        print(f"purged {count} message(s) from {dlq.dead_letter_queue(args.queue)}")
+    return 0
+
+
+def _add_dlq_commands(sub: Any) -> None:
+    group = sub.add_parser("dlq", help="inspect and replay dead letters").add_subparsers(
+        dest="dlq", required=True
+    )
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--broker", help=f"broker URL (default ${BROKER_URL_ENV})")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    listing = group.add_parser("list", help="dead letters per queue of an app")
+    listing.add_argument("target", help="module:attribute naming a TxFlow app")
+    common(listing)
+    listing.set_defaults(func=_cmd_dlq_list)
+
+    show_ = group.add_parser("show", help="dead letters of a queue, with reasons")
+    show_.add_argument("queue", help="a handler queue or its .dlq")
+    show_.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    common(show_)
+    show_.set_defaults(func=_cmd_dlq_show)
+
+    replay_ = group.add_parser("replay", help="send dead letters back to their handler")
+    replay_.add_argument("queue", help="a handler queue or its .dlq")
+    which = replay_.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", action="append", help="a message id (repeatable)")
+    which.add_argument("--all", action="store_true", help="every dead letter in the queue")
+    which.add_argument("--exception-type", help="those that died of this exception type")
+    common(replay_)
+    replay_.set_defaults(func=_cmd_dlq_replay)
+
+    purge_ = group.add_parser("purge", help="delete every dead letter of a queue")
+    purge_.add_argument("queue", help="a handler queue or its .dlq")
+    purge_.add_argument("--yes", action="store_true", help="confirm: the messages are gone")
+    common(purge_)
+    purge_.set_defaults(func=_cmd_dlq_purge)
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 
@@ -346,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_urls(status, broker=False)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=_cmd_outbox_status)
+    _add_dlq_commands(sub)
     return parser
 
 

@@ -63,6 +63,17 @@ def _queue_arguments(spec_: QueueSpec | None) -> dict[str, FieldValue]:
     return {}
 
 
+def _main_queue_arguments(spec_: QueueSpec | None) -> dict[str, FieldValue]:
+    arguments = _queue_arguments(spec_)
+    if spec_ is not None and spec_.quorum and spec_.delivery_limit is not None:
+        arguments |= {
+            "x-delivery-limit": spec_.delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": spec_.dead_letter_queue,
+        }
+    return arguments
+
+
 def _to_message(incoming: AbstractIncomingMessage) -> Message:
     timestamp = incoming.timestamp
     if timestamp is not None and timestamp.tzinfo is None:
@@ -234,7 +245,7 @@ class RabbitTransport(Transport):
                 spec_.dead_letter_queue, durable=True, arguments=_queue_arguments(spec_)
             )
             queue = await channel.declare_queue(
-                spec_.name, durable=True, arguments=_queue_arguments(spec_)
+                spec_.name, durable=True, arguments=_main_queue_arguments(spec_)
             )
             for key in spec_.routing_keys:
                 await queue.bind(exchange, routing_key=key)
@@ -301,7 +312,7 @@ class RabbitTransport(Transport):
         await channel.set_qos(prefetch_count=prefetch)
         self._consumer_channels.append(channel)
         amqp_queue = await channel.declare_queue(
-            queue, durable=True, arguments=_queue_arguments(self._specs.get(queue))
+            queue, durable=True, arguments=_main_queue_arguments(self._specs.get(queue))
         )
 
         async def on_message(incoming: AbstractIncomingMessage) -> None:

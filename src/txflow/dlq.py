@@ -1,0 +1,158 @@
+"""Operator tools for dead-letter queues: count, inspect, replay, purge.
+
+They work on any `Transport`. Inspecting is non-destructive: messages are taken and put back
+in their places. Replaying sends a dead letter back to its handler's queue with its attempt
+count reset; its message id is unchanged, and since a failed attempt never commits an inbox
+row, the replayed message is handled (once), not dropped as a duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from txflow import dead_letters as dl
+from txflow.abc import Message, Topology, Transport
+from txflow.dead_letters import DeadLetterInfo
+from txflow.errors import ConfigurationError
+from txflow.messages import ATTEMPT_HEADER
+
+DLQ_SUFFIX = ".dlq"
+# Dead letters taken per round trip when replaying everything.
+REPLAY_CHUNK = 500
+REPLAYED_AT = "x-txflow-replayed-at"
+REPLAY_COUNT = "x-txflow-replay-count"
+# What a replay forgets: the failure history of the attempts before it.
+_FAILURE_HEADERS = (
+    ATTEMPT_HEADER,
+    dl.REASON,
+    dl.EXCEPTION_TYPE,
+    dl.TRACEBACK,
+    dl.ATTEMPTS,
+    dl.FIRST_FAILURE_AT,
+    dl.LAST_FAILURE_AT,
+    dl.DEAD_LETTERED_AT,
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCount:
+    """A dead-letter queue and how many messages wait in it."""
+
+    queue: str
+    handler_queue: str
+    messages: int
+
+
+def dead_letter_queue(name: str) -> str:
+    """Accept a handler queue or its dead-letter queue; return the dead-letter queue."""
+    return name if name.endswith(DLQ_SUFFIX) else name + DLQ_SUFFIX
+
+
+def handler_queue(dlq: str) -> str:
+    """The queue a dead letter from `dlq` is replayed to."""
+    if not dlq.endswith(DLQ_SUFFIX):
+        raise ConfigurationError(f"{dlq!r} is not a dead-letter queue (they end in {DLQ_SUFFIX})")
+    return dlq[: -len(DLQ_SUFFIX)]
+
+
+async def counts(transport: Transport, topology: Topology) -> list[QueueCount]:
+    """Messages waiting in each dead-letter queue of `topology`."""
+    return [
+        QueueCount(spec.dead_letter_queue, spec.name, await transport.queue_depth(dlq))
+        for spec in topology.queues
+        for dlq in (spec.dead_letter_queue,)
+    ]
+
+
+async def show(transport: Transport, queue: str, limit: int) -> list[DeadLetterInfo]:
+    """The first `limit` dead letters of `queue` with their reasons; they stay in the queue."""
+    async with transport.fetch(dead_letter_queue(queue), limit) as deliveries:
+        return [DeadLetterInfo.from_message(d.message) for d in deliveries]
+
+
+def replayable(message: Message) -> Message:
+    """`message` as it goes back to its handler: failure history dropped, replay noted."""
+    headers = {k: v for k, v in message.headers.items() if k not in _FAILURE_HEADERS}
+    count = message.headers.get(REPLAY_COUNT)
+    headers[REPLAY_COUNT] = (count if isinstance(count, int) else 0) + 1
+    headers[REPLAYED_AT] = datetime.now(UTC).isoformat()
+    return Message(
+        body=message.body,
+        routing_key=message.routing_key,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        content_type=message.content_type,
+        timestamp=message.timestamp,
+        headers=headers,
+    )
+
+
+async def replay(
+    transport: Transport,
+    queue: str,
+    *,
+    message_ids: Collection[str] = (),
+    exception_type: str | None = None,
+    replay_all: bool = False,
+) -> int:
+    """Send matching dead letters back to their handler's queue; returns how many.
+
+    Exactly one selector: `message_ids`, `exception_type` (the qualified name shown by
+    `show`, or its last part), or `replay_all`. Each message is sent (confirmed) before its
+    dead letter is removed, so a crash mid-replay can duplicate but never lose one; the
+    handler's inbox absorbs the duplicate. Messages that fail again while a replay runs are
+    not replayed twice by it: it takes only as many as were waiting when it began.
+    """
+    if sum((bool(message_ids), exception_type is not None, replay_all)) != 1:
+        raise ConfigurationError("choose exactly one of: message ids, an exception type, or all")
+    dlq = dead_letter_queue(queue)
+    target = handler_queue(dlq)
+    remaining = await transport.queue_depth(dlq)
+    ids = set(message_ids)
+    replayed = 0
+    while remaining > 0:
+        # Messages left alone return to the front, so a selective replay looks at everything
+        # waiting in one pass; replaying all can go in chunks.
+        chunk = min(remaining, REPLAY_CHUNK) if replay_all else remaining
+        async with transport.fetch(dlq, chunk) as deliveries:
+            if not deliveries:
+                break
+            remaining -= len(deliveries)
+            for delivery in deliveries:
+                if _selected(delivery.message, ids, exception_type, replay_all):
+                    await transport.send(target, replayable(delivery.message))
+                    await delivery.ack()
+                    replayed += 1
+        if not replay_all:
+            break
+    return replayed
+
+
+def _selected(
+    message: Message, ids: set[str], exception_type: str | None, replay_all: bool
+) -> bool:
+    if replay_all:
+        return True
+    if ids:
+        return message.message_id in ids
+    found = message.headers.get(dl.EXCEPTION_TYPE)
+    return (
+        isinstance(found, str)
+        and exception_type is not None
+        and (found == exception_type or found.rsplit(".", 1)[-1] == exception_type)
+    )
+
+
+async def purge(transport: Transport, queue: str) -> int:
+    """Delete every message in the dead-letter queue; returns how many."""
+    return await transport.purge(dead_letter_queue(queue))
