@@ -26,6 +26,7 @@ from txflow.store.tables import outbox
 log = logging.getLogger("txflow")
 
 H = TypeVar("H", bound=HandlerFunc)
+R = TypeVar("R")
 
 DEFAULT_EXCHANGE = "txflow.events"
 # Messages one handler works on at once (its queue's prefetch).
@@ -186,24 +187,25 @@ class TxFlow:
 
     # -- resources -------------------------------------------------------------------------
 
+    def _running(self, resource: R | None) -> R:
+        if resource is None:
+            raise ConfigurationError(f"app {self.name!r} is not started; use `async with app:`")
+        return resource
+
     @property
     def store(self) -> Store:
-        """The connected store (raises if the app is not started)."""
-        if self._store is None:
-            raise ConfigurationError(f"app {self.name!r} is not started; use `async with app:`")
-        return self._store
+        """The connected store. Raises `ConfigurationError` before the app started."""
+        return self._running(self._store)
 
     @property
     def transport(self) -> Transport:
-        if self._transport is None:
-            raise ConfigurationError(f"app {self.name!r} is not started; use `async with app:`")
-        return self._transport
+        """The broker connection. Raises `ConfigurationError` before the app started."""
+        return self._running(self._transport)
 
     @property
     def relay(self) -> OutboxRelay:
-        if self._relay is None:
-            raise ConfigurationError(f"app {self.name!r} is not started; use `async with app:`")
-        return self._relay
+        """This process's outbox relay. Raises `ConfigurationError` before the app started."""
+        return self._running(self._relay)
 
     @property
     def consumers(self) -> tuple[HandlerConsumer, ...]:

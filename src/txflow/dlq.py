@@ -9,7 +9,7 @@ row, the replayed message is handled (once), not dropped as a duplicate.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from txflow import dead_letters as dl
@@ -85,16 +85,7 @@ def replayable(message: Message) -> Message:
     count = message.headers.get(REPLAY_COUNT)
     headers[REPLAY_COUNT] = (count if isinstance(count, int) else 0) + 1
     headers[REPLAYED_AT] = datetime.now(UTC).isoformat()
-    return Message(
-        body=message.body,
-        routing_key=message.routing_key,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        type=message.type,
-        content_type=message.content_type,
-        timestamp=message.timestamp,
-        headers=headers,
-    )
+    return replace(message, headers=headers)
 
 
 async def replay(
