@@ -216,3 +216,39 @@ async def test_burst_with_permanent_failures_loses_nothing(backend: Backend) -> 
         assert await app.transport.queue_depth(queue + ".dlq") == doomed
         # Good messages ran once; poison ones exactly max_attempts times.
         assert all(runs[n] == (2 if n % 7 == 0 else 1) for n in range(total))
+
+
+async def test_message_without_type_property_survives_its_retries(backend: Backend) -> None:
+    """Foreign publishers may route by key alone; a retry travels under the queue's name."""
+    from datetime import UTC, datetime
+
+    from txflow import Message
+
+    app = await backend.app("svc", retry=RetryPolicy.immediate(3))
+    attempts: list[int] = []
+
+    @app.handler(Ping)
+    async def once_flaky(event: Ping, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise Flaky("first time unlucky")
+
+    async with app:
+        untyped = Message(
+            body=b'{"n": 1}', routing_key="Ping", message_id="foreign-1",
+            timestamp=datetime.now(UTC),
+        )  # fmt: skip
+        await app.transport.publish(app.exchange, untyped)
+        await wait_until(lambda: attempts == [1, 2], message="retried and handled")
+        assert await app.transport.queue_depth(app.handlers["once_flaky"].queue + ".dlq") == 0
+
+
+async def test_replay_and_purge_of_a_missing_queue_fail_loudly(backend: Backend) -> None:
+    from txflow import UnroutableError
+
+    app = await backend.app("svc")
+    async with app:
+        with pytest.raises(UnroutableError):
+            await dlq.replay(app.transport, "nope.handler", replay_all=True)
+        with pytest.raises(UnroutableError):
+            await dlq.purge(app.transport, "nope.handler")

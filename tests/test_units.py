@@ -179,3 +179,24 @@ def test_urls_are_checked_and_masked() -> None:
     assert type(open_store("sqlite:///x.db")).__name__ == "SQLiteStore"
     assert type(open_transport("amqp://h/")).__name__ == "RabbitTransport"
     assert type(open_transport("memory://x")).__name__ == "InMemoryTransport"
+
+
+def test_empty_tables_print_headers_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from txflow.cli import _print_table
+
+    _print_table([], ["queue", "messages"])
+    assert capsys.readouterr().out.split() == ["QUEUE", "MESSAGES"]
+
+
+def test_broker_dead_letters_show_the_brokers_reason() -> None:
+    from txflow import DeadLetterInfo, Message
+
+    info = DeadLetterInfo.from_message(
+        Message(body=b"{}", routing_key="q", message_id="m", headers={
+            "x-first-death-reason": "delivery_limit", "x-first-death-queue": "app.h",
+            "x-delivery-count": 50,
+        })
+    )  # fmt: skip
+    assert info.exception_type == "broker:delivery_limit"
+    assert info.reason is not None and "delivery_limit" in info.reason and "app.h" in info.reason
+    assert info.attempts == 50

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from txflow.abc import Message
+from txflow.messages import ORIGINAL_ROUTING_KEY
 
 # Header names on dead letters and retried messages.
 REASON = "x-txflow-dead-letter-reason"
@@ -18,7 +19,6 @@ ATTEMPTS = "x-txflow-attempts"
 HANDLER = "x-txflow-handler"
 FIRST_FAILURE_AT = "x-txflow-first-failure-at"
 LAST_FAILURE_AT = "x-txflow-last-failure-at"
-ORIGINAL_ROUTING_KEY = "x-txflow-original-routing-key"
 DEAD_LETTERED_AT = "x-txflow-dead-lettered-at"
 # Tracebacks beyond this are cut: headers live in the broker's memory.
 MAX_TRACEBACK_CHARS = 8000
@@ -80,13 +80,23 @@ class DeadLetterInfo:
     def from_message(cls, message: Message) -> DeadLetterInfo:
         h: Mapping[str, Any] = message.headers
         attempts = h.get(ATTEMPTS)
+        broker_reason = h.get("x-first-death-reason")  # dead-lettered by RabbitMQ itself
+        if not isinstance(attempts, int):
+            attempts = h.get("x-delivery-count")
         return cls(
             message_id=message.message_id,
             correlation_id=message.correlation_id,
             event_type=message.type,
             handler=h.get(HANDLER),
-            exception_type=h.get(EXCEPTION_TYPE),
-            reason=h.get(REASON),
+            exception_type=h.get(EXCEPTION_TYPE)
+            or (f"broker:{broker_reason}" if broker_reason else None),
+            reason=h.get(REASON)
+            or (
+                f"dead-lettered by RabbitMQ ({broker_reason}, queue "
+                f"{h.get('x-first-death-queue')}) before txflow recorded a failure"
+                if broker_reason
+                else None
+            ),
             traceback=h.get(TRACEBACK),
             attempts=attempts if isinstance(attempts, int) else 0,
             first_failure_at=h.get(FIRST_FAILURE_AT),

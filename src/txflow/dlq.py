@@ -108,6 +108,7 @@ async def replay(
         raise ConfigurationError("choose exactly one of: message ids, an exception type, or all")
     dlq = dead_letter_queue(queue)
     target = handler_queue(dlq)
+    await _must_exist(transport, dlq)
     remaining = await transport.queue_depth(dlq)
     ids = set(message_ids)
     replayed = 0
@@ -145,5 +146,16 @@ def _selected(
 
 
 async def purge(transport: Transport, queue: str) -> int:
-    """Delete every message in the dead-letter queue; returns how many."""
-    return await transport.purge(dead_letter_queue(queue))
+    """Delete every message in the dead-letter queue; returns how many.
+
+    Raises:
+        UnroutableError: there is no such queue (a typo should not look like "0 purged").
+    """
+    dlq = dead_letter_queue(queue)
+    await _must_exist(transport, dlq)
+    return await transport.purge(dlq)
+
+
+async def _must_exist(transport: Transport, queue: str) -> None:
+    async with transport.fetch(queue, 0):  # raises UnroutableError for a missing queue
+        pass

@@ -28,6 +28,8 @@ CONTENT_TYPE = "application/json"
 # Header names txflow owns on the wire.
 CAUSATION_HEADER = "x-txflow-causation-id"
 ATTEMPT_HEADER = "x-txflow-attempt"
+# The event's routing key, kept when retries and dead letters travel under a queue's name.
+ORIGINAL_ROUTING_KEY = "x-txflow-original-routing-key"
 # AMQP timestamps have whole seconds; this header keeps the microseconds.
 OCCURRED_AT_HEADER = "x-txflow-occurred-at"
 # Longest message id accepted (the inbox column's width).
@@ -187,7 +189,9 @@ def decode(
             f"message_id is {len(message.message_id)} characters, over the limit of "
             f"{MAX_MESSAGE_ID_LENGTH}"
         )
-    type_name = message.type or message.routing_key
+    # Without a type property the routing key names the event, but a retried or replayed
+    # message travels under its queue's name: its original routing key is in a header.
+    type_name = message.type or message.headers.get(ORIGINAL_ROUTING_KEY) or message.routing_key
     event_cls = registry.get(type_name)
     if event_cls is None:
         raise UnknownEventTypeError(

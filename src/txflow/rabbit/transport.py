@@ -65,9 +65,24 @@ def _queue_arguments(spec_: QueueSpec | None) -> dict[str, FieldValue]:
 
 def _main_queue_arguments(spec_: QueueSpec | None) -> dict[str, FieldValue]:
     arguments = _queue_arguments(spec_)
-    if spec_ is not None and spec_.quorum and spec_.delivery_limit is not None:
+    if spec_ is not None and spec_.quorum:
+        # Whatever the broker dead-letters itself (RabbitMQ 4 limits quorum deliveries even
+        # when we set no limit) lands in the .dlq rather than being dropped.
         arguments |= {
-            "x-delivery-limit": spec_.delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": spec_.dead_letter_queue,
+        }
+        if spec_.delivery_limit is not None:
+            arguments["x-delivery-limit"] = spec_.delivery_limit
+    return arguments
+
+
+def _dead_letter_queue_arguments(spec_: QueueSpec) -> dict[str, FieldValue]:
+    arguments = _queue_arguments(spec_)
+    if spec_.quorum:
+        # Inspecting a dead letter counts as a delivery; should a broker limit ever strike,
+        # the message goes round to the tail of its own queue instead of being dropped.
+        arguments |= {
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": spec_.dead_letter_queue,
         }
@@ -242,7 +257,7 @@ class RabbitTransport(Transport):
         for spec_ in topology.queues:
             self._specs[spec_.name] = spec_
             await channel.declare_queue(
-                spec_.dead_letter_queue, durable=True, arguments=_queue_arguments(spec_)
+                spec_.dead_letter_queue, durable=True, arguments=_dead_letter_queue_arguments(spec_)
             )
             queue = await channel.declare_queue(
                 spec_.name, durable=True, arguments=_main_queue_arguments(spec_)
