@@ -417,7 +417,12 @@ async def plan_concurrency(server: sa.URL, workers: int, apps: Sequence[TxFlow])
     return concurrency
 
 
-async def run_distributed(args: argparse.Namespace, run: Run) -> bool:
+# Something that harms the services while orders flow (the fault-injection tests use it);
+# it is cancelled once every order is terminal.
+Chaos = Callable[[Sequence["Service"]], Awaitable[None]]
+
+
+async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | None = None) -> bool:
     """Three `txflow run` services on RabbitMQ, each with a fresh PostgreSQL database.
 
     The demo places orders through an orders app of its own with no handlers and no relay:
@@ -469,7 +474,13 @@ async def run_distributed(args: argparse.Namespace, run: Run) -> bool:
                 handlers=False, relay=None, database_url=urls["orders"], **options
             )
             async with client:
-                finished = await drive(client, run, lambda: ensure_alive(services))
+                harm = asyncio.create_task(chaos(services)) if chaos else None
+                try:
+                    finished = await drive(client, run, lambda: ensure_alive(services))
+                finally:
+                    if harm is not None:
+                        harm.cancel()
+                        await asyncio.gather(harm, return_exceptions=True)
             await stop_services(services)
             dead = await dead_letter_depths(list(apps.values()), transport)
         codes = {s.name: s.process.returncode for s in services}
@@ -549,11 +560,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def amain(args: argparse.Namespace) -> bool:
+async def amain(args: argparse.Namespace, chaos: Chaos | None = None) -> bool:
     requests = make_orders(args.orders, args.seed)
     run = Run(requests, initial_stock(requests), args.timeout)
     if args.database:
-        return await run_distributed(args, run)
+        return await run_distributed(args, run, chaos)
     return await run_in_process(args, run)
 
 

@@ -218,7 +218,9 @@ def _supervise(args: argparse.Namespace, shutdown_timeout: float) -> int:
             code = proc.poll()
             if code is None or stopping:
                 continue
-            quick = time.monotonic() - started < WORKER_START_GRACE
+            # A worker killed by a signal is restarted without counting; one that exits with
+            # an error right after starting (bad config, unreachable service) counts.
+            quick = code > 0 and time.monotonic() - started < WORKER_START_GRACE
             quick_failures = quick_failures + 1 if quick else 0
             if quick_failures > MAX_QUICK_FAILURES:
                 log.error("workers keep failing at start; giving up (last exit code %s)", code)
