@@ -34,7 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from examples.order_inventory import _rabbit, inventory, orders, payment
-from examples.order_inventory.orders import TERMINAL, place_order
+from examples.order_inventory.orders import TERMINAL, Order, place_order
 from examples.order_inventory.report import (
     check_invariants,
     count_by_status,
@@ -56,6 +56,8 @@ DEFAULT_ORDERS = 200
 DEFAULT_TIMEOUT = 120.0
 # Orders being placed at once, like concurrent web requests.
 PLACING_CONCURRENCY = 16
+# Tries to place one order through database blips (connection killed, server restarting).
+PLACE_ATTEMPTS = 30
 # Seconds the services get to start consuming, and to stop gracefully.
 SERVICE_START_TIMEOUT = 60.0
 SERVICE_STOP_TIMEOUT = 70.0
@@ -96,11 +98,14 @@ class Run:
 # -- the part both modes share ------------------------------------------------------------
 
 
-async def place_all(app: TxFlow, run: Run) -> None:
-    gate = asyncio.Semaphore(PLACING_CONCURRENCY)
+async def place_with_retries(app: TxFlow, request: OrderRequest) -> None:
+    """What a careful front end does when its database blips: try again, idempotently.
 
-    async def place(request: OrderRequest) -> None:
-        async with gate:
+    The order id is the key: if a failed attempt did commit after all (the connection died
+    during COMMIT), the retry finds the order and stops, so no order is placed twice.
+    """
+    for attempt in range(1, PLACE_ATTEMPTS + 1):
+        try:
             await place_order(
                 app,
                 order_id=request.order_id,
@@ -109,6 +114,36 @@ async def place_all(app: TxFlow, run: Run) -> None:
                 amount=request.amount,
                 customer=request.customer,
             )
+            return
+        except (sa.exc.DBAPIError, OSError) as exc:
+            if await order_exists(app, request.order_id):
+                return
+            if attempt == PLACE_ATTEMPTS:
+                raise DemoError(
+                    f"placing {request.order_id} failed {attempt} times: {exc}"
+                ) from exc
+            await asyncio.sleep(0.2 * attempt)
+
+
+async def order_exists(app: TxFlow, order_id: str) -> bool:
+    for _ in range(PLACE_ATTEMPTS):
+        try:
+            async with app.store.engine.connect() as conn:
+                found = await conn.execute(
+                    sa.select(Order.order_id).where(Order.order_id == order_id)
+                )
+                return found.first() is not None
+        except (sa.exc.DBAPIError, OSError):
+            await asyncio.sleep(0.5)
+    raise DemoError(f"cannot tell whether order {order_id} exists: the database is unreachable")
+
+
+async def place_all(app: TxFlow, run: Run) -> None:
+    gate = asyncio.Semaphore(PLACING_CONCURRENCY)
+
+    async def place(request: OrderRequest) -> None:
+        async with gate:
+            await place_with_retries(app, request)
             run.placed.append(request.order_id)
 
     async with asyncio.TaskGroup() as tasks:
@@ -121,7 +156,11 @@ async def watch(store: Store, run: Run, check_alive: Callable[[], None]) -> bool
     total = len(run.requests)
     next_line = 0.0
     while True:
-        counts = await count_by_status(store)
+        try:
+            counts = await count_by_status(store)
+        except (sa.exc.DBAPIError, OSError):
+            await asyncio.sleep(0.5)  # the database is restarting; look again shortly
+            continue
         terminal = sum(counts[s] for s in TERMINAL)
         done = terminal == total and len(run.placed) == total
         if done or run.elapsed() >= next_line:
@@ -170,7 +209,16 @@ async def report(
     stores: Mapping[str, Store], dead_letters: Mapping[str, int], run: Run, finished: bool
 ) -> bool:
     """Print the summary and the invariant checks; True if all passed."""
-    snap = await take_snapshot(stores["orders"], stores["inventory"], stores["payment"])
+    for attempt in range(1, PLACE_ATTEMPTS + 1):
+        try:
+            snap = await take_snapshot(stores["orders"], stores["inventory"], stores["payment"])
+            break
+        except (sa.exc.DBAPIError, OSError):
+            # Pooled connections may predate a database restart; the pool drops them on
+            # the first failure, so the next try gets fresh ones.
+            if attempt == PLACE_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.5)
     snap.dead_letters = dict(dead_letters)
     print()
     print(summary(snap, run.stock))

@@ -9,6 +9,8 @@ compensation once, no dead letters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import random
 import signal
@@ -32,38 +34,125 @@ def _workers_of(pid: int) -> list[int]:
         return []
 
 
-async def test_sigkill_random_workers_while_1000_orders_flow(
-    amqp_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    kills: list[tuple[str, int]] = []
-    rng = random.Random(20261121)
+async def _run_example(amqp_url: str, chaos: demo.Chaos, orders: int = 1000) -> str:
+    """Run the example under `chaos`; return its printed report (which must pass)."""
+    args = demo.parse_args(
+        ["--orders", str(orders), "--broker", amqp_url, "--database", PG_URL, "--workers", "2",
+         "--concurrency", "4", "--timeout", "240"]
+    )  # fmt: skip
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        ok = await demo.amain(args, chaos=chaos)
+    out = buffer.getvalue()
+    print(out)
+    assert "ALL CHECKS PASSED" in out, out[-4000:]
+    assert ok
+    return out
 
-    async def kill_workers(services: Sequence[demo.Service]) -> None:
+
+def _signal_random_workers(
+    sig: signal.Signals, kills: list[tuple[str, int]], seed: int
+) -> demo.Chaos:
+    rng = random.Random(seed)
+
+    async def chaos(services: Sequence[demo.Service]) -> None:
         await asyncio.sleep(1.0)
         while True:
             service = rng.choice(list(services))
             workers = _workers_of(service.process.pid)
             if workers:
                 victim = rng.choice(workers)
-                try:
-                    os.kill(victim, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, sig)
                     kills.append((service.name, victim))
-                except ProcessLookupError:
-                    pass
             await asyncio.sleep(rng.uniform(0.5, 1.5))
 
-    args = demo.parse_args(
-        ["--orders", "1000", "--broker", amqp_url, "--database", PG_URL, "--workers", "2",
-         "--concurrency", "4", "--timeout", "240"]
-    )  # fmt: skip
-    ok = await demo.amain(args, chaos=kill_workers)
-    out = capsys.readouterr().out
-    print(out)
-    report = (
-        f"REPORT sigkill: orders=1000 workers_killed={len(kills)} "
-        f"({', '.join(sorted({name for name, _ in kills}))})"
+    return chaos
+
+
+async def test_sigkill_random_workers_while_1000_orders_flow(amqp_url: str) -> None:
+    kills: list[tuple[str, int]] = []
+    await _run_example(amqp_url, _signal_random_workers(signal.SIGKILL, kills, 20261121))
+    print(f"REPORT sigkill: orders=1000 workers_killed={len(kills)}")
+    assert len(kills) >= 5
+
+
+async def test_sigterm_random_workers_under_load(amqp_url: str) -> None:
+    """Graceful stops under load: each stopping worker finishes or hands back its messages."""
+    stopped: list[tuple[str, int]] = []
+    await _run_example(amqp_url, _signal_random_workers(signal.SIGTERM, stopped, 7))
+    print(f"REPORT sigterm: orders=1000 workers_stopped={len(stopped)}")
+    assert len(stopped) >= 5
+
+
+async def _command(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
-    print(report)
-    assert len(kills) >= 5, report
-    assert "ALL CHECKS PASSED" in out, out[-4000:]
-    assert ok
+    _, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0, f"{argv}: {err.decode()}"
+
+
+async def test_rabbitmq_restart_mid_run(amqp_url: str) -> None:
+    restarts = 0
+
+    async def restart_broker(services: Sequence[demo.Service]) -> None:
+        nonlocal restarts
+        await asyncio.sleep(3.0)
+        try:
+            await _command("rabbitmqctl", "-q", "stop_app")
+            await asyncio.sleep(3.0)
+        finally:
+            await _command("rabbitmqctl", "-q", "start_app")
+            await _command("rabbitmqctl", "-q", "await_startup")
+            restarts += 1
+
+    try:
+        await _run_example(amqp_url, restart_broker)
+    finally:
+        await _command("rabbitmqctl", "-q", "start_app")
+    print(f"REPORT rabbitmq-restart: orders=1000 restarts={restarts}")
+    assert restarts == 1
+
+
+async def test_database_connections_terminated_and_server_restarted(amqp_url: str) -> None:
+    cuts: list[str] = []
+
+    async def cut_database(services: Sequence[demo.Service]) -> None:
+        terminate = (
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname LIKE 'oidemo_%' AND pid <> pg_backend_pid()"
+        )
+        for _ in range(3):
+            await asyncio.sleep(2.0)
+            await _command(
+                "psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", terminate
+            )
+            cuts.append("terminate")
+        await asyncio.sleep(2.0)
+        try:
+            await _command(*_pg_ctl("restart"))
+            cuts.append("restart")
+        finally:
+            await _ensure_postgres()
+
+    await _run_example(amqp_url, cut_database)
+    print(f"REPORT database-cuts: orders=1000 cuts={cuts}")
+    assert cuts == ["terminate", "terminate", "terminate", "restart"]
+
+
+PSQL = ("psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc")
+
+
+def _pg_ctl(action: str) -> tuple[str, ...]:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    return ("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action)
+
+
+async def _ensure_postgres() -> None:
+    """Leave PostgreSQL running whatever happened (start fails if it already runs: fine)."""
+    proc = await asyncio.create_subprocess_exec(
+        *_pg_ctl("start"), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    await proc.wait()
+    await _command("pg_isready", "-q", "-h", "127.0.0.1", "-t", "60")
