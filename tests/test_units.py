@@ -200,3 +200,25 @@ def test_broker_dead_letters_show_the_brokers_reason() -> None:
     assert info.exception_type == "broker:delivery_limit"
     assert info.reason is not None and "delivery_limit" in info.reason and "app.h" in info.reason
     assert info.attempts == 50
+
+
+def test_graph_draws_events_between_handlers() -> None:
+    from txflow.graph import mermaid
+
+    a, b = TxFlow("a"), TxFlow("b")
+
+    @a.handler()
+    async def ping_to_pong(event: Ping) -> Pong:
+        return Pong(n=event.n)
+
+    @b.handler(emits=[Renamed])
+    async def on_pong(event: Pong, ctx: Context) -> list[Ping] | None:
+        return None
+
+    text = mermaid([a, b])
+    assert text.startswith("flowchart LR")
+    assert '    e0(["Ping"])' in text and '    e1(["Pong"])' in text
+    assert "e0 --> a__ping_to_pong" in text and "a__ping_to_pong --> e1" in text
+    assert "e1 --> b__on_pong" in text
+    assert "b__on_pong --> e2" in text and "b__on_pong --> e0" in text  # declared + annotated
+    assert text.index("subgraph a") > text.index('(["orders.Renamed"])')

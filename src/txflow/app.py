@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Self, TypeVar
 
@@ -130,13 +130,17 @@ class TxFlow:
         name: str | None = None,
         concurrency: int | None = None,
         retry: RetryPolicy | None = None,
+        emits: Iterable[type[Event]] = (),
     ) -> Callable[[H], H]:
         """Register an async handler for `event_types` (or those its first parameter names).
 
         The handler is called as `await func(event)` or `await func(event, ctx)` inside one
         database transaction; it may return an event, a list of events, or None, all of which
-        are emitted through the outbox. Guarantee: for one message id its database effects and
-        emitted events commit at most once; a failure rolls all of it back.
+        are emitted through the outbox. `emits` names events it emits through `ctx.emit`, for
+        `txflow graph` (returned ones are read from the return annotation).
+
+        Guarantee: for one message id its database effects and emitted events commit at most
+        once; a failure rolls all of it back.
 
         Raises:
             ConfigurationError: unknown events, a duplicate handler name, or a bad signature.
@@ -163,6 +167,7 @@ class TxFlow:
                 retry=retry or self.retry,
                 concurrency=concurrency or self.concurrency,
                 takes_context=takes_context(func),
+                emits=tuple(emits),
             )
             return func
 

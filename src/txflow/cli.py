@@ -491,7 +491,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=_cmd_outbox_status)
     _add_dlq_commands(sub)
+
+    graph = sub.add_parser("graph", help="print the event chain of apps as a Mermaid diagram")
+    graph.add_argument("targets", nargs="+", help="module:attribute of each app to draw")
+    graph.set_defaults(func=_cmd_graph)
     return parser
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from txflow.graph import mermaid
+
+    print(mermaid([load_app(target) for target in args.targets]))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

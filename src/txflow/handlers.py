@@ -31,6 +31,8 @@ class HandlerSpec:
         retry: its retry policy (the app's default unless given).
         concurrency: most messages it handles at once (the queue's prefetch).
         takes_context: whether `func` accepts the `Context` as second argument.
+        emits: events it emits through `ctx.emit`, declared for `txflow graph` (those it
+            returns are read from its return annotation).
     """
 
     name: str
@@ -40,6 +42,7 @@ class HandlerSpec:
     retry: RetryPolicy
     concurrency: int
     takes_context: bool
+    emits: tuple[type[Event], ...] = ()
 
     async def call(self, event: Event, ctx: Context) -> HandlerResult:
         """Run the handler; whatever it raises comes out wrapped in `HandlerRaised`."""
