@@ -137,7 +137,9 @@ async def test_committed_event_is_published_by_the_next_relay(backend: Backend) 
         # Simulate a crash right after commit: the relay is gone before it ran.
         await first.relay.aclose()
         await first.publish(Ping(n=5))
-        assert (await first.store.outbox_status()).pending == 1
+        status = await first.store.outbox_status()
+        assert status.pending == 1
+        assert [(b.relay, b.pending) for b in status.by_relay] == [(None, 1)]  # nobody holds it
     second = await backend.app("svc")
     received = add_sink(second, Ping)
     async with second:

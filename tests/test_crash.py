@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -79,3 +80,13 @@ async def test_worker_killed_between_commit_and_ack_is_deduplicated(real: Backen
         await wait_until(lambda: consumer.stats.duplicates == 1, timeout=20, message="redelivery")
         assert calls == []
         assert await count_rows(app, effects) == 1
+
+
+async def test_outbox_status_names_the_relay_holding_pending_rows(backend: Backend) -> None:
+    app = await backend.app("svc")  # no queue bound: its rows stay pending, leased to it
+    async with app:
+        await app.publish(Ping(n=1), Ping(n=2))
+        await wait_until(lambda: app.relay.stats.unroutable >= 2, message="returns")
+        status = await app.store.outbox_status()
+        assert [(b.relay, b.pending) for b in status.by_relay] == [(app.relay.relay_id, 2)]
+        assert app.relay.relay_id.split(":")[1] == str(os.getpid())

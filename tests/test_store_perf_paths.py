@@ -64,6 +64,7 @@ def _row(message_id: str | None = None, event_type: str | None = "Pong") -> dict
         "body": b'{"n": 1}',
         "created_at": datetime.now(UTC),
         "lease_until": None,
+        "leased_by": None,
         "publish_attempts": 0,
     }
 

@@ -297,15 +297,29 @@ def _cmd_outbox_status(args: argparse.Namespace) -> int:
             "lag_seconds": round(status.lag_seconds(datetime.now(UTC)), 3),
             "sent_retained": status.sent_retained,
             "republished": status.republished,
+            "by_relay": [
+                {
+                    "relay": b.relay or "unclaimed",
+                    "pending": b.pending,
+                    "oldest_pending_at": b.oldest_pending_at.isoformat()
+                    if b.oldest_pending_at
+                    else None,
+                }
+                for b in status.by_relay
+            ],
         }
 
     report = _run_async(main)
     if args.json:
         print(json.dumps(report))
-    else:
-        width = max(len(k) for k in report)
-        for key, value in report.items():
-            print(f"{key:<{width}}  {value}")
+        return 0
+    by_relay = report.pop("by_relay")
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+    if by_relay:
+        print()
+        _print_table(by_relay, ["relay", "pending", "oldest_pending_at"])
     return 0
 
 

@@ -100,11 +100,13 @@ class Context:
         for event in events:
             self.emit(event)
 
-    def take_outbox(self, lease_seconds: float | None) -> list[dict[str, Any]]:
-        """The rows to insert, leased to the local relay when one will publish them."""
+    def take_outbox(self, lease_seconds: float | None, owner: str | None) -> list[dict[str, Any]]:
+        """The rows to insert, leased to the local relay `owner` when one will publish them."""
         rows, self._outbox = self._outbox, []
+        leased = lease_seconds is not None
         lease_until = time.time() + lease_seconds if lease_seconds is not None else None
         for row in rows:
             row["lease_until"] = lease_until
-            row["publish_attempts"] = 1 if lease_until is not None else 0
+            row["leased_by"] = owner if leased else None
+            row["publish_attempts"] = 1 if leased else 0
         return rows

@@ -17,6 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections import deque
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
@@ -111,6 +114,8 @@ class OutboxRelay:
         self.exchange = exchange
         self.config = config or RelayConfig()
         self.notify = notify
+        #: Who holds the leases this relay takes; shown per relay by `txflow outbox status`.
+        self.relay_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stats = RelayStats()
         self._queue: deque[OutboxRecord] = deque()
         self._owned: set[int] = set()
@@ -139,7 +144,7 @@ class OutboxRelay:
 
     async def write(self, ctx: Context) -> list[OutboxRecord]:
         """Insert `ctx`'s emitted events into its transaction; call `submit` after commit."""
-        rows = ctx.take_outbox(self.config.lease if self._running else None)
+        rows = ctx.take_outbox(self.config.lease if self._running else None, self.relay_id)
         if not rows:
             return []
         seqs = await self.store.insert_outbox(ctx.session, rows)
@@ -334,7 +339,7 @@ class OutboxRelay:
                 # Back-pressure: let the publisher catch up before claiming more.
                 self._room.clear()
                 await self._room.wait()
-            records = await self.store.claim(batch, self.config.lease)
+            records = await self.store.claim(batch, self.config.lease, self.relay_id)
             fresh = [r for r in records if r.seq not in self._owned]
             if fresh:
                 self.stats.swept += len(fresh)

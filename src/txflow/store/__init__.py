@@ -4,12 +4,20 @@
 aiosqlite as the embedded default. Only this package imports SQLAlchemy dialect details.
 """
 
-from txflow.store.base import OutboxRecord, OutboxStatus, Store, make_record, open_store
+from txflow.store.base import (
+    OutboxRecord,
+    OutboxStatus,
+    RelayBacklog,
+    Store,
+    make_record,
+    open_store,
+)
 from txflow.store.tables import inbox, metadata, outbox
 
 __all__ = [
     "OutboxRecord",
     "OutboxStatus",
+    "RelayBacklog",
     "Store",
     "inbox",
     "make_record",

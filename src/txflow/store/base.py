@@ -33,6 +33,15 @@ class OutboxRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayBacklog:
+    """Pending outbox rows leased to one relay."""
+
+    relay: str | None
+    pending: int
+    oldest_pending_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStatus:
     """What an operator wants to know about the outbox.
 
@@ -41,12 +50,15 @@ class OutboxStatus:
         oldest_pending_at: creation time of the oldest pending row (the relay's lag).
         sent_retained: sent rows kept until the retention period passes.
         republished: pending or sent rows a relay took more than once.
+        by_relay: pending rows per relay holding their lease (relay None: nobody holds
+            them, e.g. their relay died and the lease ran out, or no relay ran).
     """
 
     pending: int
     oldest_pending_at: datetime | None
     sent_retained: int
     republished: int
+    by_relay: tuple[RelayBacklog, ...] = ()
 
     def lag_seconds(self, now: datetime | None = None) -> float:
         """Age of the oldest pending row in seconds; 0.0 when nothing is pending."""
@@ -87,6 +99,12 @@ def make_record(seq: int, values: Mapping[str, Any]) -> OutboxRecord:
             headers=headers,
         ),
     )
+
+
+def _parse_time(value: datetime | str | None) -> datetime | None:
+    if isinstance(value, str):  # SQLite returns the raw column text from an aggregate
+        value = datetime.fromisoformat(value)
+    return None if value is None else _aware(value)
 
 
 def _aware(value: datetime) -> datetime:
@@ -223,7 +241,9 @@ class Store(abc.ABC):
 
     # -- relay side --------------------------------------------------------------------------
 
-    async def claim(self, limit: int, lease_seconds: float) -> list[OutboxRecord]:
+    async def claim(
+        self, limit: int, lease_seconds: float, owner: str | None = None
+    ) -> list[OutboxRecord]:
         """Take up to `limit` unsent rows no live relay owns, leasing them for `lease_seconds`.
 
         On PostgreSQL rows locked by another relay are skipped, so relays never block each other.
@@ -244,6 +264,7 @@ class Store(abc.ABC):
             .where(outbox.c.seq.in_(candidates.scalar_subquery()))
             .values(
                 lease_until=now + lease_seconds,
+                leased_by=owner,
                 publish_attempts=outbox.c.publish_attempts + 1,
             )
             .returning(*outbox.c)
@@ -281,14 +302,28 @@ class Store(abc.ABC):
             sa.func.count() - sa.func.coalesce(sa.func.sum(pending), 0),
             sa.func.coalesce(sa.func.sum(sa.case((outbox.c.publish_attempts > 1, 1), else_=0)), 0),
         )
+        # Pending rows per lease holder; an expired lease counts as unclaimed.
+        holder = sa.case(
+            (outbox.c.lease_until >= time.time(), outbox.c.leased_by), else_=sa.null()
+        ).label("holder")
+        per_relay = (
+            sa.select(holder, sa.func.count(), sa.func.min(outbox.c.created_at))
+            .where(outbox.c.sent_at.is_(None))
+            .group_by(holder)
+        )
         async with self.engine.connect() as conn:
             row = (await conn.execute(stmt)).one()
-        oldest = row[1]
-        if isinstance(oldest, str):  # SQLite returns the raw column text from an aggregate
-            oldest = datetime.fromisoformat(oldest)
-        if oldest is not None and oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=UTC)
-        return OutboxStatus(int(row[0]), oldest, int(row[2]), int(row[3]))
+            relays = (await conn.execute(per_relay)).all()
+        return OutboxStatus(
+            int(row[0]),
+            _parse_time(row[1]),
+            int(row[2]),
+            int(row[3]),
+            tuple(
+                RelayBacklog(relay or None, int(count), _parse_time(oldest))
+                for relay, count, oldest in sorted(relays, key=lambda r: str(r[0] or ""))
+            ),
+        )
 
     # -- backend hooks -------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ _OUTBOX_COLUMNS = (
     "body",
     "created_at",
     "lease_until",
+    "leased_by",
     "publish_attempts",
 )
 # Relay bookkeeping, one statement for any batch size.

@@ -33,6 +33,8 @@ outbox = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     # Epoch seconds until which one relay owns the row; NULL or past means any relay may claim.
     sa.Column("lease_until", sa.Float, nullable=True),
+    # The relay holding the lease (host:pid:id), for `txflow outbox status`.
+    sa.Column("leased_by", sa.String(255), nullable=True),
     # How many times a relay took the row to publish; above 1 means a republish.
     sa.Column("publish_attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
