@@ -123,6 +123,7 @@ class OutboxRelay:
         self._marking = 0  # rows in a mark-sent UPDATE that has not finished yet
         self._failed: list[OutboxRecord] = []  # publish failed; back in the queue after a pause
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._outage_failures = 0  # publishes failed since the last one that succeeded
         self._in_flight = 0
         self._window = asyncio.Semaphore(self.config.max_in_flight)
         self._wake = asyncio.Event()
@@ -248,7 +249,10 @@ class OutboxRelay:
         try:
             await self.transport.publish(self.exchange, record.message)
         except TransportClosedError as exc:
-            log.warning("publish of outbox row %d failed, will retry: %s", record.seq, exc)
+            # One line per outage, not per row: an outage fails every publish in flight.
+            if not self._outage_failures:
+                log.warning("publishing failed, retrying until the broker is back: %s", exc)
+            self._outage_failures += 1
             self.stats.failed += 1
             self._failed.append(record)
             if self._retry_timer is None:
@@ -265,6 +269,9 @@ class OutboxRelay:
             self._owned.discard(record.seq)
             log.error("outbox row %d was refused and stays unsent: %s", record.seq, exc)
         else:
+            if self._outage_failures:
+                log.warning("publishing resumed after %d failed attempts", self._outage_failures)
+                self._outage_failures = 0
             self.stats.published += 1
             self._confirmed.append(record.seq)
             self._flush_needed.set()
