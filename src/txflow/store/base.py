@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import abc
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,7 +12,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session
 
 from txflow.abc import Message
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
@@ -190,22 +188,13 @@ class Store(abc.ABC):
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session inside one database transaction: commit on success, roll back on error."""
         assert self._sessions is not None, "store is not connected"
-        session = self._sessions()
-        try:
+        async with self._sessions() as session, session.begin():
             yield session
-            # Commit and release the connection in one trip into SQLAlchemy's sync layer.
-            await session.run_sync(_commit_and_close)
-        except BaseException:
-            # Roll back and release the connection even if this task is being cancelled.
-            await _run_to_completion(session.close())
-            raise
 
     async def record_inbox(self, session: AsyncSession, handler: str, message_id: str) -> bool:
         """Insert the inbox row; False when (handler, message_id) was already handled."""
-        return await session.run_sync(self._record_inbox_sync, handler, message_id)
-
-    def _record_inbox_sync(self, session: Session, handler: str, message_id: str) -> bool:
-        result = session.connection().execute(
+        conn = await session.connection()
+        result = await conn.execute(
             self._inbox_insert,
             {"handler": handler, "message_id": message_id, "processed_at": datetime.now(UTC)},
         )
@@ -215,10 +204,9 @@ class Store(abc.ABC):
         self, session: AsyncSession, rows: Sequence[dict[str, Any]]
     ) -> list[int]:
         """Insert outbox rows in order and return their sequence numbers."""
-        return await session.run_sync(self._insert_outbox_sync, rows)
-
-    def _insert_outbox_sync(self, session: Session, rows: Sequence[dict[str, Any]]) -> list[int]:
-        return list(session.connection().execute(self._outbox_insert, list(rows)).scalars())
+        conn = await session.connection()
+        result = await conn.execute(self._outbox_insert, list(rows))
+        return list(result.scalars())
 
     async def notify(self, session: AsyncSession) -> None:  # noqa: B027 - optional hook
         """Ask relays in other processes to look at the outbox once this transaction commits."""
@@ -349,32 +337,6 @@ class Store(abc.ABC):
         """A short write transaction outside any handler (relay bookkeeping)."""
         async with self.engine.begin() as conn:
             yield conn
-
-
-def _commit_and_close(session: Session) -> None:
-    session.commit()
-    session.close()
-
-
-async def _run_to_completion(cleanup: Coroutine[Any, Any, None]) -> None:
-    """Await `cleanup` to its end even if the calling task is cancelled meanwhile.
-
-    A cancellation that arrives while waiting is re-raised once `cleanup` finished, so the
-    connection is back in the pool (or discarded) before the caller goes on.
-    """
-    task = asyncio.ensure_future(cleanup)
-    cancelled: asyncio.CancelledError | None = None
-    while True:
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as exc:
-            if task.done():
-                raise
-            cancelled = exc
-        else:
-            break
-    if cancelled is not None:
-        raise cancelled
 
 
 _BACKENDS: dict[str, str] = {

@@ -8,7 +8,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,10 +15,9 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import Session, SessionTransaction
 
 from txflow.store.base import Listener, NotifyCallback, Store
-from txflow.store.tables import inbox
+from txflow.store.tables import inbox, outbox
 
 log = logging.getLogger("txflow.store")
 
@@ -53,9 +51,6 @@ _OUTBOX_COLUMNS = (
     "leased_by",
     "publish_attempts",
 )
-# Relay bookkeeping, one statement for any batch size.
-_MARK_SENT_SQL = "UPDATE txflow_outbox SET sent_at = $2 WHERE seq = ANY($1::bigint[])"
-_DELETE_SENT_SQL = "DELETE FROM txflow_outbox WHERE seq = ANY($1::bigint[])"
 # Rows per multi-VALUES insert; more go in several statements.
 _MAX_ROWS_PER_INSERT = 100
 
@@ -73,94 +68,6 @@ def _outbox_sql(rows: int) -> str:
         for r in range(rows)
     )
     return f"INSERT INTO txflow_outbox ({', '.join(_OUTBOX_COLUMNS)}) VALUES {values} RETURNING seq"
-
-
-# Where `record_inbox` leaves the session's asyncpg connection for `insert_outbox`.
-_DRIVER_KEY = "txflow.postgres.driver"
-
-
-@dataclass(frozen=True, slots=True)
-class _Driver:
-    """The asyncpg connection under one session transaction."""
-
-    transaction: SessionTransaction
-    connection: asyncpg.Connection
-
-
-def _execute(conn: sa.Connection, sql: str, params: tuple[Any, ...]) -> tuple[int, Sequence[Any]]:
-    """Run `sql` through the DBAPI cursor of `conn`: (rowcount, rows).
-
-    The PEP 249 cursor begins the transaction when it is the first statement (the asyncpg
-    adapter does so lazily) and skips SQLAlchemy's statement execution machinery.
-    """
-    dbapi = conn.dialect.loaded_dbapi
-    cursor = conn.connection.cursor()
-    try:
-        cursor.execute(sql, params)
-        rows = cursor.fetchall() if cursor.description else ()
-        return cursor.rowcount, rows
-    except dbapi.Error as exc:
-        raise sa.exc.DBAPIError.instance(
-            sql, params, exc, dbapi.Error, dialect=conn.dialect
-        ) from exc
-    finally:
-        cursor.close()
-
-
-def _remember_driver(session: Session, conn: sa.Connection) -> None:
-    """Note the asyncpg connection under the session's transaction for `insert_outbox`."""
-    transaction = session.get_transaction()
-    if transaction is not None:
-        session.info[_DRIVER_KEY] = _Driver(transaction, conn.connection.driver_connection)
-
-
-def _fetch(session: Session, sql: str, params: tuple[Any, ...]) -> Sequence[Any]:
-    conn = session.connection()
-    rows = _execute(conn, sql, params)[1]
-    _remember_driver(session, conn)
-    return rows
-
-
-def _driver_in_transaction(session: AsyncSession) -> asyncpg.Connection | None:
-    """The asyncpg connection of the session's current transaction, if it is safe to use.
-
-    Safe means: the transaction `record_inbox` saw is still the session's and still active
-    (so the connection has not gone back to the pool), and the database transaction has
-    begun, so a statement sent straight to asyncpg commits or rolls back with the rest.
-    """
-    driver: _Driver | None = session.info.get(_DRIVER_KEY)
-    if driver is None:
-        return None
-    transaction = session.sync_session.get_transaction()
-    if (
-        transaction is driver.transaction
-        and transaction.is_active
-        and driver.connection.is_in_transaction()
-    ):
-        return driver.connection
-    return None
-
-
-async def _driver_fetch(conn: asyncpg.Connection, sql: str, params: Sequence[Any]) -> Sequence[Any]:
-    """`conn.fetch`, raising the SQLAlchemy exceptions the DBAPI cursor path would raise."""
-    try:
-        rows: list[Any] = await conn.fetch(sql, *params)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        wrapper: type[sa.exc.DBAPIError] = sa.exc.DBAPIError
-        for driver_error, sa_error in _WRAPPERS:
-            if isinstance(exc, driver_error):
-                wrapper = sa_error
-                break
-        raise wrapper(sql, tuple(params), exc, connection_invalidated=conn.is_closed()) from exc
-    return rows
-
-
-# asyncpg errors and what SQLAlchemy's asyncpg dialect turns them into; others: DBAPIError.
-_WRAPPERS: tuple[tuple[type[Exception], type[sa.exc.DBAPIError]], ...] = (
-    (asyncpg.IntegrityConstraintViolationError, sa.exc.IntegrityError),
-    (asyncpg.SyntaxOrAccessError, sa.exc.ProgrammingError),
-    (asyncpg.InterfaceError, sa.exc.InterfaceError),
-)
 
 
 class PostgresStore(Store):
@@ -185,53 +92,26 @@ class PostgresStore(Store):
             yield conn
 
     async def record_inbox(self, session: AsyncSession, handler: str, message_id: str) -> bool:
-        return await session.run_sync(self._record_inbox_sync, handler, message_id)
-
-    def _record_inbox_sync(self, session: Session, handler: str, message_id: str) -> bool:
-        conn = session.connection()
-        rowcount, _ = _execute(conn, _INBOX_SQL, (handler, message_id, datetime.now(UTC)))
-        _remember_driver(session, conn)
-        return rowcount == 1
+        conn = await session.connection()
+        result = await conn.exec_driver_sql(_INBOX_SQL, (handler, message_id, datetime.now(UTC)))
+        return bool(result.rowcount)
 
     async def insert_outbox(
         self, session: AsyncSession, rows: Sequence[dict[str, Any]]
     ) -> list[int]:
-        driver = _driver_in_transaction(session)
+        conn = await session.connection()
         seqs: list[int] = []
         for start in range(0, len(rows), _MAX_ROWS_PER_INSERT):
             chunk = rows[start : start + _MAX_ROWS_PER_INSERT]
-            sql = _outbox_sql(len(chunk))
             params: list[Any] = []
             for row in chunk:
                 for name in _OUTBOX_COLUMNS:
                     value = row[name]
                     params.append(json.dumps(value) if name == "headers" else value)
-            if driver is None:
-                result = await session.run_sync(_fetch, sql, tuple(params))
-            else:
-                result = await _driver_fetch(driver, sql, params)
+            result = await conn.exec_driver_sql(_outbox_sql(len(chunk)), tuple(params))
             # Identity values are assigned in VALUES order, so sorted seqs match the rows.
             seqs.extend(sorted(r[0] for r in result))
         return seqs
-
-    async def mark_sent(self, seqs: Sequence[int], *, delete: bool = False) -> None:
-        if not seqs:
-            return
-        sql, params = (
-            (_DELETE_SENT_SQL, (list(seqs),))
-            if delete
-            else (_MARK_SENT_SQL, (list(seqs), datetime.now(UTC)))
-        )
-        # Straight to asyncpg, outside any transaction: the statement commits on its own and
-        # the pooled connection goes back as it came (SQLAlchemy began no transaction on it).
-        async with self.engine.connect() as conn:
-            driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
-            try:
-                await driver.execute(sql, *params)
-            except BaseException:
-                if driver.is_closed():
-                    await conn.invalidate()
-                raise
 
     def _create_engine(self) -> AsyncEngine:
         return create_async_engine(
@@ -254,6 +134,14 @@ class PostgresStore(Store):
 
     def _build_inbox_insert(self) -> sa.Insert:
         return postgresql.insert(inbox).on_conflict_do_nothing()
+
+    def _mark_sent_stmt(self, delete: bool) -> sa.Executable:
+        # One prepared statement for any batch size: `seq = ANY($1)` rather than an IN list.
+        seqs = sa.bindparam("seqs", type_=postgresql.ARRAY(sa.BigInteger))
+        where = outbox.c.seq == sa.any_(seqs)
+        if delete:
+            return sa.delete(outbox).where(where)
+        return sa.update(outbox).where(where).values(sent_at=sa.bindparam("now"))
 
     async def notify(self, session: AsyncSession) -> None:
         # Delivered by PostgreSQL only when (and if) the transaction commits.
