@@ -18,25 +18,9 @@ from txflow.consumer import HandlerConsumer
 from txflow.messages import Envelope
 
 
-async def after_commit(database: str, broker: str, exchange: str, prefix: str) -> None:
-    app = TxFlow(
-        "svc",
-        database_url=database,
-        broker_url=broker,
-        exchange=exchange,
-        queue_prefix=prefix,
-        relay=TEST_RELAY,
-        create_tables=True,
-    )
-    await app.start()
-    await app.publish(Ping(n=5))
-    # No await after the commit: the relay task never got to run.
-    print("committed", flush=True)
-    os._exit(17)
-
-
-async def before_ack(database: str, broker: str, exchange: str, prefix: str) -> None:
-    app = TxFlow(
+def make_app(database: str, broker: str, exchange: str, prefix: str) -> TxFlow:
+    """The app the tests start again after this process died: same names, same database."""
+    return TxFlow(
         "svc",
         database_url=database,
         broker_url=broker,
@@ -46,6 +30,19 @@ async def before_ack(database: str, broker: str, exchange: str, prefix: str) -> 
         metadata=user_metadata,
         create_tables=True,
     )
+
+
+async def after_commit(database: str, broker: str, exchange: str, prefix: str) -> None:
+    app = make_app(database, broker, exchange, prefix)
+    await app.start()
+    await app.publish(Ping(n=5))
+    # No await after the commit: the relay task never got to run.
+    print("committed", flush=True)
+    os._exit(17)
+
+
+async def before_ack(database: str, broker: str, exchange: str, prefix: str) -> None:
+    app = make_app(database, broker, exchange, prefix)
     add_effect_handler(app, [], emit=False)
     original = HandlerConsumer._handle
 

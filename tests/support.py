@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import sqlalchemy as sa
 
-from txflow import Context, Event, TxFlow
+from txflow import Context, Event, Message, TxFlow
 
 user_metadata = sa.MetaData()
 # A business table: one row per handled message, unique so a double effect cannot hide.
@@ -51,6 +53,23 @@ def add_effect_handler(app: TxFlow, calls: list[str], *, emit: bool = True) -> N
             sa.insert(effects).values(message_id=ctx.message_id, value=event.n)
         )
         return Pong(n=event.n) if emit else None
+
+
+def queue_depth_is(app: TxFlow, queue: str, n: int) -> Callable[[], Awaitable[bool]]:
+    """A `wait_until` condition: `queue` holds exactly `n` ready messages."""
+
+    async def check() -> bool:
+        return await app.transport.queue_depth(queue) == n
+
+    return check
+
+
+async def take_one(app: TxFlow, queue: str) -> Message:
+    """Remove the first message of `queue` (which must have one) and return it."""
+    async with app.transport.fetch(queue, 1) as deliveries:
+        assert len(deliveries) == 1, f"{queue} is empty"
+        await deliveries[0].ack()
+        return deliveries[0].message
 
 
 async def count_rows(app: TxFlow, table: sa.Table) -> int:

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import Backend
-from tests.support import Ping, count_rows, effects
+from tests.support import Ping, count_rows, effects, queue_depth_is
 from tests.support import user_metadata as md
 from txflow import Context, DeadLetter, Retry, RetryPolicy, TxFlow, dlq
 from txflow.testing import InMemoryBroker, InMemoryTransport, ManualClock, wait_until
@@ -19,13 +19,6 @@ from txflow.testing import InMemoryBroker, InMemoryTransport, ManualClock, wait_
 
 class Flaky(Exception):
     pass
-
-
-def _depth(app: TxFlow, queue: str, n: int):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        return await app.transport.queue_depth(queue) == n
-
-    return check
 
 
 async def test_ladder_schedule_runs_on_a_manual_clock(tmp_path: Path) -> None:
@@ -53,7 +46,7 @@ async def test_ladder_schedule_runs_on_a_manual_clock(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
             assert len(attempts) == expected
         assert attempts == [(1, 0.0), (2, 1.0), (3, 6.0), (4, 36.0)]
-        await wait_until(_depth(app, "svc.always_fails.dlq", 1), message="dead letter")
+        await wait_until(queue_depth_is(app, "svc.always_fails.dlq", 1), message="dead letter")
         assert broker.held == 0
 
 
@@ -68,7 +61,7 @@ async def test_delays_are_kept_by_the_broker(backend: Backend) -> None:
 
     async with app:
         await app.publish(Ping(n=1))
-        await wait_until(_depth(app, app.handlers["fails"].queue + ".dlq", 1), timeout=15)
+        await wait_until(queue_depth_is(app, app.handlers["fails"].queue + ".dlq", 1), timeout=15)
         assert len(stamps) == 3
         first, second = stamps[1] - stamps[0], stamps[2] - stamps[1]
         # Loose bounds: the machine is shared; what matters is that the delays are there.
@@ -87,7 +80,7 @@ async def test_jittered_retries_come_back(backend: Backend) -> None:
 
     async with app:
         await app.publish(Ping(n=1))
-        await wait_until(_depth(app, app.handlers["fails"].queue + ".dlq", 1), timeout=15)
+        await wait_until(queue_depth_is(app, app.handlers["fails"].queue + ".dlq", 1), timeout=15)
         assert attempts == [1, 2, 3]
 
 
@@ -105,7 +98,7 @@ async def test_fatal_exceptions_and_dead_letter_skip_retries(backend: Backend) -
     async with app:
         await app.publish(Ping(n=1), Ping(n=2))
         queue = app.handlers["picky"].queue + ".dlq"
-        await wait_until(_depth(app, queue, 2), message="two dead letters")
+        await wait_until(queue_depth_is(app, queue, 2), message="two dead letters")
         assert attempts == Counter({1: 1, 2: 1})
         infos = await dlq.show(app.transport, queue, 10)
         reasons = {i.exception_type: i.reason for i in infos}
@@ -146,7 +139,7 @@ async def test_replay_runs_the_handler_exactly_once(backend: Backend) -> None:
     async with app:
         ids = await app.publish(Ping(n=1), Ping(n=2), Ping(n=3))
         queue = app.handlers["effect"].queue
-        await wait_until(_depth(app, queue + ".dlq", 3), message="three dead letters")
+        await wait_until(queue_depth_is(app, queue + ".dlq", 3), message="three dead letters")
         broken = False
         assert await dlq.replay(app.transport, queue, message_ids=[ids[1]]) == 1
         await wait_until(lambda: len(runs) == 1, message="replayed message handled")
@@ -172,10 +165,10 @@ async def test_replayed_message_that_fails_again_starts_counting_afresh(backend:
     async with app:
         await app.publish(Ping(n=1))
         queue = app.handlers["fails"].queue
-        await wait_until(_depth(app, queue + ".dlq", 1))
+        await wait_until(queue_depth_is(app, queue + ".dlq", 1))
         assert await dlq.replay(app.transport, queue, replay_all=True) == 1
         await wait_until(lambda: len(attempts) == 4)
-        await wait_until(_depth(app, queue + ".dlq", 1))
+        await wait_until(queue_depth_is(app, queue + ".dlq", 1))
         assert attempts == [1, 2, 1, 2]
         (info,) = await dlq.show(app.transport, queue, 5)
         assert info.attempts == 2

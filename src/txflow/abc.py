@@ -175,10 +175,6 @@ class Transport(abc.ABC):
         """Number of ready messages in `queue` (for operators and tests)."""
 
     @abc.abstractmethod
-    async def get(self, queue: str) -> Delivery | None:
-        """Take one message from `queue` without a consumer, or None when it is empty."""
-
-    @abc.abstractmethod
     def fetch(self, queue: str, limit: int) -> AbstractAsyncContextManager[list[Delivery]]:
         """Take up to `limit` messages from `queue`, in queue order, without a consumer.
 

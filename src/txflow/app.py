@@ -7,7 +7,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, Self, TypeVar
+from typing import Self, TypeVar
 
 import sqlalchemy as sa
 
@@ -361,20 +361,3 @@ class TxFlow:
 
     def __repr__(self) -> str:
         return f"TxFlow({self.name!r}, handlers={list(self.handlers)})"
-
-
-def describe(app: TxFlow) -> dict[str, Any]:
-    """A plain description of the app's handlers (for CLIs and docs)."""
-    return {
-        "name": app.name,
-        "exchange": app.exchange,
-        "handlers": {
-            spec.name: {
-                "queue": spec.queue,
-                "events": [e.event_type for e in spec.event_types],
-                "concurrency": spec.concurrency,
-                "max_attempts": spec.retry.max_attempts,
-            }
-            for spec in app.handlers.values()
-        },
-    }

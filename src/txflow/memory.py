@@ -263,7 +263,6 @@ class InMemoryTransport(Transport):
         self._consumers: list[_MemoryConsumer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._connected = False
-        self.published = count()
 
     async def connect(self) -> None:
         self._connected = True
@@ -297,7 +296,6 @@ class InMemoryTransport(Transport):
 
     async def publish(self, exchange: str, message: Message) -> None:
         self._check()
-        next(self.published)
         self.broker.route(exchange, message)
 
     async def send(
@@ -330,14 +328,6 @@ class InMemoryTransport(Transport):
 
     async def queue_depth(self, queue: str) -> int:
         return self.broker.depth(queue)
-
-    async def get(self, queue: str) -> Delivery | None:
-        self._check()
-        q = self.broker.queues.get(queue)
-        if q is None or not q.ready:
-            return None
-        message, redelivered = q.ready.popleft()
-        return _MemoryDelivery(None, q, message, redelivered)
 
     @asynccontextmanager
     async def fetch(self, queue: str, limit: int) -> AsyncIterator[list[Delivery]]:

@@ -120,16 +120,10 @@ def _properties(message: Message, expiration: float | None = None) -> spec.Basic
 
 
 class _RabbitDelivery(Delivery):
-    __slots__ = ("_incoming", "_owned_channel", "message", "queue", "redelivered")
+    __slots__ = ("_incoming", "message", "queue", "redelivered")
 
-    def __init__(
-        self,
-        incoming: AbstractIncomingMessage,
-        queue: str,
-        owned_channel: AbstractChannel | None = None,
-    ) -> None:
+    def __init__(self, incoming: AbstractIncomingMessage, queue: str) -> None:
         self._incoming = incoming
-        self._owned_channel = owned_channel
         self.message = _to_message(incoming)
         self.redelivered = bool(incoming.redelivered)
         self.queue = queue
@@ -142,8 +136,6 @@ class _RabbitDelivery(Delivery):
                 f"cannot ack {self.message.message_id} on {self.queue!r}: channel closed ({exc}); "
                 "the broker will redeliver it"
             ) from exc
-        finally:
-            await self._release_channel()
 
     async def reject(self, *, requeue: bool) -> None:
         try:
@@ -152,13 +144,6 @@ class _RabbitDelivery(Delivery):
             raise TransportClosedError(
                 f"cannot reject {self.message.message_id} on {self.queue!r}: channel closed ({exc})"
             ) from exc
-        finally:
-            await self._release_channel()
-
-    async def _release_channel(self) -> None:
-        channel, self._owned_channel = self._owned_channel, None
-        if channel is not None:
-            await _close_quietly(channel)
 
 
 class _RabbitConsumer(Consumer):
@@ -336,45 +321,35 @@ class RabbitTransport(Transport):
         tag = await amqp_queue.consume(on_message)
         return _RabbitConsumer(channel, amqp_queue, tag)
 
-    async def _passive(self, queue: str) -> tuple[AbstractChannel, AbstractQueue] | None:
-        # A passive declare of a missing queue closes its channel, so use a throwaway one.
+    @asynccontextmanager
+    async def _existing(self, queue: str) -> AsyncIterator[AbstractQueue | None]:
+        """`queue` if it exists (None otherwise), on a channel of its own closed afterwards.
+
+        A passive declare of a missing queue closes its channel, hence the throwaway one;
+        closing it also returns any message taken but not settled to its place in the queue.
+        """
         channel = await self._conn().channel()
         try:
-            return channel, await channel.declare_queue(queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            await _close_quietly(channel)
-            return None
-
-    async def queue_depth(self, queue: str) -> int:
-        found = await self._passive(queue)
-        if found is None:
-            return 0
-        channel, amqp_queue = found
-        try:
-            result: Any = amqp_queue.declaration_result
-            return int(result.message_count or 0)
+            try:
+                found: AbstractQueue | None = await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                found = None
+            yield found
         finally:
             await _close_quietly(channel)
 
-    async def get(self, queue: str) -> Delivery | None:
-        found = await self._passive(queue)
-        if found is None:
-            return None
-        channel, amqp_queue = found
-        incoming = await amqp_queue.get(no_ack=False, fail=False)
-        if incoming is None:
-            await _close_quietly(channel)
-            return None
-        # The delivery owns the channel and closes it once settled.
-        return _RabbitDelivery(incoming, queue, owned_channel=channel)
+    async def queue_depth(self, queue: str) -> int:
+        async with self._existing(queue) as amqp_queue:
+            if amqp_queue is None:
+                return 0
+            result: Any = amqp_queue.declaration_result
+            return int(result.message_count or 0)
 
     @asynccontextmanager
     async def fetch(self, queue: str, limit: int) -> AsyncIterator[list[Delivery]]:
-        found = await self._passive(queue)
-        if found is None:
-            raise UnroutableError(f"no queue named {queue!r} on {self.masked_url}")
-        channel, amqp_queue = found
-        try:
+        async with self._existing(queue) as amqp_queue:
+            if amqp_queue is None:
+                raise UnroutableError(f"no queue named {queue!r} on {self.masked_url}")
             taken: list[Delivery] = []
             while len(taken) < limit:
                 incoming = await amqp_queue.get(no_ack=False, fail=False)
@@ -382,20 +357,13 @@ class RabbitTransport(Transport):
                     break
                 taken.append(_RabbitDelivery(incoming, queue))
             yield taken
-        finally:
-            # Closing the channel returns every unsettled message to its place in the queue.
-            await _close_quietly(channel)
 
     async def purge(self, queue: str) -> int:
-        found = await self._passive(queue)
-        if found is None:
-            return 0
-        channel, amqp_queue = found
-        try:
+        async with self._existing(queue) as amqp_queue:
+            if amqp_queue is None:
+                return 0
             result: Any = await amqp_queue.purge()
             return int(result.message_count or 0)
-        finally:
-            await _close_quietly(channel)
 
 
 async def _close_quietly(channel: AbstractChannel) -> None:

@@ -129,6 +129,8 @@ class Store(abc.ABC):
         self._outbox_insert = sa.insert(outbox).returning(
             outbox.c.seq, sort_by_parameter_order=True
         )
+        # Built once: mark-sent runs for nearly every confirm batch.
+        self._mark_sent = {delete: self._mark_sent_stmt(delete) for delete in (False, True)}
 
     @property
     def masked_url(self) -> str:
@@ -266,7 +268,7 @@ class Store(abc.ABC):
         if not seqs:
             return
         async with self._write() as conn:
-            await conn.execute(self._mark_sent_stmt(delete), self._seqs_param(seqs))
+            await conn.execute(self._mark_sent[delete], self._seqs_param(seqs))
 
     async def delete_sent(self, older_than: datetime, limit: int = DEFAULT_BATCH) -> int:
         """Delete up to `limit` rows sent before `older_than`; returns how many went."""
