@@ -9,9 +9,19 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import Backend, settle
-from tests.support import Orphan, Ping, Pong, add_effect_handler, add_sink, count_rows, effects
+from tests.support import (
+    Orphan,
+    Ping,
+    Pong,
+    add_effect_handler,
+    add_sink,
+    count_rows,
+    effects,
+    queue_depth_is,
+    take_one,
+)
 from tests.support import user_metadata as md
-from txflow import Context, Message
+from txflow import Context, Message, open_store
 from txflow.consumer import HandlerConsumer
 from txflow.messages import encode, new_message_id
 from txflow.store import outbox
@@ -195,7 +205,7 @@ async def test_handler_failure_leaves_nothing_and_dead_letters_after_retries(
     async with app:
         msg_id = (await app.publish(Ping(n=1)))[0]
         dlq = f"{app.handlers['flaky'].queue}.dlq"
-        await wait_until(_queue_has(app, dlq, 1), message="dead letter")
+        await wait_until(queue_depth_is(app, dlq, 1), message="dead letter")
         assert attempts == [1, 2, 3]
         assert await count_rows(app, effects) == 0
         async with app.store.engine.connect() as conn:
@@ -203,10 +213,9 @@ async def test_handler_failure_leaves_nothing_and_dead_letters_after_retries(
                 sa.select(sa.func.count()).select_from(outbox).where(outbox.c.event_type == "Pong")
             )
             assert emitted.scalar() == 0
-        delivery = await app.transport.get(dlq)
-        assert delivery is not None
-        headers = delivery.message.headers
-        assert delivery.message.message_id == msg_id
+        dead = await take_one(app, dlq)
+        headers = dead.headers
+        assert dead.message_id == msg_id
         assert headers["x-txflow-exception-type"] == "tests.test_contract.Boom"
         assert headers["x-txflow-dead-letter-reason"] == "payment service said no"
         assert headers["x-txflow-attempts"] == 3
@@ -214,14 +223,6 @@ async def test_handler_failure_leaves_nothing_and_dead_letters_after_retries(
         assert headers["x-txflow-handler"] == "flaky"
         assert headers["x-txflow-original-routing-key"] == "Ping"
         assert headers["x-txflow-first-failure-at"] <= headers["x-txflow-last-failure-at"]
-        await delivery.ack()
-
-
-def _queue_has(app, queue: str, n: int):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        return await app.transport.queue_depth(queue) >= n
-
-    return check
 
 
 @pytest.mark.parametrize(
@@ -260,13 +261,11 @@ async def test_poison_is_dead_lettered_with_reason_and_consumer_goes_on(
         await app.transport.send(queue, poison)
         await app.publish(Ping(n=1))
         await wait_until(lambda: len(received) == 1, message="good message after poison")
-        await wait_until(_queue_has(app, f"{queue}.dlq", 1), message="dead letter")
-        delivery = await app.transport.get(f"{queue}.dlq")
-        assert delivery is not None
-        assert delivery.message.body == body
-        assert delivery.message.headers["x-txflow-exception-type"] == f"txflow.errors.{expected}"
-        assert delivery.message.headers["x-txflow-dead-letter-reason"]
-        await delivery.ack()
+        await wait_until(queue_depth_is(app, f"{queue}.dlq", 1), message="dead letter")
+        dead = await take_one(app, f"{queue}.dlq")
+        assert dead.body == body
+        assert dead.headers["x-txflow-exception-type"] == f"txflow.errors.{expected}"
+        assert dead.headers["x-txflow-dead-letter-reason"]
         assert app.consumers[0].stats.dead_lettered == 1
 
 
@@ -293,8 +292,11 @@ async def test_graceful_stop_finishes_in_flight_handlers(backend: Backend) -> No
         assert not stopping.done()  # waits for the handler
         release.set()
         await asyncio.wait_for(stopping, 10)
-        # The handler committed and the relay drained before stop returned.
+        # The handler committed and the relay drained before stop returned: its Pong was
+        # published *and marked sent* (a mark-sent cut off by the stop would republish it).
         await wait_until(lambda: len(received) == 1, message="Pong after graceful stop")
+        async with open_store(await backend.database_url("main")) as store:
+            assert (await store.outbox_status()).pending == 0
 
 
 async def test_handler_cancelled_at_shutdown_is_not_acked(backend: Backend) -> None:
@@ -367,7 +369,7 @@ async def test_handler_connection_error_goes_through_retry_policy(backend: Backe
 
     async with app:
         await app.publish(Ping(n=1))
-        await wait_until(_queue_has(app, f"{app.handlers['calls_out'].queue}.dlq", 1))
+        await wait_until(queue_depth_is(app, f"{app.handlers['calls_out'].queue}.dlq", 1))
         assert attempts == [1, 2, 3]
         assert app.consumers[0].stats.requeued == 0
 
@@ -382,12 +384,10 @@ async def test_sql_error_in_handler_is_dead_lettered_not_looped(backend: Backend
     async with app:
         await app.publish(Ping(n=1))
         dlq = f"{app.handlers['bad_sql'].queue}.dlq"
-        await wait_until(_queue_has(app, dlq, 1), message="dead letter")
+        await wait_until(queue_depth_is(app, dlq, 1), message="dead letter")
         assert app.consumers[0].stats.requeued == 0
-        delivery = await app.transport.get(dlq)
-        assert delivery is not None
-        assert "no_such_table" in delivery.message.headers["x-txflow-dead-letter-reason"]
-        await delivery.ack()
+        dead = await take_one(app, dlq)
+        assert "no_such_table" in dead.headers["x-txflow-dead-letter-reason"]
 
 
 async def test_long_message_id_is_poison_with_a_clear_reason(backend: Backend) -> None:
@@ -400,11 +400,9 @@ async def test_long_message_id_is_poison_with_a_clear_reason(backend: Backend) -
         await app.transport.send(
             queue, Message(body=b'{"n": 1}', routing_key=queue, message_id="x" * 300, type="Ping")
         )
-        await wait_until(_queue_has(app, f"{queue}.dlq", 1), message="dead letter")
-        delivery = await app.transport.get(f"{queue}.dlq")
-        assert delivery is not None
-        assert "over the limit of 255" in delivery.message.headers["x-txflow-dead-letter-reason"]
-        await delivery.ack()
+        await wait_until(queue_depth_is(app, f"{queue}.dlq", 1), message="dead letter")
+        dead = await take_one(app, f"{queue}.dlq")
+        assert "over the limit of 255" in dead.headers["x-txflow-dead-letter-reason"]
         assert received == []
 
 
@@ -423,3 +421,34 @@ async def test_occurred_at_keeps_microseconds_on_every_transport(backend: Backen
         envelope = seen[0].envelope
         assert envelope is not None
         assert before <= envelope.occurred_at <= datetime.now(UTC)
+
+
+async def test_publishes_that_fail_are_retried_in_emit_order(backend: Backend) -> None:
+    """While the broker is unreachable every publish fails; once it is back, the failed rows go
+    out first, in row order, and rows committed meanwhile do not overtake them."""
+    from txflow import TransportClosedError
+
+    app = await backend.app("svc")
+    received = add_sink(app, Ping, concurrency=1)
+    async with app:
+        transport = app.transport
+        real_publish = transport.publish
+        down = True
+        failures = 0
+
+        async def flaky_publish(exchange: str, message: Message) -> None:
+            nonlocal failures
+            if down:
+                failures += 1
+                raise TransportClosedError("connection reset (injected)")
+            await real_publish(exchange, message)
+
+        transport.publish = flaky_publish  # type: ignore[method-assign]
+        async with app.transaction() as tx:
+            for i in range(20):
+                tx.emit(Ping(n=i))
+        await wait_until(lambda: failures == 20, message="every publish failed")
+        down = False  # the broker is back, while the failed rows wait out their backoff
+        await app.publish(*(Ping(n=i) for i in range(20, 25)))
+        await wait_until(lambda: len(received) == 25, message="all 25 delivered")
+        assert [e.n for e in received] == list(range(25))  # type: ignore[attr-defined]

@@ -124,6 +124,9 @@ class OutboxRelay:
         self._failed: list[OutboxRecord] = []  # publish failed; back in the queue after a pause
         self._retry_timer: asyncio.TimerHandle | None = None
         self._outage_failures = 0  # publishes failed since the last one that succeeded
+        # Cleared while failed rows wait to go again: nothing may overtake them meanwhile.
+        self._resume = asyncio.Event()
+        self._resume.set()
         self._in_flight = 0
         self._window = asyncio.Semaphore(self.config.max_in_flight)
         self._wake = asyncio.Event()
@@ -233,6 +236,7 @@ class OutboxRelay:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                await self._resume.wait()
                 await self._window.acquire()
                 if not self._queue:
                     self._window.release()
@@ -255,6 +259,7 @@ class OutboxRelay:
             self._outage_failures += 1
             self.stats.failed += 1
             self._failed.append(record)
+            self._resume.clear()
             if self._retry_timer is None:
                 self._retry_timer = asyncio.get_running_loop().call_later(
                     RECONNECT_BACKOFF, self._requeue_failed
@@ -285,6 +290,7 @@ class OutboxRelay:
         self._retry_timer = None
         failed, self._failed = sorted(self._failed, key=lambda r: r.seq), []
         self._queue.extendleft(reversed(failed))
+        self._resume.set()
         self._wake.set()
 
     async def _flush_loop(self) -> None:
