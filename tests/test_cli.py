@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -207,3 +208,42 @@ async def test_dlq_commands_list_show_replay_purge(real: Backend) -> None:
         rc, out, err = await txflow("dlq", "purge", queue, "--yes", "--json", env=env)
         assert rc == 0, err
         assert json.loads(out) == {"purged": 2}
+
+
+async def test_flows_list_and_show(tmp_path: Path) -> None:
+    from tests.test_flows import FlowStatus, make_rig
+    from txflow.testing import InMemoryBroker
+
+    backend = Backend("memory", tmp_path, "cli", broker=InMemoryBroker())
+    async with backend.stack:
+        rig = await make_rig(backend)
+        async with rig.owner, rig.worker:
+            await rig.start_flow("ok-1")
+            await rig.start_flow("bad-1", fail_at="d")
+            await rig.wait_status("ok-1", FlowStatus.COMPLETED)
+            await rig.wait_status("bad-1", FlowStatus.FAILED)
+    database = await backend.database_url("owner")
+
+    code, out, err = await txflow("flows", "list", "--database", database)
+    assert code == 0, err
+    assert out.splitlines()[0] == "completed 1  failed 1"
+    assert "bad-1" in out and "d: d refused" in out
+
+    code, out, err = await txflow("flows", "list", "--database", database, "--status", "failed")
+    assert code == 0, err
+    assert "bad-1" in out and "ok-1" not in out
+
+    code, out, err = await txflow("flows", "show", "bad-1", "--database", database, "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["status"] == "failed" and shown["failed_step"] == "d"
+    assert [s["step"] for s in shown["completed"]] == ["start", "b", "c"]
+    requested = [h["step"] for h in shown["history"] if h["action"] == "compensation requested"]
+    assert requested == ["c", "b", "start"]
+
+    code, out, err = await txflow("flows", "show", "bad-1", "--database", database)
+    assert code == 0, err
+    assert "history:" in out and "step failed" in out and "d: d refused" in out
+
+    code, out, err = await txflow("flows", "show", "nosuch", "--database", database)
+    assert code == 2 and "no flow instance 'nosuch'" in err

@@ -21,24 +21,25 @@ from tests.conftest import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "getting-started.md"
+FLOWS_PAGE = ROOT / "docs" / "concepts" / "flows.md"
 FILE_BLOCK = re.compile(r"<!-- test: (\S+) -->\n```\w+\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 OUTPUT_BLOCK = re.compile(r"<!-- output: (\S+) -->\n```text\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 
 
-def tutorial_files() -> dict[str, str]:
+def tutorial_files(page: Path = PAGE) -> dict[str, str]:
     files: dict[str, str] = {}
-    for name, body in FILE_BLOCK.findall(PAGE.read_text()):
+    for name, body in FILE_BLOCK.findall(page.read_text()):
         files[name] = files[name] + "\n\n" + body if name in files else body
     return files
 
 
-def documented_output(script: str) -> str:
-    outputs: dict[str, str] = dict(OUTPUT_BLOCK.findall(PAGE.read_text()))
+def documented_output(script: str, page: Path = PAGE) -> str:
+    outputs: dict[str, str] = dict(OUTPUT_BLOCK.findall(page.read_text()))
     return outputs[script]
 
 
-def write_tutorial(directory: Path) -> None:
-    for name, text in tutorial_files().items():
+def write_tutorial(directory: Path, page: Path = PAGE) -> None:
+    for name, text in tutorial_files(page).items():
         (directory / name).write_text(text)
 
 
@@ -81,6 +82,13 @@ def test_embedded_run_prints_what_the_page_shows(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == documented_output("run_embedded.py")
     assert (tmp_path / "txflow-shop.db").exists()  # the embedded default database
+
+
+def test_flows_page_example_prints_what_the_page_shows(tmp_path: Path) -> None:
+    write_tutorial(tmp_path, FLOWS_PAGE)
+    result = run(tmp_path, "trip.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == documented_output("trip.py", FLOWS_PAGE)
 
 
 def test_tutorial_tests_pass(tmp_path: Path) -> None:

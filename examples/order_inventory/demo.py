@@ -36,6 +36,7 @@ import sqlalchemy as sa
 from examples.order_inventory import _rabbit, inventory, orders, payment
 from examples.order_inventory.orders import TERMINAL, Order, place_order
 from examples.order_inventory.report import (
+    OPEN_FLOWS,
     check_invariants,
     count_by_status,
     format_checks,
@@ -162,7 +163,8 @@ async def watch(store: Store, run: Run, check_alive: Callable[[], None]) -> bool
             await asyncio.sleep(0.5)  # the database is restarting; look again shortly
             continue
         terminal = sum(counts[s] for s in TERMINAL)
-        done = terminal == total and len(run.placed) == total
+        # The flow tracker records an order's end right after the order row changes.
+        done = terminal == total and len(run.placed) == total and not counts[OPEN_FLOWS]
         if done or run.elapsed() >= next_line:
             next_line += 1.0
             print(

@@ -1,13 +1,13 @@
-"""The events the three services exchange.
+"""The events the three services exchange (flow.py declares how they make up the order flow).
 
 The chain of one order:
 
-    OrderCreated            orders -> inventory
-    ├─ SubInventoryFail     inventory -> orders: FAILED (compensation; nothing was deducted)
+    OrderCreated            orders -> inventory (starts the order flow)
+    ├─ SubInventoryFail     inventory: reserve_stock failed -> the flow compensates place_order
     └─ InventoryDeducted    inventory -> payment
-       ├─ PaymentSucceeded  payment -> orders: CONFIRMED
-       └─ PaymentDeclined   payment -> inventory: restock (compensates the deduction)
-          └─ InventoryRestocked  inventory -> orders: FAILED
+       ├─ PaymentSucceeded  payment: the flow completed -> orders confirms
+       └─ PaymentDeclined   payment: charge failed -> the flow compensates reserve_stock
+                            (inventory restocks, emitting InventoryRestocked), then place_order
 
 Money is in integer cents: exact, and stored the same way on SQLite and PostgreSQL.
 """

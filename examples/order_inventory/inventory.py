@@ -1,4 +1,4 @@
-"""The inventory service: reserves stock for new orders and gives it back for declined ones.
+"""The inventory service: reserves stock for new orders and gives it back when a flow fails.
 
 Run it as a service with `txflow run examples.order_inventory.inventory:app`; its database is
 `$INVENTORY_DATABASE_URL` (see settings.py). Seed the shelves with `seed_stock`.
@@ -18,9 +18,9 @@ from examples.order_inventory.events import (
     InventoryDeducted,
     InventoryRestocked,
     OrderCreated,
-    PaymentDeclined,
     SubInventoryFail,
 )
+from examples.order_inventory.flow import order_flow
 from examples.order_inventory.settings import service_options
 from txflow import Context, TxFlow
 
@@ -125,11 +125,14 @@ async def reserve_stock(event: OrderCreated, ctx: Context) -> InventoryDeducted 
     )
 
 
-async def restock(event: PaymentDeclined, ctx: Context) -> InventoryRestocked | None:
-    """Compensation for PaymentDeclined: put the order's stock back, once."""
+async def restock(event: InventoryDeducted, ctx: Context) -> InventoryRestocked | None:
+    """Compensation of reserve_stock (the charge was declined, or the flow timed out).
+
+    Receives the InventoryDeducted that completed the step; puts the stock back, once.
+    """
     session = ctx.session
-    # Flipping the flag and reading the deduction in one guarded statement: a second
-    # PaymentDeclined for the order finds nothing to flip and restocks nothing.
+    # Flipping the flag and reading the deduction in one guarded statement: a second request
+    # for the order (even with a new message id) finds nothing to flip and restocks nothing.
     flipped = (
         await session.execute(
             sa.update(Deduction)
@@ -149,16 +152,15 @@ async def restock(event: PaymentDeclined, ctx: Context) -> InventoryRestocked | 
         .values(available=Stock.available + quantity)
         .execution_options(synchronize_session=False)
     )
-    return InventoryRestocked(
-        order_id=event.order_id, sku=sku, quantity=quantity, reason=event.reason
-    )
+    reason = ctx.flow.reason if ctx.flow and ctx.flow.reason else "order flow failed"
+    return InventoryRestocked(order_id=event.order_id, sku=sku, quantity=quantity, reason=reason)
 
 
 def create_app(**options: Any) -> TxFlow:
     """The inventory app; `options` override `TxFlow(...)` arguments read from the environment."""
     app = TxFlow(SERVICE, metadata=metadata, **service_options(SERVICE, **options))
     app.handler()(reserve_stock)
-    app.handler()(restock)
+    app.compensation(order_flow, "reserve_stock")(restock)
     return app
 
 

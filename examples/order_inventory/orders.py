@@ -1,7 +1,13 @@
-"""The orders service: takes orders and moves them to CONFIRMED or FAILED as events come back.
+"""The orders service: takes orders, tracks the order flow, confirms or fails each order.
 
 Run it as a service with `txflow run examples.order_inventory.orders:app`; its database is
 `$ORDERS_DATABASE_URL` (see settings.py). `place_order` is what a web request would call.
+
+Orders tracks the order flow (flow.py): the flow's state lives in this service's database,
+next to the orders. When the last step (the charge) succeeds, `confirm_order` runs in the
+tracker's transaction; when any step fails or the flow times out, txflow undoes the completed
+steps newest first, and the compensation of the first step, `fail_order`, moves the order
+to FAILED with the flow's reason.
 """
 
 from __future__ import annotations
@@ -15,14 +21,10 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from examples.order_inventory.events import (
-    InventoryRestocked,
-    OrderCreated,
-    PaymentSucceeded,
-    SubInventoryFail,
-)
+from examples.order_inventory.events import OrderCreated
+from examples.order_inventory.flow import order_flow
 from examples.order_inventory.settings import service_options
-from txflow import Context, TxFlow
+from txflow import Context, FlowInfo, TxFlow
 
 log = logging.getLogger("examples.orders")
 
@@ -149,23 +151,19 @@ async def _finish(
     return applied
 
 
-async def confirm_order(event: PaymentSucceeded, ctx: Context) -> None:
-    """PaymentSucceeded: the order is paid and its stock reserved."""
-    await _finish(ctx, event.order_id, OrderStatus.CONFIRMED, None, event.event_type)
+async def confirm_order(flow: FlowInfo, ctx: Context) -> None:
+    """The order flow completed (the charge succeeded): the order is paid and its stock kept."""
+    event_type = ctx.envelope.event_type if ctx.envelope else "flow completed"
+    await _finish(ctx, flow.flow_id, OrderStatus.CONFIRMED, None, event_type)
 
 
-async def fail_order_out_of_stock(event: SubInventoryFail, ctx: Context) -> None:
-    """Compensation for SubInventoryFail: nothing was deducted or charged; fail the order."""
-    await _finish(
-        ctx, event.order_id, OrderStatus.FAILED, f"inventory: {event.reason}", event.event_type
-    )
+async def fail_order(event: OrderCreated, ctx: Context) -> None:
+    """Compensation of place_order, the last to run: the order FAILED, with the flow's reason.
 
-
-async def fail_order_payment_declined(event: InventoryRestocked, ctx: Context) -> None:
-    """After PaymentDeclined, inventory gave the stock back; now fail the order."""
-    await _finish(
-        ctx, event.order_id, OrderStatus.FAILED, f"payment: {event.reason}", event.event_type
-    )
+    By now the steps after it were undone (a reserved stock was put back).
+    """
+    reason = ctx.flow.reason if ctx.flow else None
+    await _finish(ctx, event.order_id, OrderStatus.FAILED, reason, "compensate place_order")
 
 
 def create_app(*, handlers: bool = True, **options: Any) -> TxFlow:
@@ -175,9 +173,9 @@ def create_app(*, handlers: bool = True, **options: Any) -> TxFlow:
     """
     app = TxFlow(SERVICE, metadata=metadata, **service_options(SERVICE, **options))
     if handlers:
-        app.handler()(confirm_order)
-        app.handler()(fail_order_out_of_stock)
-        app.handler()(fail_order_payment_declined)
+        app.track(order_flow)
+        app.on_completed(order_flow)(confirm_order)
+        app.compensation(order_flow, "place_order")(fail_order)
     return app
 
 

@@ -1,4 +1,4 @@
-"""The payment service: charges orders whose stock was reserved.
+"""The payment service: charges orders whose stock was reserved (the order flow's last step).
 
 Run it as a service with `txflow run examples.order_inventory.payment:app`; its database is
 `$PAYMENT_DATABASE_URL` (see settings.py). Declines are deterministic so the demo can
@@ -78,10 +78,17 @@ async def charge(event: InventoryDeducted, ctx: Context) -> PaymentSucceeded | P
     return PaymentSucceeded(order_id=event.order_id, amount=event.amount)
 
 
+def charge_failed(event: InventoryDeducted, error: Exception) -> PaymentDeclined:
+    """A charge that keeps failing (the gateway is down) declines, so the flow compensates."""
+    return PaymentDeclined(
+        order_id=event.order_id, amount=event.amount, reason=f"payment error: {error}"
+    )
+
+
 def create_app(**options: Any) -> TxFlow:
     """The payment app; `options` override `TxFlow(...)` arguments read from the environment."""
     app = TxFlow(SERVICE, metadata=metadata, **service_options(SERVICE, **options))
-    app.handler()(charge)
+    app.handler(on_exhausted=charge_failed)(charge)
     return app
 
 

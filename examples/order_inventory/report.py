@@ -9,10 +9,12 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
+from examples.order_inventory.flow import order_flow
 from examples.order_inventory.inventory import Deduction, Rejection, Stock
 from examples.order_inventory.orders import TERMINAL, Order, OrderStatus, OrderTransition
 from examples.order_inventory.payment import Payment, PaymentStatus
-from txflow import Store
+from txflow import DeadLetterInfo, FlowStatus, Store
+from txflow.store.tables import flows
 
 
 @dataclass(slots=True)
@@ -25,7 +27,11 @@ class Snapshot:
     deductions: list[sa.Row[tuple[str, str, int, bool]]]
     rejections: list[sa.Row[tuple[str, str]]]
     payments: list[sa.Row[tuple[str, str]]]
+    # (order id, flow status, compensated steps) as the orders service's flow tracker has them.
+    flows: list[sa.Row[tuple[str, str, list[str]]]] = field(default_factory=list)
+    # Messages per dead-letter queue; the dead letters themselves when the run expected some.
     dead_letters: dict[str, int] = field(default_factory=dict)
+    dead_letter_details: dict[str, list[DeadLetterInfo]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +41,47 @@ class Check:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ExpectedDeadLetter:
+    """A message that must end in the dead-letter queue `queue`, refused with `exception_type`.
+
+    It is recognised by its message id, or by its correlation id when it was sent without a
+    message id; `reason_contains` must appear in the reason recorded with it.
+    """
+
+    queue: str
+    exception_type: str
+    message_id: str | None = None
+    correlation_id: str | None = None
+    reason_contains: str = ""
+
+    def matches(self, info: DeadLetterInfo) -> bool:
+        return (self.message_id is None or info.message_id == self.message_id) and (
+            self.correlation_id is None or info.correlation_id == self.correlation_id
+        )
+
+    def label(self) -> str:
+        return f"{self.queue}:{self.message_id or self.correlation_id}"
+
+
+# The key of `count_by_status` counting order flows still running or compensating.
+OPEN_FLOWS = "open flows"
+
+
 async def count_by_status(store: Store) -> Counter[str]:
-    """Orders per status (cheap enough to poll every second)."""
+    """Orders per status, and open flow instances (cheap enough to poll every second)."""
     async with store.engine.connect() as conn:
         rows = await conn.execute(sa.select(Order.status, sa.func.count()).group_by(Order.status))
-        return Counter({status: count for status, count in rows})
+        counts = Counter({status: count for status, count in rows})
+        counts[OPEN_FLOWS] = (
+            await conn.execute(
+                sa.select(sa.func.count()).where(
+                    flows.c.flow == order_flow.name,
+                    flows.c.status.in_([str(FlowStatus.RUNNING), str(FlowStatus.COMPENSATING)]),
+                )
+            )
+        ).scalar_one()
+        return counts
 
 
 async def take_snapshot(orders: Store, inventory: Store, payment: Store) -> Snapshot:
@@ -64,6 +106,13 @@ async def take_snapshot(orders: Store, inventory: Store, payment: Store) -> Snap
                 )
             )
         )
+        flow_rows = list(
+            await conn.execute(
+                sa.select(flows.c.flow_id, flows.c.status, flows.c.compensated).where(
+                    flows.c.flow == order_flow.name
+                )
+            )
+        )
     async with inventory.engine.connect() as conn:
         stock = {sku: n for sku, n in await conn.execute(sa.select(Stock.sku, Stock.available))}
         deductions = list(
@@ -76,7 +125,7 @@ async def take_snapshot(orders: Store, inventory: Store, payment: Store) -> Snap
         rejections = list(await conn.execute(sa.select(Rejection.order_id, Rejection.reason)))
     async with payment.engine.connect() as conn:
         payments = list(await conn.execute(sa.select(Payment.order_id, Payment.status)))
-    return Snapshot(order_rows, transitions, stock, deductions, rejections, payments)  # type: ignore[arg-type]
+    return Snapshot(order_rows, transitions, stock, deductions, rejections, payments, flow_rows)  # type: ignore[arg-type]
 
 
 def _aware(value: datetime) -> datetime:
@@ -131,9 +180,16 @@ def _confirmed_quantities(snap: Snapshot) -> Counter[str]:
 
 
 def check_invariants(
-    snap: Snapshot, initial: Mapping[str, int], placed: Sequence[str]
+    snap: Snapshot,
+    initial: Mapping[str, int],
+    placed: Sequence[str],
+    expected_dead_letters: Sequence[ExpectedDeadLetter] | None = None,
 ) -> list[Check]:
-    """The example's invariants, each PASS or FAIL with what was found."""
+    """The example's invariants, each PASS or FAIL with what was found.
+
+    With `expected_dead_letters` (garbage a test injected) the dead-letter queues must hold
+    exactly those, each with its reason; without, they must be empty.
+    """
     placed_ids = set(placed)
     status = {row.order_id: row.status for row in snap.orders}
     reason = {row.order_id: row.reason or "" for row in snap.orders}
@@ -196,7 +252,7 @@ def check_invariants(
     kept = {row.order_id for row in snap.deductions if not row.restocked}
     declined = {row.order_id for row in snap.payments if row.status == PaymentStatus.DECLINED}
     paid = {row.order_id for row in snap.payments if row.status == PaymentStatus.SUCCEEDED}
-    failed_by_payment = orders_where(OrderStatus.FAILED, "payment:")
+    failed_by_payment = orders_where(OrderStatus.FAILED, "charge:")
     checks.append(
         Check(
             "restock compensation ran once per declined payment",
@@ -208,7 +264,7 @@ def check_invariants(
         )
     )
 
-    failed_by_inventory = orders_where(OrderStatus.FAILED, "inventory:")
+    failed_by_inventory = orders_where(OrderStatus.FAILED, "reserve_stock:")
     checks.append(
         Check(
             "SubInventoryFail compensation ran once per refusal",
@@ -242,15 +298,89 @@ def check_invariants(
         )
     )
 
-    stuck = {q: n for q, n in snap.dead_letters.items() if n}
+    # The flow tracker's record agrees with the orders: completed = CONFIRMED, failed = FAILED,
+    # and exactly the steps before the failing one were compensated, each once.
+    expected = {
+        OrderStatus.CONFIRMED: ("completed", []),
+        "charge:": ("failed", ["reserve_stock", "place_order"]),
+        "reserve_stock:": ("failed", ["place_order"]),
+    }
+    flow_of = {row.flow_id: (row.status, list(row.compensated)) for row in snap.flows}
+    disagree = set()
+    for order_id, order_status in status.items():
+        key = order_status if order_status == OrderStatus.CONFIRMED else reason[order_id]
+        want = next((v for k, v in expected.items() if key.startswith(k)), None)
+        if flow_of.get(order_id) != want:
+            disagree.add(order_id)
     checks.append(
         Check(
-            "no dead letters",
-            not stuck,
-            f"{len(snap.dead_letters)} dead-letter queues; non-empty: {stuck or 'none'}",
+            "flow state matches every order; compensations ran once, newest first",
+            not disagree and len(flow_of) == len(status),
+            f"{len(flow_of)} flow instances "
+            f"({dict(Counter(s for s, _ in flow_of.values()))}); disagreeing {_sample(disagree)}",
         )
     )
+
+    if expected_dead_letters is None:
+        stuck = {q: n for q, n in snap.dead_letters.items() if n}
+        checks.append(
+            Check(
+                "no dead letters",
+                not stuck,
+                f"{len(snap.dead_letters)} dead-letter queues; non-empty: {stuck or 'none'}",
+            )
+        )
+    else:
+        checks.append(
+            check_dead_letters(snap.dead_letters, snap.dead_letter_details, expected_dead_letters)
+        )
     return checks
+
+
+def check_dead_letters(
+    depths: Mapping[str, int],
+    found: Mapping[str, Sequence[DeadLetterInfo]],
+    expected: Sequence[ExpectedDeadLetter],
+) -> Check:
+    """The dead-letter queues hold exactly `expected`, each with its exception and reason."""
+    wanted = Counter(e.queue for e in expected)
+    counts_off = {
+        q: (wanted[q], depths.get(q, 0))
+        for q in sorted(wanted.keys() | depths.keys())
+        if wanted[q] != depths.get(q, 0)
+    }
+    missing: set[str] = set()
+    twice: set[str] = set()
+    wrong: set[str] = set()
+    claimed: set[int] = set()
+    for want in expected:
+        hits = [info for info in found.get(want.queue, ()) if want.matches(info)]
+        claimed.update(id(info) for info in hits)
+        if not hits:
+            missing.add(want.label())
+        elif len(hits) > 1:
+            twice.add(want.label())
+        elif not (
+            hits[0].exception_type == want.exception_type
+            and hits[0].reason
+            and want.reason_contains in hits[0].reason
+        ):
+            wrong.add(f"{want.label()} ({hits[0].exception_type}: {hits[0].reason})")
+    unexpected = {
+        f"{q}:{info.message_id}"
+        for q, infos in found.items()
+        for info in infos
+        if id(info) not in claimed
+    }
+    kinds = Counter(e.exception_type.rsplit(".", 1)[-1] for e in expected)
+    return Check(
+        "dead letters are exactly the injected garbage, each with its reason",
+        not (counts_off or missing or twice or wrong or unexpected),
+        f"{len(expected)} expected in {len(wanted)} queues ({dict(kinds)}), "
+        f"{sum(depths.values())} found; (expected, found) off: {counts_off or 'none'}; "
+        f"missing {_sample(missing)}; found twice {_sample(twice)}; wrong exception or "
+        f"reason {_sample(wrong)}; unexpected {_sample(unexpected)}",
+    )
 
 
 def format_checks(checks: Sequence[Check]) -> str:

@@ -28,6 +28,8 @@ from txflow.errors import (
     UnroutableError,
     UnsupportedURLError,
 )
+from txflow.flow_queries import FlowLogEntry
+from txflow.flows import Flow, FlowInfo, FlowStatus, Step
 from txflow.messages import Envelope, Event, EventRegistry
 from txflow.outbox import OutboxRelay, RelayConfig
 from txflow.retry import RetryPolicy
@@ -49,6 +51,10 @@ __all__ = [
     "Event",
     "EventRegistry",
     "EventValidationError",
+    "Flow",
+    "FlowInfo",
+    "FlowLogEntry",
+    "FlowStatus",
     "MalformedMessageError",
     "Message",
     "MessageTooLargeError",
@@ -60,6 +66,7 @@ __all__ = [
     "RelayConfig",
     "Retry",
     "RetryPolicy",
+    "Step",
     "Store",
     "Topology",
     "Transport",

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 
 from txflow.abc import QueueSpec, Topology, Transport
 from txflow.config import open_transport, resolve_broker_url, resolve_database_url
-from txflow.consumer import HandlerConsumer
+from txflow.consumer import ConsumerStats, HandlerConsumer
 from txflow.context import Context
 from txflow.errors import ConfigurationError, TxflowError
-from txflow.handlers import HandlerFunc, HandlerSpec, events_from_annotation, takes_context
+from txflow.flow_queries import DEFAULT_LIST_LIMIT, flow_state, list_flows
+from txflow.flow_tracker import FlowHook, FlowTracker
+from txflow.flows import CompensateStep, Flow, FlowInfo, FlowStatus, StepRecord
+from txflow.handlers import (
+    ExhaustedHook,
+    HandlerFunc,
+    HandlerSpec,
+    events_from_annotation,
+    takes_context,
+)
 from txflow.messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
 from txflow.outbox import OutboxRelay, RelayConfig
 from txflow.retry import RetryPolicy
@@ -26,6 +37,7 @@ from txflow.store.tables import outbox
 log = logging.getLogger("txflow")
 
 H = TypeVar("H", bound=HandlerFunc)
+F = TypeVar("F", bound=FlowHook)
 R = TypeVar("R")
 
 DEFAULT_EXCHANGE = "txflow.events"
@@ -115,6 +127,8 @@ class TxFlow:
         self.notify = notify
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
+        self.trackers: dict[str, FlowTracker] = {}
+        self._deadline_tasks: list[asyncio.Task[None]] = []
         self._transport = transport
         self._owns_transport = transport is None
         self._store: Store | None = None
@@ -131,13 +145,17 @@ class TxFlow:
         concurrency: int | None = None,
         retry: RetryPolicy | None = None,
         emits: Iterable[type[Event]] = (),
+        on_exhausted: ExhaustedHook | None = None,
     ) -> Callable[[H], H]:
         """Register an async handler for `event_types` (or those its first parameter names).
 
         The handler is called as `await func(event)` or `await func(event, ctx)` inside one
         database transaction; it may return an event, a list of events, or None, all of which
         are emitted through the outbox. `emits` names events it emits through `ctx.emit`, for
-        `txflow graph` (returned ones are read from the return annotation).
+        `txflow graph` (returned ones are read from the return annotation). `on_exhausted`
+        is called as `on_exhausted(event, error)` when the retries are exhausted; the event it
+        returns (say a flow's failure event) is emitted in its own transaction just before
+        the message is dead-lettered, so a step that keeps failing is also compensated.
 
         Guarantee: for one message id its database effects and emitted events commit at most
         once; a failure rolls all of it back.
@@ -150,24 +168,196 @@ class TxFlow:
             is_async = inspect.iscoroutinefunction(func)  # kept apart: no narrowing of `func`
             if not is_async:
                 raise ConfigurationError(f"handler {func.__qualname__} must be `async def`")
-            types_ = event_types or events_from_annotation(func)
-            handler_name = name or func.__name__
-            if handler_name in self.handlers:
-                raise ConfigurationError(
-                    f"app {self.name!r} already has a handler named {handler_name!r}; "
-                    "pass name=... to tell them apart"
-                )
-            for event_type in types_:
-                self.events.add(event_type)
-            self.handlers[handler_name] = HandlerSpec(
-                name=handler_name,
-                func=func,
-                event_types=tuple(types_),
-                queue=f"{self.queue_prefix}{self.name}.{handler_name}",
-                retry=retry or self.retry,
-                concurrency=concurrency or self.concurrency,
-                takes_context=takes_context(func),
+            self._add(
+                name or func.__name__,
+                func,
+                tuple(event_types or events_from_annotation(func)),
+                concurrency=concurrency,
+                retry=retry,
                 emits=tuple(emits),
+                on_exhausted=on_exhausted,
+            )
+            return func
+
+        return register
+
+    def _add(
+        self,
+        name: str,
+        func: HandlerFunc,
+        event_types: tuple[type[Event], ...],
+        *,
+        concurrency: int | None,
+        retry: RetryPolicy | None,
+        **extra: Any,
+    ) -> HandlerSpec:
+        if name in self.handlers:
+            raise ConfigurationError(
+                f"app {self.name!r} already has a handler named {name!r}; "
+                "pass name=... to tell them apart"
+            )
+        for event_type in event_types:
+            self.events.add(event_type)
+        spec = HandlerSpec(
+            name=name,
+            func=func,
+            event_types=event_types,
+            queue=f"{self.queue_prefix}{self.name}.{name}",
+            retry=retry or self.retry,
+            concurrency=concurrency or self.concurrency,
+            takes_context=takes_context(func),
+            **extra,
+        )
+        self.handlers[name] = spec
+        return spec
+
+    # -- flows -------------------------------------------------------------------------------
+
+    def track(self, flow: Flow, *, concurrency: int | None = None) -> FlowTracker:
+        """Keep the state of `flow`'s instances in this app's database and run its saga.
+
+        This app then consumes every outcome event of the flow on its own queue
+        (`<app>.flow.<name>`), records each instance's steps, requests compensations in
+        reverse order when a step fails or a deadline passes, and runs the `on_completed`
+        and `on_failed` hooks. Track a flow in one app (the one that owns it); run as many
+        processes of that app as you like. Calling it again returns the same tracker.
+        """
+        tracker = self.trackers.get(flow.name)
+        if tracker is not None:
+            if tracker.flow is not flow:
+                raise ConfigurationError(f"app {self.name!r} already tracks a flow {flow.name!r}")
+            return tracker
+        tracker = FlowTracker(flow, lambda: self.store)
+        self._add(
+            f"flow.{flow.name}",
+            tracker.handle,
+            flow.tracked_events(),
+            concurrency=concurrency,
+            retry=None,
+            internal=True,
+        )
+        self.trackers[flow.name] = tracker
+        return tracker
+
+    def on_completed(self, flow: Flow) -> Callable[[F], F]:
+        """Register `async def hook(flow: FlowInfo, ctx)` run when an instance completes.
+
+        It runs in the tracker's transaction that records the last step's success (this app
+        tracks the flow from then on); events it returns or emits are published if and only
+        if that transaction commits.
+        """
+        return self._hook(flow, "on_completed")
+
+    def on_failed(self, flow: Flow) -> Callable[[F], F]:
+        """Register a hook run when an instance ends failed, timed out or compensation failed.
+
+        It runs after the compensations finished (or one of them failed), in the tracker's
+        transaction; `flow.status` and `flow.reason` say how and why.
+        """
+        return self._hook(flow, "on_failed")
+
+    def _hook(self, flow: Flow, kind: str) -> Callable[[F], F]:
+        def register(func: F) -> F:
+            getattr(self.track(flow), kind).append(func)
+            return func
+
+        return register
+
+    async def flow_state(self, flow: Flow | str, flow_id: str) -> FlowInfo | None:
+        """The state of one instance in this app's database, or None if never seen."""
+        name = flow if isinstance(flow, str) else flow.name
+        return await flow_state(self.store, name, flow_id, self._known_flows())
+
+    async def list_flows(
+        self,
+        *,
+        flow: Flow | str | None = None,
+        status: FlowStatus | str | None = None,
+        limit: int = DEFAULT_LIST_LIMIT,
+    ) -> list[FlowInfo]:
+        """Instances in this app's database, most recently updated first."""
+        name = flow.name if isinstance(flow, Flow) else flow
+        return await list_flows(
+            self.store, flow=name, status=status, limit=limit, known=self._known_flows()
+        )
+
+    def _known_flows(self) -> dict[str, Flow]:
+        return {name: tracker.flow for name, tracker in self.trackers.items()}
+
+    def compensation(
+        self,
+        flow: Flow,
+        step: str,
+        *,
+        name: str | None = None,
+        concurrency: int | None = None,
+        retry: RetryPolicy | None = None,
+        emits: Iterable[type[Event]] = (),
+    ) -> Callable[[H], H]:
+        """Register the compensation of `flow`'s `step`: `async def undo(event, ctx)`.
+
+        It receives the event that completed the step (e.g. `InventoryDeducted` for a stock
+        reservation) and `ctx.flow` (a `FlowInfo`: why the flow is compensating, which steps
+        completed). It runs like any handler: one transaction with inbox and outbox, retried
+        on `retry`; when it commits, txflow reports it done to the flow's tracker in the same
+        transaction. If its retries run out it is dead-lettered and the flow ends
+        `compensation_failed`; replaying the dead letter resumes the compensation.
+
+        Raises:
+            ConfigurationError: the step does not exist or does not declare `compensation=True`.
+        """
+        declared = flow.step(step)
+        if not declared.compensation:
+            raise ConfigurationError(
+                f"step {step!r} of flow {flow.name!r} has no compensation; "
+                "declare it with Step(..., compensation=True)"
+            )
+        command = flow.compensate_events[step]
+
+        def register(func: H) -> H:
+            is_async = inspect.iscoroutinefunction(func)  # kept apart: no narrowing of `func`
+            if not is_async:
+                raise ConfigurationError(f"compensation {func.__qualname__} must be `async def`")
+            wants_ctx = takes_context(func)
+
+            async def compensate(request: CompensateStep, ctx: Context) -> None:
+                event_cls = flow.events.get(request.step_event_type)
+                if event_cls is None:
+                    raise ConfigurationError(
+                        f"flow {flow.name!r} knows no event {request.step_event_type!r}"
+                    )
+                event = event_cls.model_validate(request.step_event)
+                ctx.flow = FlowInfo(
+                    flow=flow.name,
+                    flow_id=request.flow_id,
+                    status=FlowStatus.COMPENSATING,
+                    steps=tuple(StepRecord.from_json(s) for s in request.steps),
+                    failed_step=request.failed_step,
+                    reason=request.reason,
+                    _events=flow.event_types_by_name(),
+                )
+                result = await (func(event, ctx) if wants_ctx else func(event))
+                ctx.emit_all(result)
+                ctx.emit(flow.compensated_event(flow=flow.name, flow_id=request.flow_id, step=step))
+
+            def exhausted(request: CompensateStep, error: Exception) -> Event:
+                return flow.compensation_failed_event(
+                    flow=flow.name,
+                    flow_id=request.flow_id,
+                    step=step,
+                    error=f"{type(error).__name__}: {error}",
+                )
+
+            self._add(
+                name or func.__name__,
+                compensate,
+                (command,),
+                concurrency=concurrency,
+                retry=retry,
+                emits=tuple(emits),
+                on_exhausted=exhausted,
+                compensates=(flow, step),
+                origin=func,
             )
             return func
 
@@ -287,6 +477,12 @@ class TxFlow:
             )
             await consumer.start()
             self._consumers.append(consumer)
+        for tracker in self.trackers.values():
+            if tracker.has_deadlines:
+                task = asyncio.create_task(
+                    tracker.run_deadlines(store, self._relay), name=f"deadlines:{tracker.flow.name}"
+                )
+                self._deadline_tasks.append(task)
 
     async def _check_tables(self, store: Store) -> None:
         try:
@@ -305,15 +501,42 @@ class TxFlow:
         not acked, and the broker redelivers them. Outbox rows not yet confirmed stay in
         the table and are published after restart.
         """
+        await self._stop_deadlines()
         for consumer in self._consumers:
             await consumer.stop(self.shutdown_timeout)
-        self._consumers.clear()
         if self._relay is not None and self._relay.running:
             await self._relay.drain(self.shutdown_timeout)
+        if self._started:
+            self._log_stats()
+        self._consumers.clear()
         await self._close_resources()
         self._started = False
 
+    def _log_stats(self) -> None:
+        """One line of counters since start, for the operator's log."""
+        totals = {f.name: 0 for f in dataclasses.fields(ConsumerStats)}
+        for consumer in self._consumers:
+            for field in totals:
+                totals[field] += getattr(consumer.stats, field)
+        relay = self._relay.stats if self._relay is not None else None
+        log.info(
+            "%s stats: %s published=%d swept=%d publish_failures=%d",
+            self.name,
+            " ".join(f"{k}={v}" for k, v in totals.items()),
+            relay.published if relay else 0,
+            relay.swept if relay else 0,
+            relay.failed if relay else 0,
+        )
+
+    async def _stop_deadlines(self) -> None:
+        tasks, self._deadline_tasks = self._deadline_tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
     async def _close_resources(self) -> None:
+        await self._stop_deadlines()
         relay, self._relay = self._relay, None
         if relay is not None:
             await relay.aclose()

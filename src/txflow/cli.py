@@ -5,6 +5,8 @@
     txflow outbox status module:app [--database URL] [--json]
     txflow dlq list module:app | show QUEUE | replay QUEUE --id ID|--all|--exception-type T
     txflow dlq purge QUEUE --yes
+    txflow flows list [--status S] [--flow NAME] | show ID   (see cli_flows)
+    txflow graph module:app [module:app ...]
 
 Errors print one line naming the fix and exit non-zero: 2 for usage and configuration
 errors (bad target, bad URL), 1 for unreachable services.
@@ -505,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(func=_cmd_outbox_status)
     _add_dlq_commands(sub)
+    from txflow import cli_flows  # it imports helpers from this module
+
+    cli_flows.add_commands(sub, lambda p: add_urls(p, broker=False))
 
     graph = sub.add_parser("graph", help="print the event chain of apps as a Mermaid diagram")
     graph.add_argument("targets", nargs="+", help="module:attribute of each app to draw")

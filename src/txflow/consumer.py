@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass
 
 from txflow.abc import Consumer, Delivery, Transport
@@ -35,6 +36,8 @@ log = logging.getLogger("txflow.consumer")
 
 # Seconds to hold a delivery before handing it back while the database is unreachable.
 INFRASTRUCTURE_BACKOFF = 1.0
+# Namespace of the deterministic ids of `on_exhausted` events.
+_EXHAUSTED_NS = uuid.UUID("6f1d3c2e-4b7a-5e8f-9a0b-1c2d3e4f5a6b")
 
 
 @dataclass(slots=True)
@@ -158,6 +161,12 @@ class HandlerConsumer:
     ) -> None:
         decision = self.spec.retry.decide(exc, envelope.attempt)
         if decision.outcome is Outcome.DEAD_LETTER:
+            try:
+                await self._emit_exhausted(envelope, exc)
+            except Exception as emit_exc:
+                # The failure event must not be lost: keep the message until it can be written.
+                await self._requeue(delivery, emit_exc)
+                return
             await self._dead_letter(delivery, exc, envelope.attempt)
             return
         log.info(
@@ -182,6 +191,34 @@ class HandlerConsumer:
             return
         self.stats.retried += 1
         await delivery.ack()
+
+    async def _emit_exhausted(self, envelope: Envelope[Event], exc: Exception) -> None:
+        """Emit the handler's `on_exhausted` event, in a transaction of its own."""
+        hook = self.spec.on_exhausted
+        if hook is None:
+            return
+        try:
+            event = hook(envelope.event, exc)
+        except Exception:
+            log.exception("%s: on_exhausted raised; dead-lettering without it", self.spec.name)
+            return
+        if event is None:
+            return
+        if not isinstance(event, Event):
+            log.error(
+                "%s: on_exhausted returned %s, not an Event; dead-lettering without it",
+                self.spec.name,
+                type(event).__name__,
+            )
+            return
+        # The same id on every try: should this run twice (a crash before the ack), the
+        # consumers' inbox drops the second copy.
+        exhausted_id = uuid.uuid5(_EXHAUSTED_NS, f"{self.spec.queue}/{envelope.message_id}").hex
+        async with self.store.transaction() as session:
+            ctx = Context(session, envelope)
+            ctx.emit(event, message_id=exhausted_id)
+            records = await self.relay.write(ctx)
+        self.relay.submit(records)
 
     async def _dead_letter(self, delivery: Delivery, exc: BaseException, attempts: int) -> None:
         message = dead_letter_message(

@@ -10,12 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from txflow.errors import ConfigurationError
 from txflow.messages import Envelope, Event, new_message_id
+
+if TYPE_CHECKING:
+    from txflow.flows import FlowInfo
 
 
 class Context:
@@ -24,9 +27,10 @@ class Context:
     Attributes:
         session: the SQLAlchemy `AsyncSession` of this transaction; use it for your own rows.
         envelope: the message being handled, or None outside a handler.
+        flow: in a compensation or a flow hook, the flow instance (see `FlowInfo`); else None.
     """
 
-    __slots__ = ("_correlation_id", "_outbox", "envelope", "session")
+    __slots__ = ("_correlation_id", "_outbox", "envelope", "flow", "session")
 
     def __init__(
         self,
@@ -38,6 +42,7 @@ class Context:
         self.envelope = envelope
         self._correlation_id = correlation_id or (envelope.correlation_id if envelope else None)
         self._outbox: list[dict[str, Any]] = []
+        self.flow: FlowInfo | None = None
 
     @property
     def message_id(self) -> str | None:

@@ -7,15 +7,20 @@ import types
 import typing
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from txflow.context import Context
 from txflow.errors import ConfigurationError
 from txflow.messages import Event
 from txflow.retry import RetryPolicy
 
+if TYPE_CHECKING:
+    from txflow.flows import Flow
+
 HandlerResult = Event | Iterable[Event] | None
 HandlerFunc = Callable[..., Awaitable[Any]]
+#: Called with the event and the last error when a handler's retries are exhausted.
+ExhaustedHook = Callable[[Any, Exception], Event | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,11 @@ class HandlerSpec:
         takes_context: whether `func` accepts the `Context` as second argument.
         emits: events it emits through `ctx.emit`, declared for `txflow graph` (those it
             returns are read from its return annotation).
+        on_exhausted: builds an event to emit (in its own transaction) when the handler's
+            retries are exhausted and the message is dead-lettered, e.g. a flow's failure event.
+        compensates: (flow, step name) for a compensation.
+        origin: the user's function when `func` is txflow's wrapper around it.
+        internal: txflow's own handler (a flow tracker), left out of `txflow graph`.
     """
 
     name: str
@@ -43,6 +53,10 @@ class HandlerSpec:
     concurrency: int
     takes_context: bool
     emits: tuple[type[Event], ...] = ()
+    on_exhausted: ExhaustedHook | None = None
+    compensates: tuple[Flow, str] | None = None
+    origin: HandlerFunc | None = None
+    internal: bool = False
 
     async def call(self, event: Event, ctx: Context) -> HandlerResult:
         """Run the handler; whatever it raises comes out wrapped in `HandlerRaised`."""

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from txflow.abc import Message
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
 from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
-from txflow.store.tables import metadata, outbox
+from txflow.store.tables import inbox, metadata, outbox
 
 # Rows the relay claims or deletes in one statement.
 DEFAULT_BATCH = 500
@@ -125,7 +125,7 @@ class Store(abc.ABC):
         self.pool_size = pool_size
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
-        self._inbox_insert = self._build_inbox_insert()
+        self._inbox_insert = self.insert_ignoring_conflicts(inbox)
         self._outbox_insert = sa.insert(outbox).returning(
             outbox.c.seq, sort_by_parameter_order=True
         )
@@ -323,7 +323,8 @@ class Store(abc.ABC):
     def _create_engine(self) -> AsyncEngine: ...
 
     @abc.abstractmethod
-    def _build_inbox_insert(self) -> sa.Insert: ...
+    def insert_ignoring_conflicts(self, table: sa.Table) -> sa.Insert:
+        """An INSERT into `table` that silently skips rows whose key already exists."""
 
     def _mark_sent_stmt(self, delete: bool) -> sa.Executable:
         where = outbox.c.seq.in_(sa.bindparam("seqs", expanding=True))

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
 from txflow.store.base import Listener, NotifyCallback, Store
-from txflow.store.tables import inbox, outbox
+from txflow.store.tables import outbox
 
 log = logging.getLogger("txflow.store")
 
@@ -132,8 +132,8 @@ class PostgresStore(Store):
             return True
         return super().is_transient_error(exc)
 
-    def _build_inbox_insert(self) -> sa.Insert:
-        return postgresql.insert(inbox).on_conflict_do_nothing()
+    def insert_ignoring_conflicts(self, table: sa.Table) -> sa.Insert:
+        return postgresql.insert(table).on_conflict_do_nothing()
 
     def _mark_sent_stmt(self, delete: bool) -> sa.Executable:
         # One prepared statement for any batch size: `seq = ANY($1)` rather than an IN list.

@@ -18,7 +18,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, c
 from sqlalchemy.pool import StaticPool
 
 from txflow.store.base import Store
-from txflow.store.tables import inbox
 
 # SQLite OperationalError texts that pass with time: another writer, a full or busy disk.
 TRANSIENT_MESSAGES = ("locked", "busy", "disk i/o error", "unable to open")
@@ -70,8 +69,8 @@ class SQLiteStore(Store):
             return any(word in text for word in TRANSIENT_MESSAGES)
         return super().is_transient_error(exc)
 
-    def _build_inbox_insert(self) -> sa.Insert:
-        return sqlite.insert(inbox).on_conflict_do_nothing()
+    def insert_ignoring_conflicts(self, table: sa.Table) -> sa.Insert:
+        return sqlite.insert(table).on_conflict_do_nothing()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:

@@ -60,3 +60,53 @@ inbox = sa.Table(
     sa.Column("message_id", sa.String(MAX_ID_LENGTH), primary_key=True),
     sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+flows = sa.Table(
+    "txflow_flows",
+    metadata,
+    # One row per flow instance, kept by the app that tracks the flow (`app.track(flow)`).
+    sa.Column("flow", sa.String(255), primary_key=True),
+    sa.Column("flow_id", sa.String(MAX_ID_LENGTH), primary_key=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    # Why it is compensating or ended unsuccessfully: "failed" or "timed_out".
+    sa.Column("failure", sa.String(32), nullable=True),
+    sa.Column("failed_step", sa.String(255), nullable=True),
+    sa.Column("reason", sa.Text, nullable=True),
+    # [{"step", "event_type", "message_id", "at", "body"}] in the order they were recorded.
+    sa.Column("steps", sa.JSON, nullable=False),
+    # Names of the steps whose compensation finished.
+    sa.Column("compensated", sa.JSON, nullable=False),
+    # The step whose compensation was requested and has not answered yet.
+    sa.Column("compensating", sa.String(255), nullable=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    # Epoch seconds when a running instance times out (flow or current step), or NULL.
+    sa.Column("deadline", sa.Float, nullable=True),
+    sa.Column("deadline_reason", sa.String(255), nullable=True),
+    # Transitions applied, for operators and optimistic readers.
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Index("ix_txflow_flows_status", "flow", "status"),
+    sa.Index(
+        "ix_txflow_flows_deadline",
+        "deadline",
+        postgresql_where=sa.text("status = 'running'"),
+        sqlite_where=sa.text("status = 'running'"),
+    ),
+)
+
+flow_log = sa.Table(
+    "txflow_flow_log",
+    metadata,
+    # What happened to a flow instance, one row per event seen or action taken.
+    sa.Column("id", _SEQ, primary_key=True, autoincrement=True),
+    sa.Column("flow", sa.String(255), nullable=False),
+    sa.Column("flow_id", sa.String(MAX_ID_LENGTH), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("step", sa.String(255), nullable=True),
+    sa.Column("event_type", sa.String(255), nullable=True),
+    sa.Column("message_id", sa.String(MAX_ID_LENGTH), nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Index("ix_txflow_flow_log_instance", "flow", "flow_id", "id"),
+)

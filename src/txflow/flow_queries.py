@@ -1,0 +1,101 @@
+"""Reading flow state: what `txflow flows list/show` and `TxFlow.flow_state` return."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from txflow.flow_tracker import info_from_row
+from txflow.flows import Flow, FlowInfo, FlowStatus
+from txflow.store import Store
+from txflow.store.tables import flow_log, flows
+
+# Instances listed when no limit is given.
+DEFAULT_LIST_LIMIT = 100
+
+
+@dataclass(frozen=True, slots=True)
+class FlowLogEntry:
+    """One thing that happened to a flow instance: an event seen or an action taken."""
+
+    at: datetime
+    action: str
+    step: str | None
+    event_type: str | None
+    message_id: str | None
+    detail: str | None
+
+
+async def flow_state(
+    store: Store, flow: str, flow_id: str, known: Mapping[str, Flow] | None = None
+) -> FlowInfo | None:
+    """The instance `flow_id` of `flow`, or None if its tracker never saw it."""
+    stmt = sa.select(flows).where(flows.c.flow == flow, flows.c.flow_id == flow_id)
+    async with store.engine.connect() as conn:
+        row = (await conn.execute(stmt)).one_or_none()
+    return None if row is None else info_from_row((known or {}).get(flow), row)
+
+
+async def find_flows(
+    store: Store,
+    flow_id: str,
+    known: Mapping[str, Flow] | None = None,
+) -> list[FlowInfo]:
+    """Every flow instance with this id (one per flow that has it)."""
+    stmt = sa.select(flows).where(flows.c.flow_id == flow_id).order_by(flows.c.flow)
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    return [info_from_row((known or {}).get(row.flow), row) for row in rows]
+
+
+async def list_flows(
+    store: Store,
+    *,
+    flow: str | None = None,
+    status: FlowStatus | str | None = None,
+    limit: int = DEFAULT_LIST_LIMIT,
+    known: Mapping[str, Flow] | None = None,
+) -> list[FlowInfo]:
+    """Instances, most recently updated first, optionally of one flow and one status."""
+    stmt = sa.select(flows).order_by(flows.c.updated_at.desc()).limit(limit)
+    if flow is not None:
+        stmt = stmt.where(flows.c.flow == flow)
+    if status is not None:
+        stmt = stmt.where(flows.c.status == str(FlowStatus(status)))
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    return [info_from_row((known or {}).get(row.flow), row) for row in rows]
+
+
+async def count_flows(store: Store, *, flow: str | None = None) -> dict[str, int]:
+    """Instances per status."""
+    stmt = sa.select(flows.c.status, sa.func.count()).group_by(flows.c.status)
+    if flow is not None:
+        stmt = stmt.where(flows.c.flow == flow)
+    async with store.engine.connect() as conn:
+        return {status: int(n) for status, n in (await conn.execute(stmt)).all()}
+
+
+async def flow_history(store: Store, flow: str, flow_id: str) -> list[FlowLogEntry]:
+    """What happened to one instance, oldest first."""
+    stmt = (
+        sa.select(flow_log)
+        .where(flow_log.c.flow == flow, flow_log.c.flow_id == flow_id)
+        .order_by(flow_log.c.id)
+    )
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    return [
+        FlowLogEntry(
+            at=r.at if r.at.tzinfo else r.at.replace(tzinfo=UTC),
+            action=r.action,
+            step=r.step,
+            event_type=r.event_type,
+            message_id=r.message_id,
+            detail=r.detail,
+        )
+        for r in rows
+    ]

@@ -1,0 +1,496 @@
+"""The tracker of one declared flow: instance state, compensation order, deadlines.
+
+It runs in the app that called `app.track(flow)`, as an ordinary handler on its own queue
+bound to every outcome event of the flow, so each transition gets the inbox, retries and dead
+letters every handler gets. A transition locks the instance's row (`SELECT ... FOR UPDATE` on
+PostgreSQL; SQLite serialises writers anyway), so concurrent events of one instance apply one
+after another, and its state changes, log rows and the compensation requests it emits commit
+together.
+
+Compensation: when a step's failure event arrives, the steps before it that declare a
+compensation are undone newest first, one at a time: the tracker emits a request for one, and
+the next only after txflow reported that one finished. A deadline that passes does the same
+for every completed step. Steps whose success the tracker has not seen yet are waited for
+(events may arrive out of order), and a success that arrives after the instance failed is
+compensated too, so no step's effect is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from txflow.context import Context
+from txflow.errors import TxflowError
+from txflow.flows import (
+    CompensateStep,
+    CompensationFailed,
+    Flow,
+    FlowInfo,
+    FlowStatus,
+    StepCompensated,
+    StepRecord,
+)
+from txflow.messages import Envelope, Event
+from txflow.store.tables import flow_log, flows
+
+if TYPE_CHECKING:
+    from txflow.outbox import OutboxRelay
+    from txflow.store import Store
+
+log = logging.getLogger("txflow.flows")
+
+FlowHook = Callable[[FlowInfo, Context], Awaitable[Event | Iterable[Event] | None]]
+# Seconds between two looks for instances past their deadline.
+DEADLINE_SCAN_INTERVAL = 1.0
+# Instances timed out in one transaction.
+DEADLINE_BATCH = 100
+
+_TERMINAL_FAILURES = {"failed": FlowStatus.FAILED, "timed_out": FlowStatus.TIMED_OUT}
+
+
+@dataclass
+class _Instance:
+    """The mutable state of one instance while a transition runs."""
+
+    flow_id: str
+    status: FlowStatus
+    started_at: datetime
+    failure: str | None = None
+    failed_step: str | None = None
+    reason: str | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    compensated: list[str] = field(default_factory=list)
+    compensating: str | None = None
+    finished_at: datetime | None = None
+    deadline: float | None = None
+    deadline_reason: str | None = None
+    version: int = 0
+    exists: bool = False
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def completed(self, step: str) -> dict[str, Any] | None:
+        return next((s for s in self.steps if s["step"] == step), None)
+
+
+def instance_from_row(row: sa.Row[Any]) -> _Instance:
+    m = row._mapping
+    return _Instance(
+        flow_id=m["flow_id"],
+        status=FlowStatus(m["status"]),
+        started_at=_aware(m["started_at"]),
+        failure=m["failure"],
+        failed_step=m["failed_step"],
+        reason=m["reason"],
+        steps=list(m["steps"]),
+        compensated=list(m["compensated"]),
+        compensating=m["compensating"],
+        finished_at=_aware(m["finished_at"]) if m["finished_at"] else None,
+        deadline=m["deadline"],
+        deadline_reason=m["deadline_reason"],
+        version=m["version"],
+        exists=True,
+    )
+
+
+def info_from_row(flow: Flow | None, row: sa.Row[Any]) -> FlowInfo:
+    """A `FlowInfo` from a `txflow_flows` row (`flow` decodes step events, if known)."""
+    m = row._mapping
+    inst = instance_from_row(row)
+    return _info(m["flow"], inst, flow, _aware(m["updated_at"]))
+
+
+def _info(name: str, inst: _Instance, flow: Flow | None, updated_at: datetime) -> FlowInfo:
+    return FlowInfo(
+        flow=name,
+        flow_id=inst.flow_id,
+        status=inst.status,
+        steps=tuple(StepRecord.from_json(s) for s in inst.steps),
+        compensated=tuple(inst.compensated),
+        failed_step=inst.failed_step,
+        reason=inst.reason,
+        started_at=inst.started_at,
+        updated_at=updated_at,
+        finished_at=inst.finished_at,
+        deadline=inst.deadline,
+        _events=flow.event_types_by_name() if flow is not None else {},
+    )
+
+
+def _aware(value: datetime | str) -> datetime:
+    value = _parse(value) if isinstance(value, str) else value
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _parse(value: str) -> datetime:
+    return _aware(datetime.fromisoformat(value))
+
+
+class FlowTracker:
+    """Keeps the instances of `flow` in `store`; see the module docs.
+
+    Args:
+        flow: the declared flow.
+        store_of: returns the app's store (it exists only once the app started).
+
+    Attributes:
+        on_completed, on_failed: hooks run in the transaction that ends an instance
+            (registered with `@app.on_completed(flow)` and `@app.on_failed(flow)`).
+    """
+
+    def __init__(self, flow: Flow, store_of: Callable[[], Store]) -> None:
+        self.flow = flow
+        self._store_of = store_of
+        self.on_completed: list[FlowHook] = []
+        self.on_failed: list[FlowHook] = []
+        self._select = (
+            sa.select(flows)
+            .where(flows.c.flow == flow.name, flows.c.flow_id == sa.bindparam("flow_id"))
+            .with_for_update()
+        )
+
+    @property
+    def has_deadlines(self) -> bool:
+        return self.flow.timeout is not None or any(s.timeout for s in self.flow.steps)
+
+    # -- the handler ---------------------------------------------------------------------------
+
+    async def handle(self, event: Event, ctx: Context) -> None:
+        """Apply one flow event to its instance (the tracker queue's handler)."""
+        envelope = ctx.envelope
+        assert envelope is not None
+        inst = await self._load(ctx, envelope)
+        if isinstance(event, StepCompensated):
+            await self._on_compensated(inst, ctx, event.step, envelope)
+        elif isinstance(event, CompensationFailed):
+            await self._on_compensation_failed(inst, ctx, event, envelope)
+        else:
+            outcome = self.flow.outcome(envelope.event_type)
+            assert outcome is not None, envelope.event_type
+            index, succeeded = outcome
+            if succeeded:
+                await self._on_success(inst, ctx, index, envelope)
+            else:
+                await self._on_failure(inst, ctx, index, event, envelope)
+        await self._save(ctx, inst)
+
+    async def _load(self, ctx: Context, envelope: Envelope[Event]) -> _Instance:
+        session = ctx.session
+        flow_id = envelope.correlation_id
+        row = (await session.execute(self._select, {"flow_id": flow_id})).one_or_none()
+        if row is not None:
+            return instance_from_row(row)
+        # First event seen of this instance (usually its start). Insert-or-skip, then lock: a
+        # concurrent first event of the same instance waits on the key and finds the row.
+        inst = _Instance(flow_id, FlowStatus.RUNNING, envelope.occurred_at)
+        store = self._store_of()
+        await session.execute(
+            store.insert_ignoring_conflicts(flows), [self._values(inst, datetime.now(UTC))]
+        )
+        row = (await session.execute(self._select, {"flow_id": flow_id})).one()
+        return instance_from_row(row)
+
+    # -- transitions -----------------------------------------------------------------------------
+
+    async def _on_success(
+        self, inst: _Instance, ctx: Context, index: int, envelope: Envelope[Event]
+    ) -> None:
+        step = self.flow.steps[index]
+        if inst.completed(step.name) is not None:
+            self._note(inst, "duplicate ignored", step.name, envelope, "step already completed")
+            log.warning(
+                "flow %s %s: step %s already completed; %s %s ignored",
+                self.flow.name,
+                inst.flow_id,
+                step.name,
+                envelope.event_type,
+                envelope.message_id,
+            )
+            return
+        inst.steps.append(
+            {
+                "step": step.name,
+                "event_type": envelope.event_type,
+                "message_id": envelope.message_id,
+                "at": envelope.occurred_at.isoformat(),
+                "body": envelope.event.model_dump_json(),
+            }
+        )
+        # Kept in the flow's step order; the order of arrival is in the log.
+        inst.steps.sort(key=lambda s: self.flow.index(s["step"]))
+        inst.started_at = min(inst.started_at, envelope.occurred_at)
+        if inst.status is FlowStatus.RUNNING:
+            self._note(inst, "step completed", step.name, envelope)
+            if index == len(self.flow.steps) - 1:
+                await self._finish(inst, ctx, FlowStatus.COMPLETED)
+            return
+        if inst.status is FlowStatus.COMPLETED:
+            # A step's success overtaken by the flow's completion: recorded, nothing to do.
+            self._note(inst, "step completed", step.name, envelope, "after the flow completed")
+            return
+        # Compensating or failed: this step's effect must be undone too.
+        self._note(inst, "late step completed", step.name, envelope, f"flow is {inst.status}")
+        log.warning(
+            "flow %s %s is %s; late %s of step %s%s",
+            self.flow.name,
+            inst.flow_id,
+            inst.status,
+            envelope.event_type,
+            step.name,
+            ", compensating it" if step.compensation else " ignored",
+        )
+        if step.compensation and inst.status is not FlowStatus.COMPENSATION_FAILED:
+            inst.status = FlowStatus.COMPENSATING
+            inst.finished_at = None
+            await self._advance(inst, ctx)
+
+    async def _on_failure(
+        self, inst: _Instance, ctx: Context, index: int, event: Event, envelope: Envelope[Event]
+    ) -> None:
+        step = self.flow.steps[index]
+        if inst.status is not FlowStatus.RUNNING:
+            self._note(inst, "late event ignored", step.name, envelope, f"flow is {inst.status}")
+            log.warning(
+                "flow %s %s is %s; late failure %s %s of step %s ignored",
+                self.flow.name,
+                inst.flow_id,
+                inst.status,
+                envelope.event_type,
+                envelope.message_id,
+                step.name,
+            )
+            return
+        reason = getattr(event, "reason", None)
+        inst.status = FlowStatus.COMPENSATING
+        inst.failure = "failed"
+        inst.failed_step = step.name
+        inst.reason = f"{step.name}: {reason if isinstance(reason, str) else envelope.event_type}"
+        inst.deadline = inst.deadline_reason = None
+        self._note(inst, "step failed", step.name, envelope, inst.reason)
+        await self._advance(inst, ctx)
+
+    async def _on_compensated(
+        self, inst: _Instance, ctx: Context, step: str, envelope: Envelope[Event]
+    ) -> None:
+        if step in inst.compensated:
+            self._note(inst, "duplicate ignored", step, envelope, "already compensated")
+            return
+        inst.compensated.append(step)
+        if inst.compensating == step:
+            inst.compensating = None
+        self._note(inst, "step compensated", step, envelope)
+        if inst.status is FlowStatus.COMPENSATION_FAILED:
+            # An operator replayed the dead-lettered compensation and it went through.
+            inst.status = FlowStatus.COMPENSATING
+            inst.finished_at = None
+        if inst.status is FlowStatus.COMPENSATING:
+            await self._advance(inst, ctx)
+
+    async def _on_compensation_failed(
+        self, inst: _Instance, ctx: Context, event: CompensationFailed, envelope: Envelope[Event]
+    ) -> None:
+        if event.step in inst.compensated:
+            self._note(inst, "late event ignored", event.step, envelope, "already compensated")
+            return
+        inst.reason = f"compensation of {event.step} failed: {event.error}"
+        self._note(inst, "compensation failed", event.step, envelope, event.error)
+        log.error("flow %s %s: %s", self.flow.name, inst.flow_id, inst.reason)
+        await self._finish(inst, ctx, FlowStatus.COMPENSATION_FAILED)
+
+    async def time_out(self, inst: _Instance, ctx: Context) -> None:
+        """The instance's deadline passed: compensate every completed step."""
+        inst.status = FlowStatus.COMPENSATING
+        inst.failure = "timed_out"
+        inst.reason = inst.deadline_reason or "timed out"
+        inst.deadline = inst.deadline_reason = None
+        self._note(inst, "timed out", None, None, inst.reason)
+        log.warning("flow %s %s: %s", self.flow.name, inst.flow_id, inst.reason)
+        await self._advance(inst, ctx)
+
+    async def _advance(self, inst: _Instance, ctx: Context) -> None:
+        """Request the next compensation, or end the instance when none is left."""
+        if inst.compensating is not None:
+            return  # one at a time: wait for the outstanding one to answer
+        limit = len(self.flow.steps)
+        if inst.failure == "failed" and inst.failed_step is not None:
+            limit = self.flow.index(inst.failed_step)
+        for index in reversed(range(limit)):
+            step = self.flow.steps[index]
+            if not step.compensation or step.name in inst.compensated:
+                continue
+            record = inst.completed(step.name)
+            if record is None:
+                if inst.failure == "failed":
+                    # Its success must exist (a later step ran), it has not reached us yet.
+                    self._note(inst, "waiting", step.name, None, "for the step's success event")
+                    return
+                continue  # timed out before this step completed: nothing to undo (yet)
+            self._request(inst, ctx, record)
+            return
+        await self._finish(inst, ctx, _TERMINAL_FAILURES.get(inst.failure or "", FlowStatus.FAILED))
+
+    def _request(self, inst: _Instance, ctx: Context, record: dict[str, Any]) -> None:
+        step = record["step"]
+        command = self.flow.compensate_events[step]
+        assert issubclass(command, CompensateStep)
+        ctx.emit(
+            command(
+                flow=self.flow.name,
+                flow_id=inst.flow_id,
+                step=step,
+                step_event_type=record["event_type"],
+                step_event=json.loads(record["body"]),
+                status=inst.failure or "failed",
+                failed_step=inst.failed_step,
+                reason=inst.reason,
+                steps=inst.steps,
+            )
+        )
+        inst.compensating = step
+        self._note(inst, "compensation requested", step, None)
+
+    async def _finish(self, inst: _Instance, ctx: Context, status: FlowStatus) -> None:
+        inst.status = status
+        now = datetime.now(UTC)
+        inst.finished_at = now
+        inst.deadline = inst.deadline_reason = None
+        self._note(inst, str(status), None, None, inst.reason)
+        hooks = self.on_completed if status is FlowStatus.COMPLETED else self.on_failed
+        if hooks:
+            info = _info(self.flow.name, inst, self.flow, now)
+            for hook in hooks:
+                ctx.emit_all(await hook(info, ctx))
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def _note(
+        self,
+        inst: _Instance,
+        action: str,
+        step: str | None,
+        envelope: Envelope[Event] | None,
+        detail: str | None = None,
+    ) -> None:
+        inst.log.append(
+            {
+                "flow": self.flow.name,
+                "flow_id": inst.flow_id,
+                "at": datetime.now(UTC),
+                "action": action,
+                "step": step,
+                "event_type": envelope.event_type if envelope else None,
+                "message_id": envelope.message_id if envelope else None,
+                "detail": detail,
+            }
+        )
+
+    def _schedule(self, inst: _Instance) -> None:
+        """Set the deadline of a running instance: the flow's, or its current step's if sooner."""
+        if inst.status is not FlowStatus.RUNNING:
+            return
+        candidates: list[tuple[float, str]] = []
+        if self.flow.timeout is not None:
+            candidates.append(
+                (
+                    inst.started_at.timestamp() + self.flow.timeout,
+                    f"flow timed out after {self.flow.timeout:g}s",
+                )
+            )
+        done = [self.flow.index(s["step"]) for s in inst.steps]
+        current = max(done) + 1 if done else 0
+        if 0 < current < len(self.flow.steps) and self.flow.steps[current].timeout is not None:
+            step = self.flow.steps[current]
+            previous = inst.completed(self.flow.steps[current - 1].name) or inst.steps[-1]
+            timeout = step.timeout or 0.0
+            candidates.append(
+                (
+                    _parse(previous["at"]).timestamp() + timeout,
+                    f"step {step.name} timed out after {timeout:g}s",
+                )
+            )
+        inst.deadline, inst.deadline_reason = min(candidates) if candidates else (None, None)
+
+    def _values(self, inst: _Instance, now: datetime) -> dict[str, Any]:
+        return {
+            "flow": self.flow.name,
+            "flow_id": inst.flow_id,
+            "status": str(inst.status),
+            "failure": inst.failure,
+            "failed_step": inst.failed_step,
+            "reason": inst.reason,
+            "steps": inst.steps,
+            "compensated": inst.compensated,
+            "compensating": inst.compensating,
+            "started_at": inst.started_at,
+            "updated_at": now,
+            "finished_at": inst.finished_at,
+            "deadline": inst.deadline,
+            "deadline_reason": inst.deadline_reason,
+            "version": inst.version,
+        }
+
+    async def _save(self, ctx: Context, inst: _Instance) -> None:
+        self._schedule(inst)
+        inst.version += 1
+        values = self._values(inst, datetime.now(UTC))
+        session = ctx.session
+        await session.execute(
+            sa.update(flows)
+            .where(flows.c.flow == self.flow.name, flows.c.flow_id == inst.flow_id)
+            .values(**{k: v for k, v in values.items() if k not in ("flow", "flow_id")})
+        )
+        if inst.log:
+            await session.execute(sa.insert(flow_log), inst.log)
+            inst.log = []
+
+    # -- deadlines -------------------------------------------------------------------------------
+
+    async def expire_due(self, store: Store, relay: OutboxRelay) -> int:
+        """Time out the running instances past their deadline; returns how many."""
+        due = (
+            sa.select(flows)
+            .where(
+                flows.c.flow == self.flow.name,
+                flows.c.status == str(FlowStatus.RUNNING),
+                flows.c.deadline <= time.time(),
+            )
+            .order_by(flows.c.deadline)
+            .limit(DEADLINE_BATCH)
+            .with_for_update(skip_locked=True)
+        )
+        async with store.transaction() as session:
+            rows = (await session.execute(due)).all()
+            contexts = []
+            for row in rows:
+                inst = instance_from_row(row)
+                ctx = Context(session, correlation_id=inst.flow_id)
+                await self.time_out(inst, ctx)
+                await self._save(ctx, inst)
+                contexts.append(ctx)
+            records = [r for ctx in contexts for r in await relay.write(ctx)]
+        relay.submit(records)
+        return len(rows)
+
+    async def run_deadlines(
+        self, store: Store, relay: OutboxRelay, interval: float = DEADLINE_SCAN_INTERVAL
+    ) -> None:
+        """Time out instances until cancelled; survives database outages (logs once per outage)."""
+        failing = False
+        while True:
+            try:
+                while await self.expire_due(store, relay) == DEADLINE_BATCH:
+                    pass
+                failing = False
+            except (TxflowError, OSError, sa.exc.SQLAlchemyError) as exc:
+                if not failing:
+                    log.warning("flow %s: cannot check deadlines: %s", self.flow.name, exc)
+                failing = True
+            await asyncio.sleep(interval)

@@ -1,0 +1,396 @@
+"""Declared flows: state, compensation order, deadlines, failures of compensations, late events.
+
+The flow under test spans two services. `owner` tracks it and does the first step; `worker`
+does the rest:
+
+    start (owner, compensable) -> b (compensable) -> c (compensable) -> d (may fail)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.conftest import Backend, settle
+from tests.support import take_one
+from txflow import (
+    ConfigurationError,
+    Context,
+    Event,
+    Flow,
+    FlowInfo,
+    FlowStatus,
+    QueueSpec,
+    RetryPolicy,
+    Step,
+    Topology,
+    TxFlow,
+    dlq,
+)
+from txflow.flow_queries import flow_history
+from txflow.testing import wait_until
+
+
+class Started(Event):
+    key: str
+    fail_at: str = ""
+
+
+class BDone(Event):
+    key: str
+    fail_at: str = ""
+
+
+class CDone(Event):
+    key: str
+    fail_at: str = ""
+
+
+class DDone(Event):
+    key: str
+
+
+class CFailed(Event):
+    key: str
+    reason: str
+
+
+class DFailed(Event):
+    key: str
+    reason: str
+
+
+def make_flow(*, timeout: float | None = None, d_timeout: float | None = None) -> Flow:
+    return Flow(
+        "job",
+        [
+            Step("start", succeeded=Started, compensation=True),
+            Step("b", succeeded=BDone, compensation=True),
+            Step("c", succeeded=CDone, failed=CFailed, compensation=True),
+            Step("d", succeeded=DDone, failed=DFailed, timeout=d_timeout),
+        ],
+        timeout=timeout,
+    )
+
+
+@dataclass
+class Rig:
+    flow: Flow
+    owner: TxFlow
+    worker: TxFlow
+    # (step, flow_id) of every compensation body that ran, in order.
+    undone: list[tuple[str, str]] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    failed: list[FlowInfo] = field(default_factory=list)
+    # Steps whose compensation raises while listed here.
+    broken: set[str] = field(default_factory=set)
+
+    def undo(self, step: str, key: str) -> None:
+        if step in self.broken:
+            raise RuntimeError("warehouse API down")
+        self.undone.append((step, key))
+
+    async def start_flow(self, key: str, fail_at: str = "") -> None:
+        async with self.owner.transaction(correlation_id=key) as tx:
+            tx.emit(Started(key=key, fail_at=fail_at))
+
+    async def state(self, key: str) -> FlowInfo | None:
+        return await self.owner.flow_state(self.flow, key)
+
+    async def wait_status(self, key: str, *statuses: FlowStatus, timeout: float = 15.0) -> FlowInfo:
+        async def reached() -> bool:
+            info = await self.state(key)
+            return info is not None and info.status in statuses
+
+        await wait_until(reached, timeout=timeout, message=f"flow {key} {statuses}")
+        info = await self.state(key)
+        assert info is not None
+        return info
+
+
+async def make_rig(
+    backend: Backend,
+    flow: Flow | None = None,
+    *,
+    worker_steps: bool = True,
+    **owner_kwargs: object,
+) -> Rig:
+    flow = flow or make_flow()
+    owner = await backend.app("owner", database="owner", **owner_kwargs)  # type: ignore[arg-type]
+    worker = await backend.app("worker", database="worker")
+    rig = Rig(flow, owner, worker)
+    owner.track(flow)
+    retry = RetryPolicy.immediate(2)
+
+    @owner.compensation(flow, "start", retry=retry)
+    async def undo_start(event: Started, ctx: Context) -> None:
+        assert ctx.flow is not None and ctx.flow.flow_id == event.key
+        rig.undo("start", event.key)
+
+    @owner.on_completed(flow)
+    async def completed(info: FlowInfo, ctx: Context) -> None:
+        rig.completed.append(info.flow_id)
+
+    @owner.on_failed(flow)
+    async def failed(info: FlowInfo, ctx: Context) -> None:
+        rig.failed.append(info)
+
+    if worker_steps:
+
+        @worker.handler()
+        async def do_b(event: Started) -> BDone:
+            return BDone(key=event.key, fail_at=event.fail_at)
+
+        @worker.handler()
+        async def do_c(event: BDone) -> CDone | CFailed:
+            if event.fail_at == "c":
+                return CFailed(key=event.key, reason="c refused")
+            return CDone(key=event.key, fail_at=event.fail_at)
+
+        @worker.handler()
+        async def do_d(event: CDone) -> DDone | DFailed:
+            if event.fail_at == "d":
+                return DFailed(key=event.key, reason="d refused")
+            return DDone(key=event.key)
+
+    @worker.compensation(flow, "b", retry=retry)
+    async def undo_b(event: BDone) -> None:
+        rig.undo("b", event.key)
+
+    @worker.compensation(flow, "c", retry=retry)
+    async def undo_c(event: CDone, ctx: Context) -> None:
+        # A compensation sees the flow: why it fails and every completed step's event.
+        assert ctx.flow is not None and ctx.flow.status is FlowStatus.COMPENSATING
+        assert ctx.flow.completed_steps[:3] == ("start", "b", "c")
+        assert ctx.flow.event("b") == BDone(key=event.key, fail_at=event.fail_at)
+        rig.undo("c", event.key)
+
+    return rig
+
+
+async def test_completed_flow_runs_no_compensation(backend: Backend) -> None:
+    rig = await make_rig(backend)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        info = await rig.wait_status("k1", FlowStatus.COMPLETED)
+        assert info.completed_steps == ("start", "b", "c", "d")
+        assert info.finished_at is not None
+        await wait_until(lambda: rig.completed == ["k1"], message="on_completed")
+        assert isinstance(info.event("c"), CDone)
+        await settle()
+        assert rig.undone == []
+        assert rig.failed == []
+
+
+async def test_failure_compensates_completed_steps_newest_first(backend: Backend) -> None:
+    rig = await make_rig(backend)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1", fail_at="d")
+        await rig.start_flow("k2", fail_at="c")
+        one = await rig.wait_status("k1", FlowStatus.FAILED)
+        two = await rig.wait_status("k2", FlowStatus.FAILED)
+        # d failed: c, b, start are undone in that order; d itself is not compensated.
+        assert [s for s, k in rig.undone if k == "k1"] == ["c", "b", "start"]
+        # c failed: only b and start; the failing step c is not compensated.
+        assert [s for s, k in rig.undone if k == "k2"] == ["b", "start"]
+        assert one.reason == "d: d refused" and one.failed_step == "d"
+        assert two.reason == "c: c refused" and two.failed_step == "c"
+        assert set(one.compensated) == {"c", "b", "start"}
+        await wait_until(lambda: len(rig.failed) == 2, message="on_failed")
+        assert {f.status for f in rig.failed} == {FlowStatus.FAILED}
+        await settle()
+        assert len(rig.undone) == 5  # each compensation once
+        history = [e.action for e in await flow_history(rig.owner.store, "job", "k1")]
+        assert history[0] == "step completed" and "step failed" in history
+        assert history.count("compensation requested") == 3
+        assert history[-1] == "failed"
+
+
+async def test_compensation_runs_once_under_duplicate_delivery(backend: Backend) -> None:
+    rig = await make_rig(backend)
+    flow = rig.flow
+    spy = f"{backend.test_id}.spy"
+    async with rig.owner, rig.worker:
+        # A queue that keeps a copy of every request to compensate step b.
+        await rig.owner.transport.declare(
+            Topology(
+                rig.owner.exchange,
+                (QueueSpec(spy, (flow.compensate_events["b"].event_type,), f"{spy}.dlq"),),
+            )
+        )
+        await rig.start_flow("k1", fail_at="d")
+        await rig.wait_status("k1", FlowStatus.FAILED)
+        request = await take_one(rig.owner, spy)
+        queue = rig.worker.handlers["undo_b"].queue
+        for _ in range(2):  # the same message id twice more: the inbox drops both
+            await rig.worker.transport.send(queue, request)
+        await settle(0.5)
+        assert rig.undone.count(("b", "k1")) == 1
+        info = await rig.state("k1")
+        assert info is not None and info.status is FlowStatus.FAILED
+        assert info.compensated.count("b") == 1
+
+
+async def test_out_of_order_failure_waits_for_the_missing_success(backend: Backend) -> None:
+    rig = await make_rig(backend, worker_steps=False)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        await rig.wait_status("k1", FlowStatus.RUNNING)
+        # c failed, but b's success has not reached the tracker yet.
+        await rig.owner.publish(CFailed(key="k1", reason="late b"), correlation_id="k1")
+        info = await rig.wait_status("k1", FlowStatus.COMPENSATING)
+        await settle()
+        assert rig.undone == []  # b must be undone before start: nothing may run yet
+        await rig.owner.publish(BDone(key="k1"), correlation_id="k1")
+        await rig.wait_status("k1", FlowStatus.FAILED)
+        assert rig.undone == [("b", "k1"), ("start", "k1")]
+        assert info.failed_step == "c"
+
+
+async def test_late_and_duplicate_events_of_a_finished_flow_are_ignored(backend: Backend) -> None:
+    rig = await make_rig(backend)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        done = await rig.wait_status("k1", FlowStatus.COMPLETED)
+        await rig.owner.publish(DFailed(key="k1", reason="too late"), correlation_id="k1")
+        await rig.owner.publish(CDone(key="k1"), correlation_id="k1")
+
+        async def logged() -> bool:
+            actions = [e.action for e in await flow_history(rig.owner.store, "job", "k1")]
+            return actions.count("late event ignored") == 1 and "duplicate ignored" in actions
+
+        await wait_until(logged, message="late events logged")
+        after = await rig.state("k1")
+        assert after is not None
+        assert after.status is FlowStatus.COMPLETED and after.reason is None
+        assert after.completed_steps == done.completed_steps
+        assert rig.undone == [] and rig.completed == ["k1"]
+
+
+async def test_step_that_exhausts_its_retries_fails_the_flow(backend: Backend) -> None:
+    rig = await make_rig(backend, worker_steps=False)
+    attempts: list[int] = []
+
+    @rig.worker.handler(
+        retry=RetryPolicy.immediate(3),
+        on_exhausted=lambda event, exc: DFailed(key=event.key, reason=f"gave up: {exc}"),
+    )
+    async def do_d(event: CDone, ctx: Context) -> DDone:
+        attempts.append(ctx.attempt)
+        raise RuntimeError("gateway down")
+
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        for event in (BDone(key="k1"), CDone(key="k1")):
+            await rig.worker.publish(event, correlation_id="k1")
+        info = await rig.wait_status("k1", FlowStatus.FAILED)
+        assert attempts == [1, 2, 3]
+        assert info.reason == "d: gave up: gateway down"
+        assert [s for s, _ in rig.undone] == ["c", "b", "start"]
+        dead = await dlq.show(rig.worker.transport, rig.worker.handlers["do_d"].queue + ".dlq", 10)
+        assert len(dead) == 1 and dead[0].exception_type == "RuntimeError"
+
+
+async def test_compensation_failure_is_visible_and_replay_resumes(backend: Backend) -> None:
+    rig = await make_rig(backend)
+    rig.broken.add("b")
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1", fail_at="d")
+        info = await rig.wait_status("k1", FlowStatus.COMPENSATION_FAILED)
+        assert info.reason == "compensation of b failed: RuntimeError: warehouse API down"
+        assert info.compensated == ("c",)
+        await settle()
+        assert ("start", "k1") not in rig.undone  # stops at the failed compensation
+        dlq_name = rig.worker.handlers["undo_b"].queue + ".dlq"
+        dead = await dlq.show(rig.worker.transport, dlq_name, 10)
+        assert len(dead) == 1 and "warehouse API down" in (dead[0].reason or "")
+        assert dead[0].attempts == 2
+        # The operator fixes the cause and replays: the flow resumes and ends failed.
+        rig.broken.clear()
+        assert await dlq.replay(rig.worker.transport, dlq_name, replay_all=True) == 1
+        await rig.wait_status("k1", FlowStatus.FAILED)
+        assert [s for s, _ in rig.undone] == ["c", "b", "start"]
+
+
+async def test_timeout_survives_a_restart_and_compensates(backend: Backend) -> None:
+    flow = make_flow(timeout=1.5)
+    rig = await make_rig(backend, flow, worker_steps=False)
+    async with rig.worker:
+        async with rig.owner:
+            await rig.start_flow("k1")
+            await rig.worker.publish(BDone(key="k1"), correlation_id="k1")
+            info = await rig.wait_status("k1", FlowStatus.RUNNING)
+            await wait_until(
+                lambda: _has_steps(rig, "k1", 2), message="b recorded"
+            )  # the tracker saw start and b
+            info = await rig.state("k1")
+            assert info is not None and info.deadline is not None
+        # No owner process runs while the deadline passes.
+        await asyncio.sleep(2.0)
+        assert rig.undone == []
+        restarted = await make_rig(backend, flow, worker_steps=False)
+        owner = restarted.owner
+        async with owner:
+            info = await restarted.wait_status("k1", FlowStatus.TIMED_OUT)
+        assert info.reason == "flow timed out after 1.5s"
+        assert [s for s, _ in rig.undone + restarted.undone] == ["b", "start"]
+
+
+def _has_steps(rig: Rig, key: str, n: int) -> object:
+    async def check() -> bool:
+        info = await rig.state(key)
+        return info is not None and len(info.steps) == n
+
+    return check()
+
+
+async def test_step_timeout_counts_from_the_previous_step(backend: Backend) -> None:
+    rig = await make_rig(backend, make_flow(d_timeout=0.5), worker_steps=False)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        for event in (BDone(key="k1"), CDone(key="k1")):
+            await rig.worker.publish(event, correlation_id="k1")
+        info = await rig.wait_status("k1", FlowStatus.TIMED_OUT)
+        assert info.reason == "step d timed out after 0.5s"
+        assert [s for s, _ in rig.undone] == ["c", "b", "start"]
+        # d finishing after the timeout changes nothing: d has no compensation.
+        await rig.worker.publish(DDone(key="k1"), correlation_id="k1")
+        await settle()
+        after = await rig.state("k1")
+        assert after is not None and after.status is FlowStatus.TIMED_OUT
+
+
+async def test_many_instances_concurrently(backend: Backend) -> None:
+    rig = await make_rig(backend)
+    keys = [f"k{i}" for i in range(60)]
+    fails = {k: ("", "c", "d")[i % 3] for i, k in enumerate(keys)}
+    async with rig.owner, rig.worker:
+        await asyncio.gather(*(rig.start_flow(k, fails[k]) for k in keys))
+
+        async def all_done() -> bool:
+            counts = await rig.owner.list_flows(flow=rig.flow, limit=1000)
+            return len(counts) == len(keys) and all(i.status.terminal for i in counts)
+
+        await wait_until(all_done, timeout=60, message="all instances terminal")
+        for key in keys:
+            info = await rig.state(key)
+            assert info is not None
+            expected = {"": [], "c": ["b", "start"], "d": ["c", "b", "start"]}[fails[key]]
+            assert [s for s, k in rig.undone if k == key] == expected, key
+            want = FlowStatus.COMPLETED if not fails[key] else FlowStatus.FAILED
+            assert info.status is want
+
+
+def test_declarations_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="marks more than one outcome"):
+        Flow("x", [Step("a", succeeded=Started), Step("b", succeeded=Started)])
+    with pytest.raises(ConfigurationError, match="two steps named"):
+        Flow("x", [Step("a", succeeded=Started), Step("a", succeeded=BDone)])
+    flow = make_flow()
+    app = TxFlow("svc")
+    with pytest.raises(ConfigurationError, match="has no compensation"):
+        app.compensation(flow, "d")
+    with pytest.raises(ConfigurationError, match="has no step"):
+        app.compensation(flow, "nope")
