@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -24,7 +24,7 @@ from tests.support import user_metadata as md
 from txflow import Context, Message, open_store
 from txflow.consumer import HandlerConsumer
 from txflow.messages import encode, new_message_id
-from txflow.store import outbox
+from txflow.store import inbox, outbox
 from txflow.testing import wait_until
 
 
@@ -452,3 +452,31 @@ async def test_publishes_that_fail_are_retried_in_emit_order(backend: Backend) -
         await app.publish(*(Ping(n=i) for i in range(20, 25)))
         await wait_until(lambda: len(received) == 25, message="all 25 delivered")
         assert [e.n for e in received] == list(range(25))  # type: ignore[attr-defined]
+
+
+async def test_inbox_rows_older_than_the_retention_are_deleted(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md, inbox_retention=3600)
+    calls: list[str] = []
+    add_effect_handler(app, calls, emit=False)
+    await app.init_db()
+    now = datetime.now(UTC)
+    async with app.store.transaction() as session:
+        await session.execute(
+            sa.insert(inbox),
+            [
+                {"handler": "old", "message_id": f"m{i}", "processed_at": now - timedelta(hours=2)}
+                for i in range(1200)  # more than one cleanup batch
+            ]
+            + [{"handler": "new", "message_id": "m", "processed_at": now - timedelta(minutes=5)}],
+        )
+    async with app:
+        await app.publish(Ping(n=1))
+        await wait_until(lambda: len(calls) == 1)
+
+        async def pruned() -> bool:
+            return await count_rows(app, inbox) == 2  # the fresh row and the Ping just handled
+
+        await wait_until(pruned, message="old inbox rows deleted")
+        async with app.store.engine.connect() as conn:
+            left = set((await conn.execute(sa.select(inbox.c.handler))).scalars())
+        assert left == {"new", app.handlers["effect"].queue}

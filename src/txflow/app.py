@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
@@ -49,6 +50,11 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_DELIVERY_LIMIT = 50
 # Database connections per process: more rarely helps, and many processes share one server.
 DEFAULT_DB_POOL_SIZE = 10
+# Seconds inbox rows are kept: far longer than any copy of a message can still arrive (queue
+# backlogs, retry delays, republished outbox rows), short enough to bound the table.
+DEFAULT_INBOX_RETENTION = 7 * 24 * 3600.0
+# Seconds between two inbox cleanups in each process.
+INBOX_CLEANUP_INTERVAL = 300.0
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -81,6 +87,9 @@ class TxFlow:
         notify: with `relay=None` on PostgreSQL, send one NOTIFY per transaction that emitted
             events, so relays in other processes publish them at once rather than at their
             next sweep. Turn off to rely on sweeps alone.
+        inbox_retention: seconds to keep inbox rows (7 days); older ones are deleted every
+            few minutes. A copy of a message arriving later than that would be handled
+            again. None keeps them for ever.
         transport: a ready `Transport` instance instead of `broker_url`.
     """
 
@@ -103,6 +112,7 @@ class TxFlow:
         quorum_queues: bool = False,
         delivery_limit: int | None = DEFAULT_DELIVERY_LIMIT,
         notify: bool = True,
+        inbox_retention: float | None = DEFAULT_INBOX_RETENTION,
         transport: Transport | None = None,
     ) -> None:
         if not _NAME.match(name):
@@ -125,10 +135,11 @@ class TxFlow:
         self.quorum_queues = quorum_queues
         self.delivery_limit = delivery_limit
         self.notify = notify
+        self.inbox_retention = inbox_retention
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self.trackers: dict[str, FlowTracker] = {}
-        self._deadline_tasks: list[asyncio.Task[None]] = []
+        self._background: list[asyncio.Task[None]] = []
         self._transport = transport
         self._owns_transport = transport is None
         self._store: Store | None = None
@@ -477,12 +488,16 @@ class TxFlow:
             )
             await consumer.start()
             self._consumers.append(consumer)
+        if self.inbox_retention is not None:
+            self._background.append(
+                asyncio.create_task(self._prune_inbox(store, self.inbox_retention))
+            )
         for tracker in self.trackers.values():
             if tracker.has_deadlines:
                 task = asyncio.create_task(
                     tracker.run_deadlines(store, self._relay), name=f"deadlines:{tracker.flow.name}"
                 )
-                self._deadline_tasks.append(task)
+                self._background.append(task)
 
     async def _check_tables(self, store: Store) -> None:
         try:
@@ -501,7 +516,7 @@ class TxFlow:
         not acked, and the broker redelivers them. Outbox rows not yet confirmed stay in
         the table and are published after restart.
         """
-        await self._stop_deadlines()
+        await self._stop_background()
         for consumer in self._consumers:
             await consumer.stop(self.shutdown_timeout)
         if self._relay is not None and self._relay.running:
@@ -511,6 +526,17 @@ class TxFlow:
         self._consumers.clear()
         await self._close_resources()
         self._started = False
+
+    async def _prune_inbox(self, store: Store, retention: float) -> None:
+        """Delete inbox rows older than `retention` seconds, every few minutes, until cancelled."""
+        while True:
+            cutoff = datetime.now(UTC) - timedelta(seconds=retention)
+            try:
+                while await store.delete_inbox_before(cutoff) > 0:
+                    pass
+            except (OSError, sa.exc.SQLAlchemyError) as exc:
+                log.warning("%s: inbox cleanup failed, trying again later: %s", self.name, exc)
+            await asyncio.sleep(INBOX_CLEANUP_INTERVAL)
 
     def _log_stats(self) -> None:
         """One line of counters since start, for the operator's log."""
@@ -528,15 +554,15 @@ class TxFlow:
             relay.failed if relay else 0,
         )
 
-    async def _stop_deadlines(self) -> None:
-        tasks, self._deadline_tasks = self._deadline_tasks, []
+    async def _stop_background(self) -> None:
+        tasks, self._background = self._background, []
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
 
     async def _close_resources(self) -> None:
-        await self._stop_deadlines()
+        await self._stop_background()
         relay, self._relay = self._relay, None
         if relay is not None:
             await relay.aclose()

@@ -283,6 +283,18 @@ class Store(abc.ABC):
             )
         return int(result.rowcount)
 
+    async def delete_inbox_before(self, older_than: datetime, limit: int = DEFAULT_BATCH) -> int:
+        """Delete up to `limit` inbox rows recorded before `older_than`; returns how many went."""
+        doomed = (
+            sa.select(inbox.c.handler, inbox.c.message_id)
+            .where(inbox.c.processed_at < older_than)
+            .limit(limit)
+        )
+        stmt = sa.delete(inbox).where(sa.tuple_(inbox.c.handler, inbox.c.message_id).in_(doomed))
+        async with self._write() as conn:
+            result = await conn.execute(stmt)
+        return int(result.rowcount)
+
     async def outbox_status(self) -> OutboxStatus:
         """Counts and lag of the outbox, for `txflow outbox status` and monitoring."""
         pending = sa.case((outbox.c.sent_at.is_(None), 1), else_=0)

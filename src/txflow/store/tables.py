@@ -59,6 +59,8 @@ inbox = sa.Table(
     sa.Column("handler", sa.String(255), primary_key=True),
     sa.Column("message_id", sa.String(MAX_ID_LENGTH), primary_key=True),
     sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
+    # For the retention cleanup (`TxFlow(inbox_retention=...)`).
+    sa.Index("ix_txflow_inbox_processed_at", "processed_at"),
 )
 
 flows = sa.Table(
