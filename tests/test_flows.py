@@ -394,3 +394,27 @@ def test_declarations_are_checked() -> None:
         app.compensation(flow, "d")
     with pytest.raises(ConfigurationError, match="has no step"):
         app.compensation(flow, "nope")
+
+
+async def test_a_step_that_succeeds_after_the_timeout_is_compensated_too(
+    backend: Backend,
+) -> None:
+    rig = await make_rig(backend, make_flow(timeout=1.0), worker_steps=False)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        await rig.worker.publish(BDone(key="k1"), correlation_id="k1")
+        await rig.wait_status("k1", FlowStatus.TIMED_OUT)
+        assert [s for s, _ in rig.undone] == ["b", "start"]
+        # c was slow, not dead: its effect must not be left behind.
+        await rig.worker.publish(CDone(key="k1"), correlation_id="k1")
+        await wait_until(lambda: ("c", "k1") in rig.undone, message="late c undone")
+
+        async def recorded() -> bool:
+            info = await rig.state("k1")
+            return info is not None and "c" in info.compensated
+
+        await wait_until(recorded, message="late compensation recorded")
+        info = await rig.state("k1")
+        assert info is not None and info.status is FlowStatus.TIMED_OUT
+        await settle()
+        assert len(rig.failed) == 1  # the instance ended once; its hook ran once

@@ -247,10 +247,15 @@ class FlowTracker:
             step.name,
             ", compensating it" if step.compensation else " ignored",
         )
-        if step.compensation and inst.status is not FlowStatus.COMPENSATION_FAILED:
-            inst.status = FlowStatus.COMPENSATING
-            inst.finished_at = None
-            await self._advance(inst, ctx)
+        if not step.compensation:
+            return
+        if inst.status is FlowStatus.COMPENSATING:
+            await self._advance(inst, ctx)  # in turn, newest first
+        elif inst.status in (FlowStatus.FAILED, FlowStatus.TIMED_OUT):
+            # Undo it too; the instance keeps its outcome (its hooks ran already).
+            record = inst.completed(step.name)
+            assert record is not None
+            self._request(inst, ctx, record)
 
     async def _on_failure(
         self, inst: _Instance, ctx: Context, index: int, event: Event, envelope: Envelope[Event]
@@ -293,6 +298,7 @@ class FlowTracker:
             inst.finished_at = None
         if inst.status is FlowStatus.COMPENSATING:
             await self._advance(inst, ctx)
+        # Otherwise it undid a step that succeeded after the instance ended: nothing follows.
 
     async def _on_compensation_failed(
         self, inst: _Instance, ctx: Context, event: CompensationFailed, envelope: Envelope[Event]
