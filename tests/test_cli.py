@@ -193,10 +193,16 @@ async def test_dlq_commands_list_show_replay_purge(real: Backend) -> None:
         shown = json.loads(out)
         assert [d["message_id"] for d in shown] == ["bad-0", "bad-1", "bad-2"]
         assert shown[0]["reason"] == "body is not valid JSON"
+        assert shown[0]["body"] == "{oops"
 
         rc, out, err = await txflow("dlq", "show", queue, env=env)
         assert rc == 0, err
         assert "3 dead letter(s)" in out and "MalformedMessageError" in out
+        assert "{oops" not in out
+
+        rc, out, err = await txflow("dlq", "show", queue, "--body", "--limit", "1", env=env)
+        assert rc == 0, err
+        assert out.endswith("bad-0 (application/json):\n{oops\n")
 
         rc, out, err = await txflow("dlq", "replay", queue, "--id", "bad-1", env=env)
         assert rc == 0, err

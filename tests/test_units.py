@@ -222,3 +222,17 @@ def test_graph_draws_events_between_handlers() -> None:
     assert "e1 --> b__on_pong" in text
     assert "b__on_pong --> e2" in text and "b__on_pong --> e0" in text  # declared + annotated
     assert text.index("subgraph a") > text.index('(["orders.Renamed"])')
+
+
+def test_dead_letter_body_preview_is_text_and_bounded() -> None:
+    from txflow import Message
+    from txflow.dead_letters import MAX_BODY_PREVIEW, DeadLetterInfo
+
+    def info(body: bytes) -> DeadLetterInfo:
+        return DeadLetterInfo.from_message(Message(body=body, routing_key="q"))
+
+    assert info(b'{"n": 1}').body == '{"n": 1}'
+    assert info(b"\xff\xfeok").body == "\ufffd\ufffdok"
+    big = info(b"x" * 10_000_000).body
+    assert big.startswith("x" * MAX_BODY_PREVIEW) and big.endswith("… (10000000 bytes)")
+    assert len(big) < MAX_BODY_PREVIEW + 30

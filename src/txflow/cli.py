@@ -388,6 +388,9 @@ def _cmd_dlq_show(args: argparse.Namespace) -> int:
     print(f"{len(rows)} dead letter(s) in {dlq.dead_letter_queue(args.queue)}")
     if rows:
         _print_table(rows, list(rows[0]))
+    if args.body:
+        for info in infos:
+            print(f"\n{info.message_id} ({info.content_type}):\n{info.body}")
     return 0
 
 
@@ -443,6 +446,7 @@ def _add_dlq_commands(sub: Any) -> None:
     show_ = group.add_parser("show", help="dead letters of a queue, with reasons")
     show_.add_argument("queue", help="a handler queue or its .dlq")
     show_.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    show_.add_argument("--body", action="store_true", help="also print each message's body")
     common(show_)
     show_.set_defaults(func=_cmd_dlq_show)
 

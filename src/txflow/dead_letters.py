@@ -75,6 +75,9 @@ class DeadLetterInfo:
     first_failure_at: str | None
     last_failure_at: str | None
     original_routing_key: str | None
+    # The body as text (undecodable bytes replaced), cut at `MAX_BODY_PREVIEW` characters.
+    body: str = ""
+    content_type: str | None = None
 
     @classmethod
     def from_message(cls, message: Message) -> DeadLetterInfo:
@@ -102,4 +105,17 @@ class DeadLetterInfo:
             first_failure_at=h.get(FIRST_FAILURE_AT),
             last_failure_at=h.get(LAST_FAILURE_AT),
             original_routing_key=h.get(ORIGINAL_ROUTING_KEY),
+            body=_preview(message.body),
+            content_type=message.content_type,
         )
+
+
+# Characters of a dead letter's body shown to the operator; bodies can be megabytes.
+MAX_BODY_PREVIEW = 2000
+
+
+def _preview(body: bytes) -> str:
+    text = body[: MAX_BODY_PREVIEW * 4].decode("utf-8", errors="replace")
+    if len(text) > MAX_BODY_PREVIEW or len(body) > MAX_BODY_PREVIEW * 4:
+        return f"{text[:MAX_BODY_PREVIEW]}… ({len(body)} bytes)"
+    return text
