@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -55,6 +56,8 @@ DEFAULT_DB_POOL_SIZE = 10
 DEFAULT_INBOX_RETENTION = 7 * 24 * 3600.0
 # Seconds between two inbox cleanups in each process.
 INBOX_CLEANUP_INTERVAL = 300.0
+# Seconds background loops get to finish their current step on stop before being cancelled.
+BACKGROUND_STOP_TIMEOUT = 10.0
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -140,6 +143,7 @@ class TxFlow:
         self.handlers: dict[str, HandlerSpec] = {}
         self.trackers: dict[str, FlowTracker] = {}
         self._background: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
         self._transport = transport
         self._owns_transport = transport is None
         self._store: Store | None = None
@@ -488,6 +492,7 @@ class TxFlow:
             )
             await consumer.start()
             self._consumers.append(consumer)
+        self._stopping = asyncio.Event()
         if self.inbox_retention is not None:
             self._background.append(
                 asyncio.create_task(self._prune_inbox(store, self.inbox_retention))
@@ -495,7 +500,8 @@ class TxFlow:
         for tracker in self.trackers.values():
             if tracker.has_deadlines:
                 task = asyncio.create_task(
-                    tracker.run_deadlines(store, self._relay), name=f"deadlines:{tracker.flow.name}"
+                    tracker.run_deadlines(store, self._relay, self._stopping),
+                    name=f"deadlines:{tracker.flow.name}",
                 )
                 self._background.append(task)
 
@@ -529,14 +535,15 @@ class TxFlow:
 
     async def _prune_inbox(self, store: Store, retention: float) -> None:
         """Delete inbox rows older than `retention` seconds, every few minutes, until cancelled."""
-        while True:
+        while not self._stopping.is_set():
             cutoff = datetime.now(UTC) - timedelta(seconds=retention)
             try:
-                while await store.delete_inbox_before(cutoff) > 0:
+                while await store.delete_inbox_before(cutoff) > 0 and not self._stopping.is_set():
                     pass
             except (OSError, sa.exc.SQLAlchemyError) as exc:
                 log.warning("%s: inbox cleanup failed, trying again later: %s", self.name, exc)
-            await asyncio.sleep(INBOX_CLEANUP_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), INBOX_CLEANUP_INTERVAL)
 
     def _log_stats(self) -> None:
         """One line of counters since start, for the operator's log."""
@@ -555,11 +562,16 @@ class TxFlow:
         )
 
     async def _stop_background(self) -> None:
+        """Let background loops finish their current step, then cancel what is still running."""
         tasks, self._background = self._background, []
-        for task in tasks:
+        self._stopping.set()
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=BACKGROUND_STOP_TIMEOUT)
+        for task in pending:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        if pending:
+            await asyncio.wait(pending)
 
     async def _close_resources(self) -> None:
         await self._stop_background()

@@ -60,6 +60,10 @@ EXIT_UNAVAILABLE = 1
 WORKER_START_GRACE = 5.0
 # Respawns of quickly failing workers before the supervisor gives up.
 MAX_QUICK_FAILURES = 5
+# Seconds a stopping worker gets beyond twice its shutdown timeout before it exits anyway.
+STOP_MARGIN = 30.0
+# Exit code of a worker that had to exit without closing its connections.
+EXIT_STUCK = 3
 LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"
 
 
@@ -152,8 +156,26 @@ async def _serve(app: TxFlow) -> None:
         await stop.wait()
     finally:
         log.info("%s stopping: finishing in-flight handlers and draining the outbox", app.name)
-        await app.stop()
+        await _stop_or_exit(app)
         log.info("%s stopped", app.name)
+
+
+async def _stop_or_exit(app: TxFlow) -> None:
+    """`app.stop()`, but a worker never hangs on the way out.
+
+    A stop has `shutdown_timeout` for handlers and again for the relay; if closing still does
+    not finish (a driver stuck on a dead socket), the process exits anyway. Nothing is lost:
+    unacked messages are redelivered, unsent outbox rows wait for the next relay, and the
+    database releases whatever the process's connections held.
+    """
+    limit = 2 * app.shutdown_timeout + STOP_MARGIN
+    stopping = asyncio.create_task(app.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=limit)
+    if not done:
+        log.error("%s did not stop within %.0fs; exiting without closing", app.name, limit)
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
+    stopping.result()
 
 
 async def _check_reachable(app: TxFlow) -> None:

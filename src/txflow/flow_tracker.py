@@ -18,6 +18,7 @@ compensated too, so no step's effect is left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -486,11 +487,19 @@ class FlowTracker:
         return len(rows)
 
     async def run_deadlines(
-        self, store: Store, relay: OutboxRelay, interval: float = DEADLINE_SCAN_INTERVAL
+        self,
+        store: Store,
+        relay: OutboxRelay,
+        stop: asyncio.Event,
+        interval: float = DEADLINE_SCAN_INTERVAL,
     ) -> None:
-        """Time out instances until cancelled; survives database outages (logs once per outage)."""
+        """Time out instances until `stop` is set; survives database outages (one log line each).
+
+        It is stopped between two scans rather than cancelled inside one (see
+        `guard_cancellation` for why cancelling database work is avoided).
+        """
         failing = False
-        while True:
+        while not stop.is_set():
             try:
                 while await self.expire_due(store, relay) == DEADLINE_BATCH:
                     pass
@@ -499,4 +508,5 @@ class FlowTracker:
                 if not failing:
                     log.warning("flow %s: cannot check deadlines: %s", self.flow.name, exc)
                 failing = True
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)

@@ -105,13 +105,30 @@ def _to_message(incoming: AbstractIncomingMessage) -> Message:
     )
 
 
+class _AbsentId(str):
+    """An empty message id that aiormq keeps and pamqp leaves out of the frame.
+
+    aiormq makes up a random id for any publish whose id is falsy. A message that arrived
+    without one must stay without one when txflow forwards it (to a dead-letter or retry
+    queue): with a made-up id a replayed dead letter would become handleable.
+    """
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return True
+
+
+_NO_ID = _AbsentId()
+
+
 def _properties(message: Message, expiration: float | None = None) -> spec.Basic.Properties:
     timestamp = message.timestamp or datetime.now(UTC)
     return spec.Basic.Properties(
         expiration=str(max(0, round(expiration * 1000))) if expiration is not None else None,
         content_type=message.content_type,
         delivery_mode=PERSISTENT,
-        message_id=message.message_id,
+        message_id=message.message_id if message.message_id is not None else _NO_ID,
         correlation_id=message.correlation_id,
         message_type=message.type,
         timestamp=timestamp,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -190,8 +191,15 @@ class Store(abc.ABC):
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session inside one database transaction: commit on success, roll back on error."""
         assert self._sessions is not None, "store is not connected"
-        async with self._sessions() as session, session.begin():
-            yield session
+        async with self._sessions() as session:
+            try:
+                async with session.begin():
+                    yield session
+            except asyncio.CancelledError:
+                # Cancelled inside the driver, the connection's transaction state is unknown
+                # (it may still hold a transaction and its row locks); never pool it again.
+                await asyncio.shield(session.invalidate())
+                raise
 
     async def record_inbox(self, session: AsyncSession, handler: str, message_id: str) -> bool:
         """Insert the inbox row; False when (handler, message_id) was already handled."""
@@ -350,8 +358,24 @@ class Store(abc.ABC):
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         """A short write transaction outside any handler (relay bookkeeping)."""
-        async with self.engine.begin() as conn:
-            yield conn
+        async with self.engine.connect() as conn:
+            async with guard_cancellation(conn), conn.begin():
+                yield conn
+
+
+@asynccontextmanager
+async def guard_cancellation(conn: AsyncConnection) -> AsyncIterator[None]:
+    """Invalidate `conn` when the task is cancelled inside the block.
+
+    A cancellation that lands inside the driver can leave the connection mid-statement or with
+    a transaction SQLAlchemy no longer knows about, holding row locks until it is closed.
+    Invalidating closes it instead of handing it back to the pool.
+    """
+    try:
+        yield
+    except asyncio.CancelledError:
+        await asyncio.shield(conn.invalidate())
+        raise
 
 
 _BACKENDS: dict[str, str] = {

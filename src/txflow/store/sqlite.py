@@ -79,5 +79,5 @@ class SQLiteStore(Store):
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._write_lock, self.engine.begin() as conn:
+        async with self._write_lock, super()._write() as conn:
             yield conn
