@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -29,7 +30,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -37,6 +38,7 @@ from examples.order_inventory import _rabbit, inventory, orders, payment
 from examples.order_inventory.orders import TERMINAL, Order, place_order
 from examples.order_inventory.report import (
     OPEN_FLOWS,
+    ExpectedDeadLetter,
     check_invariants,
     count_by_status,
     format_checks,
@@ -50,7 +52,7 @@ from examples.order_inventory.settings import (
     database_url_env,
 )
 from examples.order_inventory.workload import OrderRequest, initial_stock, make_orders
-from txflow import Store, Transport, TxFlow
+from txflow import DeadLetterInfo, Store, Transport, TxFlow, dlq
 from txflow.testing import InMemoryBroker, InMemoryTransport
 
 DEFAULT_ORDERS = 200
@@ -68,6 +70,8 @@ PROCESS_CONNECTIONS = 4
 DEMO_CONNECTIONS = PLACING_CONCURRENCY + 8
 MAX_CONCURRENCY = 32
 LOG_TAIL_LINES = 30
+# Seconds expected dead letters get to arrive once every order is terminal.
+DEAD_LETTER_SETTLE_TIMEOUT = 60.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 FACTORIES: dict[str, Callable[..., TxFlow]] = {
@@ -81,9 +85,53 @@ class DemoError(Exception):
     """The demo could not run (bad arguments, a service died, a timeout)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """What the services did in a distributed run, summed over services and worker processes.
+
+    handled, retries, requeued and duplicates (dropped by the inbox) come from the stats line
+    each worker logs when it stops gracefully; a worker killed with SIGKILL never logs its
+    own, so unless every worker run logged (`exact`) they are lower bounds. dead_letters (the
+    dead-letter queues' depths), republished (outbox rows a relay took more than once) and
+    unsent (outbox rows no broker confirmed) are read from RabbitMQ and the databases once
+    the services stopped: always exact.
+    """
+
+    orders: int
+    handled: int
+    retries: int
+    requeued: int
+    duplicates: int
+    dead_letters: int
+    republished: int
+    unsent: int
+    worker_runs: int
+    logged_runs: int
+
+    @property
+    def exact(self) -> bool:
+        return self.logged_runs == self.worker_runs
+
+    def line(self) -> str:
+        """`orders=1000 retries=3 ...`, with `>=` on the counts that are lower bounds."""
+        op = "=" if self.exact else ">="
+        return (
+            f"orders={self.orders} handled{op}{self.handled} retries{op}{self.retries} "
+            f"requeued{op}{self.requeued} duplicates{op}{self.duplicates} "
+            f"dead_letters={self.dead_letters} republished={self.republished} "
+            f"unsent={self.unsent}"
+        )
+
+
 @dataclass(slots=True)
 class Run:
-    """One demo run: the orders to place, the stock to start with, and progress."""
+    """One demo run: the orders to place, the stock to start with, and progress.
+
+    A fault test may set `expected_dead_letters` before the run (and add to the list while it
+    runs): the dead-letter queues must then hold exactly those, instead of nothing. The
+    distributed mode fills in `counts`, and `dead_letter_details` when dead letters were
+    expected.
+    """
 
     requests: Sequence[OrderRequest]
     stock: Mapping[str, int]
@@ -91,6 +139,9 @@ class Run:
     placed: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
+    expected_dead_letters: list[ExpectedDeadLetter] | None = None
+    dead_letter_details: dict[str, list[DeadLetterInfo]] = field(default_factory=dict)
+    counts: Counts | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -207,21 +258,30 @@ async def drive(client: TxFlow, run: Run, check_alive: Callable[[], None] = lamb
         await asyncio.gather(placing, return_exceptions=True)
 
 
+T = TypeVar("T")
+
+
+async def read_through_blips(read: Callable[[], Awaitable[T]]) -> T:
+    """`await read()`, tried again while the database connection fails."""
+    for _ in range(PLACE_ATTEMPTS - 1):
+        try:
+            return await read()
+        except (sa.exc.DBAPIError, OSError):
+            # Pooled connections may predate a database restart; the pool drops them on
+            # the first failure, so the next try gets fresh ones.
+            await asyncio.sleep(0.5)
+    return await read()
+
+
 async def report(
     stores: Mapping[str, Store], dead_letters: Mapping[str, int], run: Run, finished: bool
 ) -> bool:
     """Print the summary and the invariant checks; True if all passed."""
-    for attempt in range(1, PLACE_ATTEMPTS + 1):
-        try:
-            snap = await take_snapshot(stores["orders"], stores["inventory"], stores["payment"])
-            break
-        except (sa.exc.DBAPIError, OSError):
-            # Pooled connections may predate a database restart; the pool drops them on
-            # the first failure, so the next try gets fresh ones.
-            if attempt == PLACE_ATTEMPTS:
-                raise
-            await asyncio.sleep(0.5)
+    snap = await read_through_blips(
+        lambda: take_snapshot(stores["orders"], stores["inventory"], stores["payment"])
+    )
     snap.dead_letters = dict(dead_letters)
+    snap.dead_letter_details = run.dead_letter_details
     print()
     print(summary(snap, run.stock))
     if run.finished:
@@ -230,7 +290,9 @@ async def report(
             f"({len(run.requests) / run.finished:.0f} orders/s end to end)"
         )
     print()
-    checks = check_invariants(snap, run.stock, [r.order_id for r in run.requests])
+    checks = check_invariants(
+        snap, run.stock, [r.order_id for r in run.requests], run.expected_dead_letters
+    )
     print(format_checks(checks))
     ok = finished and all(c.ok for c in checks)
     print()
@@ -244,6 +306,33 @@ async def dead_letter_depths(apps: Sequence[TxFlow], transport: Transport) -> di
         for app in apps
         for spec in app.topology().queues
     }
+
+
+async def read_dead_letters(
+    transport: Transport, depths: Mapping[str, int]
+) -> dict[str, list[DeadLetterInfo]]:
+    """Every dead letter with its reason (they stay in their queues)."""
+    return {q: await dlq.show(transport, q, n) for q, n in depths.items() if n}
+
+
+async def settle_dead_letters(apps: Sequence[TxFlow], transport: Transport, run: Run) -> None:
+    """Wait until the expected dead letters are in their queues, for the check to see them.
+
+    Garbage can still be on its way when the last order ends; the check reports what is
+    missing after DEAD_LETTER_SETTLE_TIMEOUT.
+    """
+    if not run.expected_dead_letters:
+        return
+    wanted = Counter(e.queue for e in run.expected_dead_letters)
+    started = time.monotonic()
+    while True:
+        depths = await dead_letter_depths(apps, transport)
+        if all(depths.get(q, 0) >= n for q, n in wanted.items()):
+            return
+        if time.monotonic() - started > DEAD_LETTER_SETTLE_TIMEOUT:
+            print(f"expected dead letters still missing after {DEAD_LETTER_SETTLE_TIMEOUT:.0f}s")
+            return
+        await asyncio.sleep(0.2)
 
 
 def new_run_id() -> str:
@@ -286,7 +375,11 @@ async def run_in_process(args: argparse.Namespace, run: Run) -> bool:
                     await stack.enter_async_context(app)
                 await inventory.seed_stock(apps["inventory"], run.stock)
                 finished = await drive(apps["orders"], run)
-                dead = await dead_letter_depths(list(apps.values()), apps["orders"].transport)
+                transport = apps["orders"].transport
+                await settle_dead_letters(list(apps.values()), transport, run)
+                dead = await dead_letter_depths(list(apps.values()), transport)
+                if run.expected_dead_letters is not None:
+                    run.dead_letter_details = await read_dead_letters(transport, dead)
                 return await report({n: a.store for n, a in apps.items()}, dead, run, finished)
         finally:
             if args.broker and not args.keep:
@@ -299,11 +392,49 @@ async def run_in_process(args: argparse.Namespace, run: Run) -> bool:
 # -- separate processes ---------------------------------------------------------------------
 
 
+# Lines of a service's log (txflow.cli's format, `... [pid] logger: message`) that tell which
+# workers served and which logged their counters: a worker says it is running once started,
+# logs `<app> stats: handled=N ...` when it stops gracefully (TxFlow._log_stats), and its
+# supervisor names each worker that died and was restarted.
+LOG_LINE = re.compile(r" \[(?P<pid>\d+)\] [\w.]+: (?P<message>.*)$")
+STATS_MESSAGE = re.compile(r"(?P<app>\S+) stats: (?P<counters>(?:\w+=\d+ ?)+)$")
+RUNNING_MESSAGE = re.compile(r"(?P<app>\S+) running; ")
+RESTART_MESSAGE = re.compile(r"worker \d+ \(pid (?P<pid>\d+)\) exited with (?P<code>-?\d+); ")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStats:
+    """The counters of a service's workers, summed over the worker runs that logged them.
+
+    `worker_runs` counts the runs that may have handled messages: those that said they were
+    running, and those killed by a signal such as SIGKILL (maybe before they could say so). A
+    worker that failed to start handled nothing, and one that SIGTERM or SIGINT killed
+    outright had not yet installed its handlers (so it never served) or had already stopped
+    and logged: neither counts.
+    """
+
+    counters: Counter[str]
+    worker_runs: int
+    logged_runs: int
+
+
+def _killed_serving(exit_code: int) -> bool:
+    """Whether a worker that exited with `exit_code` may have died serving (see ServiceStats)."""
+    return exit_code < 0 and -exit_code not in (signal.SIGTERM, signal.SIGINT)
+
+
 @dataclass(slots=True)
 class Service:
+    """A `txflow run --workers N` process and its log.
+
+    `app` is the demo's twin of the service's app, built with the same options: its
+    `topology()` names the service's queues, and its store is the service's database.
+    """
+
     name: str
     process: asyncio.subprocess.Process
     log: Path
+    app: TxFlow
 
     def problems(self) -> str:
         """How many warnings and errors the service logged."""
@@ -319,6 +450,26 @@ class Service:
         lines = self.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         return "\n".join(f"    {line}" for line in lines)
 
+    def stats(self) -> ServiceStats:
+        """Its workers' counters, from their stats lines; a killed worker has none."""
+        counters: Counter[str] = Counter()
+        served: set[str] = set()
+        logged: set[str] = set()
+        for line in self.log.read_text(errors="replace").splitlines():
+            if (entry := LOG_LINE.search(line)) is None:
+                continue
+            message = entry["message"]
+            if (found := STATS_MESSAGE.match(message)) and found["app"] == self.app.name:
+                logged.add(entry["pid"])
+                for pair in found["counters"].split():
+                    key, _, value = pair.partition("=")
+                    counters[key] += int(value)
+            elif (found := RUNNING_MESSAGE.match(message)) and found["app"] == self.app.name:
+                served.add(entry["pid"])
+            elif (found := RESTART_MESSAGE.match(message)) and _killed_serving(int(found["code"])):
+                served.add(found["pid"])
+        return ServiceStats(counters, len(served | logged), len(logged))
+
 
 def _txflow_command() -> list[str]:
     found = shutil.which("txflow", path=str(Path(sys.executable).parent)) or shutil.which("txflow")
@@ -330,6 +481,7 @@ def _txflow_command() -> list[str]:
 async def start_services(
     args: argparse.Namespace,
     run_id: str,
+    apps: Mapping[str, TxFlow],
     urls: Mapping[str, str],
     concurrency: int,
     log_dir: Path,
@@ -369,7 +521,7 @@ async def start_services(
                 # Its own process group: Ctrl-C here reaches the demo, which stops it cleanly.
                 start_new_session=True,
             )
-        services.append(Service(name, process, log))
+        services.append(Service(name, process, log, apps[name]))
         print(f"started {' '.join(command[1:])} (pid {process.pid}, log {log})")
     return services
 
@@ -426,6 +578,41 @@ async def stop_services(services: Sequence[Service]) -> None:
         # Workers orphaned by a supervisor that died stay in its process group.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(service.process.pid, signal.SIGTERM)
+
+
+async def collect_counts(
+    services: Sequence[Service], dead_letters: Mapping[str, int], run: Run
+) -> Counts:
+    """Sum the services' counters (read once they stopped) with the broker's and databases'."""
+    stats = [service.stats() for service in services]
+    total: Counter[str] = sum((s.counters for s in stats), Counter())
+    republished = unsent = 0
+    for service in services:
+        status = await read_through_blips(service.app.store.outbox_status)
+        republished += status.republished
+        unsent += status.pending
+    return Counts(
+        orders=len(run.requests),
+        handled=total["handled"],
+        retries=total["retried"],
+        requeued=total["requeued"],
+        duplicates=total["duplicates"],
+        dead_letters=sum(dead_letters.values()),
+        republished=republished,
+        unsent=unsent,
+        worker_runs=sum(s.worker_runs for s in stats),
+        logged_runs=sum(s.logged_runs for s in stats),
+    )
+
+
+def format_counts(counts: Counts) -> str:
+    source = (
+        f"all {counts.worker_runs} worker runs logged their stats"
+        if counts.exact
+        else f"lower bounds: {counts.logged_runs} of {counts.worker_runs} worker runs logged "
+        "their stats; a killed worker logs none"
+    )
+    return f"counts: {counts.line()} ({source})"
 
 
 async def _admin(url: sa.URL, statements: Sequence[str]) -> list[Any]:
@@ -518,7 +705,7 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
         async with RabbitTransport(args.broker) as transport:
             for app in apps.values():
                 await transport.declare(app.topology())
-            services = await start_services(args, run_id, urls, concurrency, log_dir)
+            services = await start_services(args, run_id, apps, urls, concurrency, log_dir)
             await wait_consuming(args.broker, list(apps.values()), services, args.workers)
             client = orders.create_app(
                 handlers=False, relay=None, database_url=urls["orders"], **options
@@ -531,11 +718,17 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
                     if harm is not None:
                         harm.cancel()
                         await asyncio.gather(harm, return_exceptions=True)
+            await settle_dead_letters(list(apps.values()), transport, run)
             await stop_services(services)
             dead = await dead_letter_depths(list(apps.values()), transport)
+            if run.expected_dead_letters is not None:
+                # Before the queues are deleted; reading puts them back.
+                run.dead_letter_details = await read_dead_letters(transport, dead)
         codes = {s.name: s.process.returncode for s in services}
         print(f"services stopped, exit codes {codes}")
         print("service logs: " + "; ".join(f"{s.name} {s.problems()}" for s in services))
+        run.counts = await collect_counts(services, dead, run)
+        print(format_counts(run.counts))
         ok = await report({n: a.store for n, a in apps.items()}, dead, run, finished)
         if any(codes.values()):
             print("FAIL  a service exited with a non-zero code")
@@ -610,9 +803,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def amain(args: argparse.Namespace, chaos: Chaos | None = None) -> bool:
+def new_run(args: argparse.Namespace) -> Run:
+    """The orders and stock `args` ask for."""
     requests = make_orders(args.orders, args.seed)
-    run = Run(requests, initial_stock(requests), args.timeout)
+    return Run(requests, initial_stock(requests), args.timeout)
+
+
+async def amain(
+    args: argparse.Namespace, chaos: Chaos | None = None, run: Run | None = None
+) -> bool:
+    """Run the demo; True if every check passed.
+
+    Pass `run` (from `new_run`) to set what the run expects, and to read what it counted.
+    """
+    if run is None:
+        run = new_run(args)
     if args.database:
         return await run_distributed(args, run, chaos)
     return await run_in_process(args, run)

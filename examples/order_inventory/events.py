@@ -7,7 +7,7 @@ The chain of one order:
     └─ InventoryDeducted    inventory -> payment
        ├─ PaymentSucceeded  payment: the flow completed -> orders confirms
        └─ PaymentDeclined   payment: charge failed -> the flow compensates reserve_stock
-                            (inventory restocks, emitting InventoryRestocked), then place_order
+                            (inventory restocks), then place_order
 
 Money is in integer cents: exact, and stored the same way on SQLite and PostgreSQL.
 """
@@ -61,12 +61,3 @@ class PaymentDeclined(Event):
     order_id: str
     amount: int
     reason: str
-
-
-class InventoryRestocked(Event):
-    """Inventory put the stock of a declined order back (the compensation of a deduction)."""
-
-    order_id: str
-    sku: str
-    quantity: int
-    reason: str = Field(description="why the order failed: the payment's decline reason")

@@ -16,7 +16,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from examples.order_inventory.events import (
     InventoryDeducted,
-    InventoryRestocked,
     OrderCreated,
     SubInventoryFail,
 )
@@ -125,7 +124,7 @@ async def reserve_stock(event: OrderCreated, ctx: Context) -> InventoryDeducted 
     )
 
 
-async def restock(event: InventoryDeducted, ctx: Context) -> InventoryRestocked | None:
+async def restock(event: InventoryDeducted, ctx: Context) -> None:
     """Compensation of reserve_stock (the charge was declined, or the flow timed out).
 
     Receives the InventoryDeducted that completed the step; puts the stock back, once.
@@ -144,7 +143,7 @@ async def restock(event: InventoryDeducted, ctx: Context) -> InventoryRestocked 
     ).one_or_none()
     if flipped is None:
         log.warning("order %s has no deduction left to restock", event.order_id)
-        return None
+        return
     sku, quantity = flipped
     await session.execute(
         sa.update(Stock)
@@ -152,8 +151,13 @@ async def restock(event: InventoryDeducted, ctx: Context) -> InventoryRestocked 
         .values(available=Stock.available + quantity)
         .execution_options(synchronize_session=False)
     )
-    reason = ctx.flow.reason if ctx.flow and ctx.flow.reason else "order flow failed"
-    return InventoryRestocked(order_id=event.order_id, sku=sku, quantity=quantity, reason=reason)
+    log.info(
+        "order %s: %d x %s back on the shelf (%s)",
+        event.order_id,
+        quantity,
+        sku,
+        ctx.flow.reason if ctx.flow else "compensation",
+    )
 
 
 def create_app(**options: Any) -> TxFlow:

@@ -3,14 +3,14 @@
 Random worker processes are killed with SIGKILL while orders flow; their supervisors restart
 them. Afterwards every order must be terminal and every invariant of the example must hold:
 stock never negative, initial = remaining + confirmed, no double deduction, each
-compensation once, no dead letters.
+compensation once, no dead letters. Each scenario prints a `REPORT` line with what the
+services counted (retries, duplicates dropped by the inbox, dead letters, republished rows).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import random
 import signal
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from examples.order_inventory import demo
 
-from tests.conftest import PG_URL
+from tests.faults.example import report_line, run_example
 
 # A run takes 10-40 s, and stopping the services gracefully may take a minute more.
 pytestmark = [
@@ -38,22 +38,6 @@ def _workers_of(pid: int) -> list[int]:
         return [int(p) for p in children.read_text().split()]
     except OSError:
         return []
-
-
-async def _run_example(amqp_url: str, chaos: demo.Chaos, orders: int = 1000) -> str:
-    """Run the example under `chaos`; return its printed report (which must pass)."""
-    args = demo.parse_args(
-        ["--orders", str(orders), "--broker", amqp_url, "--database", PG_URL, "--workers", "2",
-         "--concurrency", "4", "--timeout", "240"]
-    )  # fmt: skip
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        ok = await demo.amain(args, chaos=chaos)
-    out = buffer.getvalue()
-    print(out)
-    assert "ALL CHECKS PASSED" in out, out[-4000:]
-    assert ok
-    return out
 
 
 def _signal_random_workers(
@@ -78,16 +62,20 @@ def _signal_random_workers(
 
 async def test_sigkill_random_workers_while_1000_orders_flow(amqp_url: str) -> None:
     kills: list[tuple[str, int]] = []
-    await _run_example(amqp_url, _signal_random_workers(signal.SIGKILL, kills, 20261121))
-    print(f"REPORT sigkill: orders=1000 workers_killed={len(kills)}")
+    _, run = await run_example(amqp_url, _signal_random_workers(signal.SIGKILL, kills, 20261121))
+    print(report_line("sigkill", run, workers_killed=len(kills)))
     assert len(kills) >= 3
+    assert run.counts is not None
+    # A killed worker cannot log its counters, so they are reported as lower bounds.
+    assert not run.counts.exact
+    assert "handled>=" in report_line("sigkill", run)
 
 
 async def test_sigterm_random_workers_under_load(amqp_url: str) -> None:
     """Graceful stops under load: each stopping worker finishes or hands back its messages."""
     stopped: list[tuple[str, int]] = []
-    await _run_example(amqp_url, _signal_random_workers(signal.SIGTERM, stopped, 7))
-    print(f"REPORT sigterm: orders=1000 workers_stopped={len(stopped)}")
+    _, run = await run_example(amqp_url, _signal_random_workers(signal.SIGTERM, stopped, 7))
+    print(report_line("sigterm", run, workers_stopped=len(stopped)))
     assert len(stopped) >= 3
 
 
@@ -114,10 +102,10 @@ async def test_rabbitmq_restart_mid_run(amqp_url: str) -> None:
             await _command("rabbitmqctl", "-q", "await_startup")
 
     try:
-        await _run_example(amqp_url, restart_broker)
+        _, run = await run_example(amqp_url, restart_broker)
     finally:
         await _command("rabbitmqctl", "-q", "start_app")
-    print(f"REPORT rabbitmq-restart: orders=1000 restarts={restarts}")
+    print(report_line("rabbitmq-restart", run, restarts=restarts))
     assert restarts == 1
 
 
@@ -143,8 +131,8 @@ async def test_database_connections_terminated_and_server_restarted(amqp_url: st
         finally:
             await _ensure_postgres()
 
-    await _run_example(amqp_url, cut_database)
-    print(f"REPORT database-cuts: orders=1000 cuts={cuts}")
+    _, run = await run_example(amqp_url, cut_database)
+    print(report_line("database-cuts", run, cuts=",".join(cuts)))
     assert cuts == ["terminate", "terminate", "terminate", "restart"]
 
 

@@ -1,0 +1,55 @@
+"""Runs the order/inventory example under a fault, and the REPORT line each scenario prints."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+from examples.order_inventory import demo
+from examples.order_inventory.report import ExpectedDeadLetter
+
+from tests.conftest import PG_URL
+
+ORDERS = 1000
+
+
+async def run_example(
+    amqp_url: str,
+    chaos: demo.Chaos,
+    *,
+    expected_dead_letters: list[ExpectedDeadLetter] | None = None,
+) -> tuple[str, demo.Run]:
+    """Run the example under `chaos`; return its printed report (which must pass) and run.
+
+    `expected_dead_letters`, filled in by `chaos` as it goes, replaces the example's "no dead
+    letters" check by "the dead letters are exactly these".
+    """
+    args = demo.parse_args(
+        ["--orders", str(ORDERS), "--broker", amqp_url, "--database", PG_URL, "--workers", "2",
+         "--concurrency", "4", "--timeout", "240"]
+    )  # fmt: skip
+    run = demo.new_run(args)
+    run.expected_dead_letters = expected_dead_letters
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        ok = await demo.amain(args, chaos=chaos, run=run)
+    out = buffer.getvalue()
+    print(out)
+    assert "ALL CHECKS PASSED" in out, out[-4000:]
+    assert ok
+    assert run.counts is not None, "the distributed demo counts what the services did"
+    assert run.counts.orders == ORDERS
+    assert run.counts.worker_runs >= 3, run.counts  # each service had a worker serving
+    # Every outbox row of every service was confirmed by the broker before the services stopped.
+    assert run.counts.unsent == 0, run.counts
+    return out, run
+
+
+def report_line(scenario: str, run: demo.Run, **fault: object) -> str:
+    """`REPORT <scenario>: orders=... retries=... duplicates=... dead_letters=... republished=...`
+
+    Counts taken from the workers' stats lines read `>=` when a worker died without logging.
+    """
+    assert run.counts is not None
+    extra = "".join(f" {key}={value}" for key, value in fault.items())
+    return f"REPORT {scenario}: {run.counts.line()}{extra}"
