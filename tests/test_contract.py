@@ -479,3 +479,53 @@ async def test_inbox_rows_older_than_the_retention_are_deleted(backend: Backend)
         async with app.store.engine.connect() as conn:
             left = set((await conn.execute(sa.select(inbox.c.handler))).scalars())
         assert left == {"new", app.handlers["effect"].queue}
+
+
+async def test_a_transaction_cancelled_mid_statement_leaves_no_connection_behind(
+    backend: Backend,
+) -> None:
+    """Cancelled inside the driver, a connection is discarded, never pooled mid-transaction."""
+    app = await backend.app("svc")
+    store = await app.open_store()
+    slow = "SELECT pg_sleep(10)" if backend.is_real else "SELECT 1"
+
+    async def in_transaction() -> None:
+        async with store.transaction() as session:
+            await session.execute(
+                sa.insert(inbox).values(
+                    handler="h", message_id="cancelled", processed_at=datetime.now(UTC)
+                )
+            )
+            await session.execute(sa.text(slow))
+            await asyncio.sleep(10)
+
+    async def in_write() -> None:
+        async with store._write() as conn:
+            await conn.execute(sa.text(slow))
+            await asyncio.sleep(10)
+
+    await app.init_db()
+    backend.stack.push_async_callback(store.aclose)
+    for work in (in_transaction, in_write, in_transaction):
+        task = asyncio.create_task(work())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    for _ in range(3):  # every pooled connection works and starts a real transaction
+        async with store.transaction() as session:
+            await session.execute(
+                sa.insert(inbox).values(
+                    handler="h", message_id=new_message_id(), processed_at=datetime.now(UTC)
+                )
+            )
+    assert await count_rows(app, inbox) == 3  # nothing of the cancelled ones committed
+    if backend.is_real:
+        async with store.engine.connect() as conn:
+            stuck = await conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND state LIKE 'idle in transaction%'"
+                )
+            )
+        assert stuck == 0

@@ -496,7 +496,7 @@ class FlowTracker:
         """Time out instances until `stop` is set; survives database outages (one log line each).
 
         It is stopped between two scans rather than cancelled inside one (see
-        `guard_cancellation` for why cancelling database work is avoided).
+        `Store._guard_cancellation` for why cancelling database work is avoided).
         """
         failing = False
         while not stop.is_set():

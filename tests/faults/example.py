@@ -18,11 +18,14 @@ async def run_example(
     chaos: demo.Chaos,
     *,
     expected_dead_letters: list[ExpectedDeadLetter] | None = None,
+    killed: bool = False,
 ) -> tuple[str, demo.Run]:
     """Run the example under `chaos`; return its printed report (which must pass) and run.
 
     `expected_dead_letters`, filled in by `chaos` as it goes, replaces the example's "no dead
-    letters" check by "the dead letters are exactly these".
+    letters" check by "the dead letters are exactly these". `killed` says workers were
+    SIGKILLed: a row a killed relay published but had not marked sent yet stays pending
+    until its lease runs out and another relay sends it again, which may be after the run.
     """
     args = demo.parse_args(
         ["--orders", str(ORDERS), "--broker", amqp_url, "--database", PG_URL, "--workers", "2",
@@ -40,8 +43,9 @@ async def run_example(
     assert run.counts is not None, "the distributed demo counts what the services did"
     assert run.counts.orders == ORDERS
     assert run.counts.worker_runs >= 3, run.counts  # each service had a worker serving
-    # Every outbox row of every service was confirmed by the broker before the services stopped.
-    assert run.counts.unsent == 0, run.counts
+    if not killed:
+        # Every outbox row was confirmed by the broker before the services stopped.
+        assert run.counts.unsent == 0, run.counts
     return out, run
 
 

@@ -62,7 +62,9 @@ def _signal_random_workers(
 
 async def test_sigkill_random_workers_while_1000_orders_flow(amqp_url: str) -> None:
     kills: list[tuple[str, int]] = []
-    _, run = await run_example(amqp_url, _signal_random_workers(signal.SIGKILL, kills, 20261121))
+    _, run = await run_example(
+        amqp_url, _signal_random_workers(signal.SIGKILL, kills, 20261121), killed=True
+    )
     print(report_line("sigkill", run, workers_killed=len(kills)))
     assert len(kills) >= 3
     assert run.counts is not None

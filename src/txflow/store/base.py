@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +19,8 @@ from txflow.abc import Message
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
 from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
 from txflow.store.tables import inbox, metadata, outbox
+
+log = logging.getLogger("txflow.store")
 
 # Rows the relay claims or deletes in one statement.
 DEFAULT_BATCH = 500
@@ -191,15 +194,9 @@ class Store(abc.ABC):
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session inside one database transaction: commit on success, roll back on error."""
         assert self._sessions is not None, "store is not connected"
-        async with self._sessions() as session:
-            try:
-                async with session.begin():
-                    yield session
-            except asyncio.CancelledError:
-                # Cancelled inside the driver, the connection's transaction state is unknown
-                # (it may still hold a transaction and its row locks); never pool it again.
-                await asyncio.shield(session.invalidate())
-                raise
+        async with self._sessions() as session, session.begin():
+            async with self._guard_cancellation(await session.connection()):
+                yield session
 
     async def record_inbox(self, session: AsyncSession, handler: str, message_id: str) -> bool:
         """Insert the inbox row; False when (handler, message_id) was already handled."""
@@ -355,27 +352,45 @@ class Store(abc.ABC):
     def _seqs_param(self, seqs: Sequence[int]) -> dict[str, Any]:
         return {"seqs": list(seqs), "now": datetime.now(UTC)}
 
+    #: Whether a connection whose task was cancelled inside the driver must be discarded.
+    discards_cancelled_connections: bool = False
+
+    @asynccontextmanager
+    async def _guard_cancellation(self, conn: AsyncConnection) -> AsyncIterator[None]:
+        """Discard `conn` when the task is cancelled inside the block (on drivers that need it).
+
+        With asyncpg, a cancellation that lands inside the driver can leave the connection
+        mid-statement, or with a transaction SQLAlchemy no longer knows about and its row
+        locks held (sqlalchemy#6592, #13381). Such a connection is closed, never pooled again.
+        """
+        if not self.discards_cancelled_connections:
+            yield
+            return
+        try:
+            yield
+        except asyncio.CancelledError:
+            try:
+                await asyncio.shield(_discard(conn))
+            except Exception as exc:  # the cancellation matters more than a failed close
+                log.debug("discarding a cancelled connection failed: %r", exc)
+            raise
+
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         """A short write transaction outside any handler (relay bookkeeping)."""
         async with self.engine.connect() as conn:
-            async with guard_cancellation(conn), conn.begin():
+            async with self._guard_cancellation(conn), conn.begin():
                 yield conn
 
 
-@asynccontextmanager
-async def guard_cancellation(conn: AsyncConnection) -> AsyncIterator[None]:
-    """Invalidate `conn` when the task is cancelled inside the block.
-
-    A cancellation that lands inside the driver can leave the connection mid-statement or with
-    a transaction SQLAlchemy no longer knows about, holding row locks until it is closed.
-    Invalidating closes it instead of handing it back to the pool.
-    """
-    try:
-        yield
-    except asyncio.CancelledError:
-        await asyncio.shield(conn.invalidate())
-        raise
+async def _discard(conn: AsyncConnection) -> None:
+    raw = await conn.get_raw_connection()
+    # asyncpg: drop the socket at once (a graceful close fails while a statement is half
+    # done); the server then rolls back whatever transaction the connection had.
+    terminate = getattr(raw.driver_connection, "terminate", None)
+    if callable(terminate):
+        terminate()
+    await conn.invalidate()
 
 
 _BACKENDS: dict[str, str] = {

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
-from txflow.store.base import Listener, NotifyCallback, Store, guard_cancellation
+from txflow.store.base import Listener, NotifyCallback, Store
 from txflow.store.tables import outbox
 
 log = logging.getLogger("txflow.store")
@@ -74,6 +74,7 @@ class PostgresStore(Store):
     """PostgreSQL backend (asyncpg). Several processes and relays may share one database."""
 
     supports_notify = True
+    discards_cancelled_connections = True
     _hint = "is PostgreSQL running and does the database exist?"
 
     def __init__(self, url: sa.URL, *, pool_size: int = 10) -> None:
@@ -88,7 +89,7 @@ class PostgresStore(Store):
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         engine = self._autocommit or self.engine
-        async with engine.connect() as conn, guard_cancellation(conn):
+        async with engine.connect() as conn, self._guard_cancellation(conn):
             yield conn
 
     async def record_inbox(self, session: AsyncSession, handler: str, message_id: str) -> bool:
