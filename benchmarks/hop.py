@@ -1,4 +1,4 @@
-"""One hop on real RabbitMQ + PostgreSQL: txflow against a careful hand-written loop.
+"""One hop on real RabbitMQ + PostgreSQL: txflow, a careful hand-written loop, and FastStream.
 
 A hop: consume a message (manual ack, prefetch = concurrency); in ONE transaction insert the
 inbox row (ON CONFLICT DO NOTHING; a duplicate is skipped), one business row and one outbox
@@ -7,22 +7,42 @@ mark the outbox row sent; ack.
 
 - baseline: that loop written by hand with aio-pika and asyncpg (pooled connections, prepared
   statements, no ORM), tables `bench_hw_*`;
-- txflow: a `TxFlow` handler doing the same through `ctx.session` and a returned event.
+- txflow: a `TxFlow` handler doing the same through `ctx.session` and a returned event;
+- faststream: what many teams run today: a FastStream subscriber doing the transaction through
+  asyncpg and a polling outbox relay (every 100 ms, up to 500 rows, confirmed publishes, then
+  mark sent), tables `bench_fs_*` (see faststream_side.py). Skipped when FastStream is not
+  installed (`pip install -e '.[bench]'`).
 
-Throughput: M input messages are preloaded (published with confirms) before the consumer
-starts; the clock runs from the moment consuming starts (basic.consume-ok) until the M-th
-output event sits in a sink queue bound on the exchange (its depth is polled, so the sink costs
-neither side any CPU). hops/s = M / elapsed.
+Preloaded throughput (open loop): M independent input messages are preloaded (published with
+confirms) before the consumer starts; the clock runs from the moment consuming starts
+(basic.consume-ok) until the M-th output event sits in a sink queue bound on the exchange (its
+depth is polled, so the sink costs no side any CPU). hops/s = M / elapsed. A polling relay is
+not held back by its interval here: it publishes whatever piled up, in batches.
+
+Chain throughput (closed loop): C chains (C = concurrency = prefetch) start with C messages
+ChainHop(chain, 1) in the input queue; each hop consumes ChainHop(chain, n) and, in the same
+transaction as its inbox and business rows, emits ChainHop(chain, n + 1) through its outbox
+back to the same input queue (routing key bound to it), until n = L, whose hop emits
+ChainDone to a chain sink. Every hop waits for the previous one's event, so a polling relay's
+interval shows. hops/s = C * L / time until all C ChainDone events sit in the sink; the
+per-hop latency is elapsed * C / (C * L).
+
+Every side's database pool has pool_size_for(concurrency) = min(concurrency + 2, 20)
+connections, txflow's too (`db_pool_size`). A run that a server restart broke (the machine may
+be shared with fault-injection tests) is run again, at most ATTEMPTS times, and noted in the
+JSON.
 
 Relay latency: commit-to-arrival of an event emitted outside a handler (`app.transaction()`
-for txflow; commit then publish for the baseline) at a sink consumer in this process, unloaded
+for txflow; commit then publish for the baseline; commit, then the polling relay publishes, for
+faststream) at a sink consumer in this process (where the next handler would start), unloaded
 (one at a time) and at a steady open-loop rate.
 
 Every run uses a fresh database (dropped WITH (FORCE) at the end) and fresh exchanges and
 queues (deleted at the end). Results go to stdout and benchmarks/results/hop-<timestamp>.json.
 
-    .venv/bin/python benchmarks/hop.py                  # defaults: ~2-3 minutes
-    .venv/bin/python benchmarks/hop.py --messages 1000 --repeat 1 --concurrency 10
+    .venv/bin/python benchmarks/hop.py                  # defaults: ~6-7 minutes
+    .venv/bin/python benchmarks/hop.py --messages 1000 --repeat 1 --concurrency 10 \
+        --chain-concurrency 10 --chain-length 50
 """
 
 from __future__ import annotations
@@ -30,10 +50,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
 import platform
+import random
 import secrets
 import statistics
 import sys
@@ -43,9 +65,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import asyncpg
@@ -58,7 +81,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from txflow import Context, Event, TxFlow
+from txflow import Context, Event, RelayConfig, TxFlow
+from txflow.app import DEFAULT_DB_POOL_SIZE
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -67,11 +91,23 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 POLL_INTERVAL = 0.005
 # Concurrent confirmed publishes while preloading input messages.
 PRELOAD_WINDOW = 500
+# Seconds per hop of a chain the sink may take to fill before a run is called stuck (a polling
+# relay needs ~0.1 s per hop at concurrency 1), and at least this many seconds in all.
+CHAIN_SECONDS_PER_HOP = 1.0
+MIN_WAIT = 60.0
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 JSON = "application/json"
 HW_HANDLER = "bench_hw.on_bench_in"
+# Most database connections one side's pool opens: PostgreSQL's default max_connections is 100
+# for everyone on the server, and above ~30 connections on a small machine more only queue.
+MAX_POOL = 20
+# Seconds to wait for RabbitMQ and PostgreSQL to come back when someone restarts them mid-run
+# (the machine may be shared with fault-injection tests), and tries of one measurement.
+RECOVERY_TIMEOUT = 180.0
+ATTEMPTS = 5
 
 log = logging.getLogger("bench")
+T = TypeVar("T")
 
 
 # -- events and the txflow side's business table ---------------------------------------------
@@ -86,6 +122,20 @@ class BenchOut(Event):
 
 
 class BenchPing(Event):
+    n: int
+
+
+class ChainHop(Event):
+    """Hop `n` of chain `chain`: consumed from the input queue, and emitted back into it."""
+
+    chain: int
+    n: int
+
+
+class ChainDone(Event):
+    """What the last hop of a chain emits (to the chain sink)."""
+
+    chain: int
     n: int
 
 
@@ -140,6 +190,9 @@ HW_OUTBOX = (
 )
 HW_MARK = "UPDATE bench_hw_outbox SET sent_at = now() WHERE id = $1"
 HW_STATEMENTS = (HW_INBOX, HW_ITEM, HW_OUTBOX, HW_MARK)
+# The FastStream side's tables: the same schema (faststream_side.py writes and polls them).
+FS_DDL = HW_DDL.replace("bench_hw_", "bench_fs_")
+FS_TABLES = ("bench_fs_inbox", "bench_fs_outbox", "bench_fs_items")
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -155,12 +208,35 @@ async def _prepare(conn: asyncpg.Connection) -> None:
         await conn.prepare(sql)
 
 
+Route = Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
+
+
+def hop_route(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The hop's output: BenchOut, to the sink."""
+    return "BenchOut", {"n": body["n"]}
+
+
+def chain_route(chain_length: int) -> Route:
+    """A chain's next hop back into the input queue, or after `chain_length` hops its end."""
+
+    def route(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        chain, n = body["chain"], body["n"]
+        if n < chain_length:
+            return "ChainHop", {"chain": chain, "n": n + 1}
+        return "ChainDone", {"chain": chain, "n": n}
+
+    return route
+
+
 class Baseline:
     """The hand-written hop: one asyncpg pool, one consumer channel, one confirm channel."""
 
-    def __init__(self, pool: asyncpg.Pool, exchange: AbstractExchange) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, exchange: AbstractExchange, route: Route = hop_route
+    ) -> None:
         self.pool = pool
         self.exchange = exchange
+        self.route = route
         self.handled = 0
         self.duplicates = 0
         self.failed = 0
@@ -169,7 +245,7 @@ class Baseline:
 
     @classmethod
     async def open(
-        cls, stack: AsyncExitStack, env: Env, concurrency: int
+        cls, stack: AsyncExitStack, env: Env, concurrency: int, route: Route = hop_route
     ) -> tuple[Baseline, AbstractRobustConnection]:
         size = pool_size_for(concurrency)
         pool = await asyncpg.create_pool(
@@ -180,7 +256,7 @@ class Baseline:
         stack.push_async_callback(connection.close)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await channel.get_exchange(env.hw_exchange, ensure=False)
-        return cls(pool, exchange), connection
+        return cls(pool, exchange, route), connection
 
     def _message(
         self, body: bytes, routing_key: str, message_id: str, correlation: str
@@ -198,9 +274,9 @@ class Baseline:
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             await self._hop(message)
-        except Exception:
+        except Exception as exc:
             self.failed += 1
-            log.exception("baseline hop failed; requeueing")
+            log.warning("baseline hop failed; requeueing: %r", exc)
             await message.reject(requeue=True)
             return
         if self.handled + self.duplicates >= self.expected:
@@ -208,9 +284,11 @@ class Baseline:
 
     async def _hop(self, message: AbstractIncomingMessage) -> None:
         message_id = message.message_id or ""
-        n = json.loads(message.body)["n"]
+        payload = json.loads(message.body)
+        n = payload["n"]
+        routing_key, out = self.route(payload)
         out_id = uuid.uuid4().hex
-        body = json.dumps({"n": n}).encode()
+        body = json.dumps(out).encode()
         correlation = message.correlation_id or message_id
         async with self.pool.acquire() as conn:
             async with conn.transaction():
@@ -218,14 +296,14 @@ class Baseline:
                     seq = None  # duplicate: already handled, commit nothing new
                 else:
                     await conn.execute(HW_ITEM, n, message_id)
-                    seq = await conn.fetchval(HW_OUTBOX, out_id, "BenchOut", correlation, body)
+                    seq = await conn.fetchval(HW_OUTBOX, out_id, routing_key, correlation, body)
         if seq is None:
             self.duplicates += 1
             await message.ack()
             return
         await self.exchange.publish(
-            self._message(body, "BenchOut", out_id, correlation),
-            routing_key="BenchOut",
+            self._message(body, routing_key, out_id, correlation),
+            routing_key=routing_key,
             mandatory=True,
         )
         await self.pool.execute(HW_MARK, seq)
@@ -251,12 +329,50 @@ class Baseline:
 def pool_size_for(concurrency: int) -> int:
     """Connections opened before the clock starts, per side: one per handler and a spare.
 
-    (The PostgreSQL server may be shared, so neither side holds more than it can use.)
+    (The PostgreSQL server may be shared, so neither side holds more than it can use, and no
+    side more than MAX_POOL: at concurrency 100 handlers queue for a connection.)
     """
-    return concurrency + 2
+    return min(concurrency + 2, MAX_POOL)
+
+
+def faststream_installed() -> bool:
+    return importlib.util.find_spec("faststream") is not None
 
 
 # -- the bench environment ----------------------------------------------------------------
+
+
+async def _eventually(step: Callable[[], Awaitable[None]], what: str) -> None:
+    """Retry a cleanup step until the server is back (or give up with a warning)."""
+    deadline = time.perf_counter() + RECOVERY_TIMEOUT
+    while True:
+        try:
+            await step()
+            return
+        except Exception as exc:
+            if time.perf_counter() > deadline:
+                print(f"warning: {what} failed: {exc!r}", file=sys.stderr)
+                return
+            await asyncio.sleep(1.0)
+
+
+async def attempt(
+    env: Env, what: str, run: Callable[[], Awaitable[T]], disturbed: list[dict[str, str]]
+) -> T:
+    """Run one measurement; if it fails (a server went away), wait for the servers, run again.
+
+    Every failed attempt is kept in `disturbed` (and so in the JSON); after ATTEMPTS it raises.
+    """
+    for n in range(1, ATTEMPTS + 1):
+        try:
+            return await run()
+        except Exception as exc:
+            if n == ATTEMPTS:
+                raise
+            disturbed.append({"what": what, "error": repr(exc)[:300]})
+            print(f"  {what}: disturbed ({repr(exc)[:160]}); trying again", flush=True)
+            await env.reconnect()
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -272,6 +388,23 @@ class RunResult:
 
 
 @dataclass
+class ChainResult:
+    """One run of the chain workload: `chains` chains of `chain_length` hops each."""
+
+    side: str
+    concurrency: int
+    chains: int
+    chain_length: int
+    hops: int
+    seconds: float
+    hops_per_second: float
+    # elapsed * chains / hops: how long one hop of a chain took, on average
+    ms_per_hop: float
+    cpu_ms_per_hop: float
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class LatencyResult:
     side: str
     mode: str
@@ -279,6 +412,8 @@ class LatencyResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    # every sample, sorted (for the distribution plot)
+    values_ms: list[float] = field(default_factory=list, repr=False)
 
 
 class Arrivals:
@@ -295,6 +430,15 @@ class Arrivals:
         waiter = self._waiters.pop(message_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(now)
+
+    async def listen(self, env: Env) -> AbstractConnection:
+        """Consume every side's latency sink queue on a connection of its own."""
+        connection = await aio_pika.connect(env.amqp_url)
+        channel = await connection.channel()
+        for queue in (env.tx_latency, env.hw_latency, env.fs_latency):
+            q = await channel.get_queue(queue, ensure=False)
+            await q.consume(self.on_message, no_ack=True)
+        return connection
 
     def waiter(self, message_id: str) -> asyncio.Future[float]:
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -324,6 +468,17 @@ class Env:
         self.hw_input = f"{ns}.hw.in"
         self.hw_sink = f"{ns}.hw.sink"
         self.hw_latency = f"{ns}.hw.latency"
+        self.fs_exchange = f"{ns}.fs"
+        self.fs_input = f"{ns}.fs.in"
+        self.fs_sink = f"{ns}.fs.sink"
+        self.fs_latency = f"{ns}.fs.latency"
+        # The chain workload: each side's input queue for ChainHop (txflow's is its handler's
+        # queue, bound by txflow) and a sink for ChainDone.
+        self.tx_chain_sink = f"{ns}.tx.chain.sink"
+        self.hw_chain = f"{ns}.hw.chain"
+        self.hw_chain_sink = f"{ns}.hw.chain.sink"
+        self.fs_chain = f"{ns}.fs.chain"
+        self.fs_chain_sink = f"{ns}.fs.chain.sink"
         self.queues: list[str] = []
         self.exchanges: list[str] = []
         self.connection: AbstractConnection | None = None
@@ -341,53 +496,92 @@ class Env:
         finally:
             await admin.close()
         stack.push_async_callback(self._drop_database)
+        stack.push_async_callback(self._delete_broker_objects)
+        stack.push_async_callback(self._close_tools)
         self.db = await asyncpg.connect(self.db_url)
-        stack.push_async_callback(self.db.close)
         await self.db.execute(HW_DDL)
+        await self.db.execute(FS_DDL)
         app = self.make_app(1)
         try:
             await app.init_db()  # txflow's tables and bench_tx_items
         finally:
             await app.stop()
-
-        self.connection = await aio_pika.connect(self.amqp_url)
-        stack.push_async_callback(self.connection.close)
-        stack.push_async_callback(self._delete_broker_objects)
+        await self._open_broker()
         props = getattr(getattr(self.connection, "transport", None), "connection", None)
         server_props = getattr(props, "server_properties", {}) or {}
         self.server["rabbitmq"] = str(server_props.get("version", "?"))
+
+    async def _open_broker(self) -> None:
+        self.connection = await aio_pika.connect(self.amqp_url)
         self.channel = await self.connection.channel(publisher_confirms=True)
-        for exchange, sink, latency in (
-            (self.tx_exchange, self.tx_sink, self.tx_latency),
-            (self.hw_exchange, self.hw_sink, self.hw_latency),
+        for exchange, sink, latency, chain_sink, chain in (
+            (self.tx_exchange, self.tx_sink, self.tx_latency, self.tx_chain_sink, None),
+            (self.hw_exchange, self.hw_sink, self.hw_latency, self.hw_chain_sink, self.hw_chain),
+            (self.fs_exchange, self.fs_sink, self.fs_latency, self.fs_chain_sink, self.fs_chain),
         ):
             ex = await self.channel.declare_exchange(
                 exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
-            self.exchanges.append(exchange)
-            for queue, key in ((sink, "BenchOut"), (latency, "BenchPing")):
+            if exchange not in self.exchanges:
+                self.exchanges.append(exchange)
+            bound = [(sink, "BenchOut"), (latency, "BenchPing"), (chain_sink, "ChainDone")]
+            if chain is not None:
+                bound.append((chain, "ChainHop"))
+            for queue, key in bound:
                 q = await self.channel.declare_queue(queue, durable=True)
-                self.queues.append(queue)
+                if queue not in self.queues:
+                    self.queues.append(queue)
                 await q.bind(ex, routing_key=key)
-        await self.channel.declare_queue(self.hw_input, durable=True)
-        self.queues.append(self.hw_input)
+        for queue in (self.hw_input, self.fs_input):
+            await self.channel.declare_queue(queue, durable=True)
+            if queue not in self.queues:
+                self.queues.append(queue)
+
+    async def _close_tools(self) -> None:
+        for resource in (self.db, self.connection):
+            if resource is not None:
+                with contextlib.suppress(Exception):
+                    await resource.close()
+        self.db = self.connection = self.channel = None
+
+    async def reconnect(self, timeout: float = RECOVERY_TIMEOUT) -> None:
+        """Reopen the tools connections after a server went away (someone restarted it)."""
+        await self._close_tools()
+        deadline = time.perf_counter() + timeout
+        while True:
+            try:
+                self.db = await asyncpg.connect(self.db_url, timeout=10)
+                await self._open_broker()
+                return
+            except Exception:
+                await self._close_tools()
+                if time.perf_counter() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
 
     async def _drop_database(self) -> None:
-        admin = await asyncpg.connect(self.pg_url)
+        await _eventually(self._drop_database_once, "dropping the scratch database")
+
+    async def _drop_database_once(self) -> None:
+        admin = await asyncpg.connect(self.pg_url, timeout=10)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
         finally:
             await admin.close()
 
     async def _delete_broker_objects(self) -> None:
-        if self.connection is None:
-            return
-        channel = await self.connection.channel()
-        for queue in self.queues:
-            await channel.queue_delete(queue)
-        for exchange in self.exchanges:
-            await channel.exchange_delete(exchange)
-        await channel.close()
+        await _eventually(self._delete_broker_objects_once, "deleting the scratch queues")
+
+    async def _delete_broker_objects_once(self) -> None:
+        connection = await aio_pika.connect(self.amqp_url)
+        try:
+            channel = await connection.channel()
+            for queue in self.queues:
+                await channel.queue_delete(queue)
+            for exchange in self.exchanges:
+                await channel.exchange_delete(exchange)
+        finally:
+            await connection.close()
 
     # -- queues
 
@@ -400,21 +594,38 @@ class Env:
         result = await underlay.queue_declare(queue, passive=True)
         return int(result.message_count or 0)
 
+    async def take(self, queue: str, count: int) -> list[dict[str, Any]]:
+        """Take (and remove) up to `count` messages from `queue`: their JSON bodies."""
+        q = await self.tools().get_queue(queue, ensure=False)
+        bodies = []
+        for _ in range(count):
+            message = await q.get(no_ack=True, fail=False)
+            if message is None:
+                break
+            bodies.append(json.loads(message.body))
+        return bodies
+
     async def purge(self, *queues: str) -> None:
         for queue in queues:
             await (await self.tools().get_underlay_channel()).queue_purge(queue)
 
-    async def preload(self, queue: str, count: int) -> None:
-        """Publish `count` BenchIn messages straight into `queue`, each one confirmed."""
+    async def preload(
+        self,
+        queue: str,
+        count: int,
+        event_type: str = "BenchIn",
+        body: Callable[[int], dict[str, Any]] = lambda n: {"n": n},
+    ) -> None:
+        """Publish `count` messages (BenchIn n) straight into `queue`, each one confirmed."""
         exchange = self.tools().default_exchange
         pending: set[asyncio.Task[Any]] = set()
         for n in range(count):
             message = aio_pika.Message(
-                json.dumps({"n": n}).encode(),
+                json.dumps(body(n)).encode(),
                 content_type=JSON,
                 delivery_mode=PERSISTENT,
                 message_id=uuid.uuid4().hex,
-                type="BenchIn",
+                type=event_type,
                 timestamp=datetime.now(UTC),
             )
             pending.add(asyncio.create_task(exchange.publish(message, routing_key=queue)))
@@ -427,9 +638,15 @@ class Env:
         if depth != count:
             raise RuntimeError(f"preloaded {count} messages into {queue!r} but it holds {depth}")
 
-    async def wait_depth(self, queue: str, target: int, started: float) -> float:
+    async def start_chains(self, queue: str, chains: int) -> None:
+        """Put the first hop, ChainHop(chain, n=1), of `chains` chains into `queue`."""
+        await self.preload(queue, chains, "ChainHop", lambda chain: {"chain": chain, "n": 1})
+
+    async def wait_depth(
+        self, queue: str, target: int, started: float, timeout: float | None = None
+    ) -> float:
         """Poll `queue` until it holds `target` messages; return the time it did."""
-        deadline = started + max(60.0, target / 20)
+        deadline = started + (timeout if timeout is not None else max(MIN_WAIT, target / 20))
         while True:
             depth = await self.depth(queue)
             now = time.perf_counter()
@@ -471,25 +688,17 @@ class Env:
 
     # -- txflow apps
 
-    def make_app(self, concurrency: int) -> TxFlow:
-        app = TxFlow(
-            "bench",
-            broker_url=self.amqp_url,
-            database_url=self.db_url,
+    def make_app(self, concurrency: int, chain_length: int | None = None) -> TxFlow:
+        """The txflow side, its pool sized as the other sides' (`pool_size_for`)."""
+        app = build_app(
+            amqp_url=self.amqp_url,
+            db_url=self.db_url,
             queue_prefix=self.tx_prefix,
             exchange=self.tx_exchange,
             concurrency=concurrency,
-            metadata=user_metadata,
-            create_tables=True,
+            chain_length=chain_length,
+            db_pool_size=pool_size_for(concurrency),
         )
-
-        @app.handler(BenchIn)
-        async def on_bench_in(event: BenchIn, ctx: Context) -> BenchOut:
-            await ctx.session.execute(
-                sa.insert(tx_items).values(n=event.n, message_id=ctx.message_id)
-            )
-            return BenchOut(n=event.n)
-
         for spec in app.topology().queues:
             if spec.retry_delays:
                 raise RuntimeError("the bench app must have no retry tiers (it deletes by name)")
@@ -499,7 +708,65 @@ class Env:
         return app
 
     def tx_input(self, app: TxFlow) -> str:
-        return app.handlers["on_bench_in"].queue
+        handler = "on_chain_hop" if "on_chain_hop" in app.handlers else "on_bench_in"
+        return app.handlers[handler].queue
+
+
+def build_app(
+    *,
+    amqp_url: str,
+    db_url: str,
+    queue_prefix: str,
+    exchange: str,
+    concurrency: int,
+    handlers: bool = True,
+    relay: RelayConfig | None = RelayConfig(),  # noqa: B008 - frozen
+    chain_length: int | None = None,
+    db_pool_size: int | None = None,
+) -> TxFlow:
+    """The txflow side's app (also run by `txflow run bench_app:app` in scale.py).
+
+    Its handler is the hop's `on_bench_in`, or with `chain_length` the chain's `on_chain_hop`
+    instead. Its database pool has `pool_size_for(concurrency)` connections, as the other
+    sides' pools, unless `db_pool_size` says otherwise; an app without handlers (only a
+    relay) keeps txflow's default pool.
+    """
+    if db_pool_size is None:
+        db_pool_size = pool_size_for(concurrency) if handlers else DEFAULT_DB_POOL_SIZE
+    app = TxFlow(
+        "bench",
+        broker_url=amqp_url,
+        database_url=db_url,
+        queue_prefix=queue_prefix,
+        exchange=exchange,
+        concurrency=concurrency,
+        metadata=user_metadata,
+        create_tables=True,
+        relay=relay,
+        db_pool_size=db_pool_size,
+    )
+    if handlers and chain_length is not None:
+        last = chain_length
+
+        @app.handler(ChainHop)
+        async def on_chain_hop(event: ChainHop, ctx: Context) -> ChainHop | ChainDone:
+            await ctx.session.execute(
+                sa.insert(tx_items).values(n=event.n, message_id=ctx.message_id)
+            )
+            if event.n < last:
+                return ChainHop(chain=event.chain, n=event.n + 1)
+            return ChainDone(chain=event.chain, n=event.n)
+
+    elif handlers:
+
+        @app.handler(BenchIn)
+        async def on_bench_in(event: BenchIn, ctx: Context) -> BenchOut:
+            await ctx.session.execute(
+                sa.insert(tx_items).values(n=event.n, message_id=ctx.message_id)
+            )
+            return BenchOut(n=event.n)
+
+    return app
 
 
 # -- throughput -------------------------------------------------------------------------------
@@ -580,6 +847,43 @@ async def run_baseline(env: Env, concurrency: int, messages: int) -> RunResult:
     return _result("baseline", concurrency, messages, finished - started, cpu, checks)
 
 
+async def run_faststream(env: Env, concurrency: int, messages: int) -> RunResult:
+    from faststream_side import FastStreamHop
+
+    await env.truncate(*FS_TABLES)
+    await env.purge(env.fs_input, env.fs_sink)
+    side = FastStreamHop(
+        amqp_url=env.amqp_url,
+        db_url=env.db_url,
+        exchange=env.fs_exchange,
+        input_queue=env.fs_input,
+        concurrency=concurrency,
+        pool_size=pool_size_for(concurrency),
+    )
+    async with side:
+        await env.preload(env.fs_input, messages)
+        await side.start_consuming()
+        started, cpu = time.perf_counter(), time.process_time()
+        finished = await env.wait_depth(env.fs_sink, messages, started)
+        cpu = time.process_time() - cpu
+        await side.wait_settled(messages)  # the last acks, untimed
+        assert side.relay is not None
+        stats = {"relay_published": side.relay.published, "relay_polls": side.relay.polls}
+    checks = await env.counts(
+        "bench_fs_items", "bench_fs_inbox", "bench_fs_outbox", "sent_at IS NULL"
+    )
+    checks.update(
+        stats,
+        handled=side.handled,
+        duplicates=side.duplicates,
+        errors=side.failed,
+        sink=await env.depth(env.fs_sink),
+        input_left=await env.depth(env.fs_input),
+        connections_left=await env.other_connections(),
+    )
+    return _result("faststream", concurrency, messages, finished - started, cpu, checks)
+
+
 def _result(
     side: str,
     concurrency: int,
@@ -604,6 +908,179 @@ def _result(
     )
 
 
+# -- chains: a closed loop, each hop's output is the next hop's input --------------------------
+
+
+def chain_timeout(chain_length: int) -> float:
+    return max(MIN_WAIT, chain_length * CHAIN_SECONDS_PER_HOP)
+
+
+async def run_chain_txflow(env: Env, concurrency: int, chain_length: int) -> ChainResult:
+    await env.truncate("txflow_inbox", "txflow_outbox", "bench_tx_items")
+    app = env.make_app(concurrency, chain_length)
+    queue = env.tx_input(app)
+    try:
+        await warm_txflow_pool(app)
+        await env.tools().declare_queue(queue, durable=True)  # as txflow declares it
+        await env.purge(queue, env.tx_chain_sink)
+        await env.start_chains(queue, concurrency)
+        await app.start()
+        started, cpu = time.perf_counter(), time.process_time()
+        finished = await env.wait_depth(
+            env.tx_chain_sink, concurrency, started, chain_timeout(chain_length)
+        )
+        cpu = time.process_time() - cpu
+        consumer = app.consumers[0].stats
+        relay = app.relay.stats
+        stats = {
+            "handled": consumer.handled,
+            "duplicates": consumer.duplicates,
+            "retried": consumer.retried,
+            "dead_lettered": consumer.dead_lettered,
+            "relay_published": relay.published,
+            "relay_swept": relay.swept,
+        }
+    finally:
+        await app.stop()
+    checks = await env.counts("bench_tx_items", "txflow_inbox", "txflow_outbox", "sent_at IS NULL")
+    checks.update(stats)
+    return await _chain_result(
+        env,
+        "txflow",
+        concurrency,
+        chain_length,
+        finished - started,
+        cpu,
+        checks,
+        input_queue=queue,
+        sink=env.tx_chain_sink,
+    )
+
+
+async def run_chain_baseline(env: Env, concurrency: int, chain_length: int) -> ChainResult:
+    await env.truncate("bench_hw_inbox", "bench_hw_outbox", "bench_hw_items")
+    await env.purge(env.hw_chain, env.hw_chain_sink)
+    hops = concurrency * chain_length
+    async with AsyncExitStack() as stack:
+        baseline, connection = await Baseline.open(
+            stack, env, concurrency, chain_route(chain_length)
+        )
+        baseline.expected = hops
+        await env.start_chains(env.hw_chain, concurrency)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=concurrency)
+        queue = await channel.get_queue(env.hw_chain, ensure=False)
+        tag = await queue.consume(baseline.on_message)
+        started, cpu = time.perf_counter(), time.process_time()
+        finished = await env.wait_depth(
+            env.hw_chain_sink, concurrency, started, chain_timeout(chain_length)
+        )
+        cpu = time.process_time() - cpu
+        await asyncio.wait_for(baseline.settled.wait(), 30)  # the last mark and ack, untimed
+        await queue.cancel(tag)
+    checks = await env.counts(
+        "bench_hw_items", "bench_hw_inbox", "bench_hw_outbox", "sent_at IS NULL"
+    )
+    checks.update(handled=baseline.handled, duplicates=baseline.duplicates, errors=baseline.failed)
+    return await _chain_result(
+        env,
+        "baseline",
+        concurrency,
+        chain_length,
+        finished - started,
+        cpu,
+        checks,
+        input_queue=env.hw_chain,
+        sink=env.hw_chain_sink,
+    )
+
+
+async def run_chain_faststream(env: Env, concurrency: int, chain_length: int) -> ChainResult:
+    from faststream_side import FastStreamHop
+
+    await env.truncate(*FS_TABLES)
+    await env.purge(env.fs_chain, env.fs_chain_sink)
+    side = FastStreamHop(
+        amqp_url=env.amqp_url,
+        db_url=env.db_url,
+        exchange=env.fs_exchange,
+        input_queue=env.fs_chain,
+        concurrency=concurrency,
+        pool_size=pool_size_for(concurrency),
+        chain_length=chain_length,
+    )
+    async with side:
+        await env.start_chains(env.fs_chain, concurrency)
+        await side.start_consuming()
+        started, cpu = time.perf_counter(), time.process_time()
+        finished = await env.wait_depth(
+            env.fs_chain_sink, concurrency, started, chain_timeout(chain_length)
+        )
+        cpu = time.process_time() - cpu
+        await side.wait_settled(concurrency * chain_length)  # the last acks, untimed
+        assert side.relay is not None
+        stats = {"relay_published": side.relay.published, "relay_polls": side.relay.polls}
+    checks = await env.counts(
+        "bench_fs_items", "bench_fs_inbox", "bench_fs_outbox", "sent_at IS NULL"
+    )
+    checks.update(stats, handled=side.handled, duplicates=side.duplicates, errors=side.failed)
+    return await _chain_result(
+        env,
+        "faststream",
+        concurrency,
+        chain_length,
+        finished - started,
+        cpu,
+        checks,
+        input_queue=env.fs_chain,
+        sink=env.fs_chain_sink,
+    )
+
+
+async def _chain_result(
+    env: Env,
+    side: str,
+    chains: int,
+    chain_length: int,
+    seconds: float,
+    cpu_seconds: float,
+    checks: dict[str, Any],
+    *,
+    input_queue: str,
+    sink: str,
+) -> ChainResult:
+    """Check the run (rows, queues, connections, every chain ended at hop L) and time it."""
+    hops = chains * chain_length
+    checks.update(
+        sink=await env.depth(sink),
+        input_left=await env.depth(input_queue),
+        connections_left=await env.other_connections(),
+    )
+    done = await env.take(sink, chains + 1)
+    checks["chains_done"] = sorted((b.get("chain"), b.get("n")) for b in done) == [
+        (chain, chain_length) for chain in range(chains)
+    ]
+    expected: dict[str, Any] = {"items": hops, "inbox": hops, "outbox": hops}
+    expected.update(
+        unsent_after_stop=0, sink=chains, input_left=0, connections_left=0, chains_done=True
+    )
+    checks["failed"] = {
+        k: f"{checks.get(k)} (expected {v})" for k, v in expected.items() if checks.get(k) != v
+    }
+    return ChainResult(
+        side,
+        chains,
+        chains,
+        chain_length,
+        hops,
+        seconds,
+        hops / seconds,
+        seconds * 1000 * chains / hops,
+        cpu_seconds * 1000 / hops,
+        checks,
+    )
+
+
 # -- latency ---------------------------------------------------------------------------------
 
 Emit = Callable[[int, str, dict[str, float]], Awaitable[None]]
@@ -613,14 +1090,17 @@ async def measure_latency(
     side: str, emit: Emit, arrivals: Arrivals, args: argparse.Namespace
 ) -> list[LatencyResult]:
     results = []
-    # Unloaded: one event at a time, the next only after the previous arrived.
+    # Unloaded: one event at a time, the next only after the previous arrived and a random
+    # pause (2-102 ms, the same seeded sequence for every side), so that events meet a
+    # polling relay at random points of its 100 ms cycle, not always right after a poll.
     commits: dict[str, float] = {}
+    gaps = random.Random(args.seed)
     for n in range(args.unloaded_samples):
         message_id = uuid.uuid4().hex
         waiter = arrivals.waiter(message_id)
         await emit(n, message_id, commits)
         await asyncio.wait_for(waiter, 10)
-        await asyncio.sleep(0.002)  # let background bookkeeping (mark sent) finish
+        await asyncio.sleep(gaps.uniform(0.002, 0.102))
     results.append(_latencies(side, "unloaded", commits, arrivals))
 
     # Loaded: an open loop at a fixed rate, each event in its own task.
@@ -647,7 +1127,9 @@ def _latencies(
 ) -> LatencyResult:
     values = sorted((arrivals.times[k] - t) * 1000 for k, t in commits.items())
     cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return LatencyResult(side, mode, len(values), cuts[49], cuts[98], values[-1])
+    return LatencyResult(
+        side, mode, len(values), cuts[49], cuts[98], values[-1], [round(v, 4) for v in values]
+    )
 
 
 async def latency_txflow(
@@ -676,6 +1158,24 @@ async def latency_baseline(
         return await measure_latency("baseline", baseline.emit, arrivals, args)
 
 
+async def latency_faststream(
+    env: Env, arrivals: Arrivals, args: argparse.Namespace
+) -> list[LatencyResult]:
+    from faststream_side import FastStreamHop
+
+    await env.truncate(*FS_TABLES)
+    side = FastStreamHop(
+        amqp_url=env.amqp_url,
+        db_url=env.db_url,
+        exchange=env.fs_exchange,
+        input_queue=None,
+        concurrency=1,
+        pool_size=pool_size_for(1),
+    )
+    async with side:
+        return await measure_latency("faststream", side.emit, arrivals, args)
+
+
 # -- orchestration and report ---------------------------------------------------------------
 
 
@@ -689,107 +1189,228 @@ def _fmt(summary: dict[str, float], digits: int = 0, suffix: str = "") -> str:
     return f"{mid}{suffix} [{lo}-{hi}]"
 
 
-THROUGHPUT = {"baseline": run_baseline, "txflow": run_txflow}
-LATENCY = {"baseline": latency_baseline, "txflow": latency_txflow}
+def _cell(values: Sequence[float], digits: int = 0, suffix: str = "") -> str:
+    return _fmt(_summary(values), digits, suffix) if values else "-"
+
+
+THROUGHPUT = {"baseline": run_baseline, "txflow": run_txflow, "faststream": run_faststream}
+CHAIN = {
+    "baseline": run_chain_baseline,
+    "txflow": run_chain_txflow,
+    "faststream": run_chain_faststream,
+}
+LATENCY = {"baseline": latency_baseline, "txflow": latency_txflow, "faststream": latency_faststream}
+SIDES = tuple(THROUGHPUT)
+# (numerator, denominator) of the ratio columns; each computed per repeat.
+RATIOS = (("txflow", "baseline"), ("faststream", "baseline"), ("txflow", "faststream"))
+
+
+def _order(sides: Sequence[str], rep: int) -> list[str]:
+    """Rotate which side goes first each repeat, so slow drift does not favour one side."""
+    k = rep % len(sides)
+    return [*sides[k:], *sides[:k]]
 
 
 async def bench(args: argparse.Namespace, loop_name: str) -> dict[str, Any]:
     env = Env(args)
     runs: list[RunResult] = []
+    chains: list[ChainResult] = []
     latencies: list[LatencyResult] = []
+    disturbed: list[dict[str, str]] = []
     async with AsyncExitStack() as stack:
         await env.setup(stack)
         print(
             f"run {env.run_id}: database {env.db_name}, exchanges {env.tx_exchange} / "
-            f"{env.hw_exchange}; loop {loop_name}",
+            f"{env.hw_exchange} / {env.fs_exchange}; loop {loop_name}; sides "
+            f"{', '.join(args.sides)}",
             flush=True,
         )
         warm = min(args.messages, 500)
-        for side in args.sides:
-            await THROUGHPUT[side](env, max(args.concurrency), warm)  # untimed warm-up
+        top = max(args.concurrency)
+        for side in args.sides:  # untimed warm-up
+            await attempt(
+                env, f"{side} warm-up", partial(THROUGHPUT[side], env, top, warm), disturbed
+            )
         for rep in range(args.repeat):
-            # Alternate which side goes first so slow drift does not favour one side.
-            order = args.sides[::-1] if rep % 2 else args.sides
             for concurrency in args.concurrency:
-                for side in order:
-                    result = await THROUGHPUT[side](env, concurrency, args.messages)
+                for side in _order(args.sides, rep):
+                    result = await attempt(
+                        env,
+                        f"[{rep + 1}/{args.repeat}] {side} c={concurrency}",
+                        partial(THROUGHPUT[side], env, concurrency, args.messages),
+                        disturbed,
+                    )
                     runs.append(result)
                     failed = result.checks["failed"]
                     print(
-                        f"  [{rep + 1}/{args.repeat}] {side:8s} c={concurrency:<3d} "
+                        f"  [{rep + 1}/{args.repeat}] {side:10s} c={concurrency:<3d} "
                         f"{result.hops_per_second:8.0f} hops/s  ({result.seconds:.2f}s, "
                         f"{result.cpu_ms_per_hop:.2f} ms CPU/hop"
                         f"{f'; CHECK FAILED: {failed}' if failed else ''})",
                         flush=True,
                     )
+        if args.chain_concurrency:
+            await measure_chains(env, args, chains, disturbed)
         if args.latency_rate > 0:
             arrivals = Arrivals()
-            conn = await aio_pika.connect(env.amqp_url)
-            stack.push_async_callback(conn.close)
-            channel = await conn.channel()
-            for queue in (env.tx_latency, env.hw_latency):
-                q = await channel.get_queue(queue, ensure=False)
-                await q.consume(arrivals.on_message, no_ack=True)
-            for rep in range(args.repeat):
-                for side in args.sides[::-1] if rep % 2 else args.sides:
-                    found = await LATENCY[side](env, arrivals, args)
-                    latencies.extend(found)
-                    shown = ", ".join(
-                        f"{r.mode} p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f} ms" for r in found
-                    )
-                    print(f"  [{rep + 1}/{args.repeat}] {side:8s} latency: {shown}", flush=True)
-    return {"run_id": env.run_id, "server": env.server, "runs": runs, "latencies": latencies}
+            sink: list[AbstractConnection] = []
+            stack.push_async_callback(_close_all, sink)
+
+            async def measure(side: str) -> list[LatencyResult]:
+                if not sink:
+                    sink.append(await arrivals.listen(env))
+                try:
+                    return await LATENCY[side](env, arrivals, args)
+                except Exception:
+                    await _close_all(sink)  # the sink's consumer may have died with the broker
+                    raise
+
+            try:
+                for rep in range(args.repeat):
+                    for side in _order(args.sides, rep):
+                        found = await attempt(
+                            env,
+                            f"[{rep + 1}/{args.repeat}] {side} latency",
+                            partial(measure, side),
+                            disturbed,
+                        )
+                        latencies.extend(found)
+                        shown = ", ".join(
+                            f"{r.mode} p50 {r.p50_ms:.2f} p99 {r.p99_ms:.2f} ms" for r in found
+                        )
+                        print(
+                            f"  [{rep + 1}/{args.repeat}] {side:10s} latency: {shown}", flush=True
+                        )
+            except Exception as exc:
+                # Keep what was measured: report the throughput and the latencies so far.
+                gave_up = f"latency abandoned after {ATTEMPTS} broken tries: {exc!r}"
+                print(f"  {gave_up}", flush=True)
+                disturbed.append({"what": "latency", "error": gave_up[:300]})
+    return {
+        "run_id": env.run_id,
+        "server": env.server,
+        "runs": runs,
+        "chains": chains,
+        "latencies": latencies,
+        "disturbed": disturbed,
+    }
 
 
-def _cell(values: Sequence[float], digits: int = 0, suffix: str = "") -> str:
-    return _fmt(_summary(values), digits, suffix) if values else "-"
+async def measure_chains(
+    env: Env, args: argparse.Namespace, chains: list[ChainResult], disturbed: list[dict[str, str]]
+) -> None:
+    """The closed loop: C chains of L hops, each hop's event is the next hop's input."""
+    top = max(args.chain_concurrency)
+    for side in args.sides:  # untimed warm-up: a few short chains
+        await attempt(env, f"{side} chain warm-up", partial(CHAIN[side], env, top, 3), disturbed)
+    for rep in range(args.repeat):
+        for concurrency in args.chain_concurrency:
+            length = args.chain_length
+            for side in _order(args.sides, rep):
+                result = await attempt(
+                    env,
+                    f"[{rep + 1}/{args.repeat}] {side} chain c={concurrency}",
+                    partial(CHAIN[side], env, concurrency, length),
+                    disturbed,
+                )
+                chains.append(result)
+                failed = result.checks["failed"]
+                print(
+                    f"  [{rep + 1}/{args.repeat}] {side:10s} chain c={concurrency:<3d} "
+                    f"L={length:<4d} {result.hops_per_second:8.0f} hops/s  "
+                    f"({result.seconds:.2f}s, {result.ms_per_hop:.2f} ms/hop, "
+                    f"{result.cpu_ms_per_hop:.2f} ms CPU/hop"
+                    f"{f'; CHECK FAILED: {failed}' if failed else ''})",
+                    flush=True,
+                )
+
+
+async def _close_all(connections: list[AbstractConnection]) -> None:
+    while connections:
+        with contextlib.suppress(Exception):
+            await connections.pop().close()
+
+
+def _ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    # Per repeat: the sides ran back to back, so their ratio cancels slow drift.
+    return [a / b for a, b in zip(numerator, denominator, strict=False) if b]
+
+
+def header_lines(args: argparse.Namespace, loop_name: str, server: dict[str, str]) -> str:
+    fs = f", FastStream {version('faststream')}" if "faststream" in args.sides else ""
+    return (
+        f"loop {loop_name}; Python {platform.python_version()}; txflow {version('txflow')}, "
+        f"aio-pika {version('aio-pika')}, asyncpg {version('asyncpg')}, "
+        f"SQLAlchemy {version('sqlalchemy')}{fs}\nRabbitMQ {server.get('rabbitmq')}, "
+        f"PostgreSQL {server.get('postgresql')}; {os.cpu_count()} CPUs"
+    )
 
 
 def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> dict[str, Any]:
     runs: list[RunResult] = data["runs"]
-    out: dict[str, Any] = {"throughput": [], "latency": []}
-    server = data["server"]
+    sides = [s for s in SIDES if s in args.sides]
+    ratios = [(a, b) for a, b in RATIOS if a in sides and b in sides]
+    out: dict[str, Any] = {"throughput": [], "chain": [], "latency": [], "latency_ratios": []}
     print()
     print(
-        f"One hop, {args.messages} messages per run, median [min-max] of {args.repeat} run(s)\n"
-        f"loop {loop_name}; Python {platform.python_version()}; txflow {version('txflow')}, "
-        f"aio-pika {version('aio-pika')}, asyncpg {version('asyncpg')}, "
-        f"SQLAlchemy {version('sqlalchemy')}\nRabbitMQ {server.get('rabbitmq')}, "
-        f"PostgreSQL {server.get('postgresql')}; {os.cpu_count()} CPUs"
+        f"Preloaded throughput (open loop): one hop, {args.messages} independent messages "
+        f"preloaded per run, median [min-max] of {args.repeat} run(s)"
     )
+    print(header_lines(args, loop_name, data["server"]))
     print()
-    header = (
-        f"{'concurrency':>11}  {'baseline hops/s':>20}  {'txflow hops/s':>20}  "
-        f"{'txflow/baseline':>19}  {'CPU ms/hop base':>15}  {'txflow':>6}"
-    )
+    header = f"{'conc.':>5}  {'pool':>4}"
+    header += "".join(f"  {s + ' hops/s':>21}" for s in sides)
+    header += "".join(f"  {a[:2] + '/' + b[:2]:>19}" for a, b in ratios)
     print(header)
     print("-" * len(header))
     for concurrency in args.concurrency:
-        mine = {
-            side: [r for r in runs if r.side == side and r.concurrency == concurrency]
-            for side in ("baseline", "txflow")
+        rates = {
+            side: [
+                r.hops_per_second for r in runs if r.side == side and r.concurrency == concurrency
+            ]
+            for side in sides
         }
-        rates = {side: [r.hops_per_second for r in rs] for side, rs in mine.items()}
-        cpu = {side: [r.cpu_ms_per_hop for r in rs] for side, rs in mine.items()}
-        # Per repeat: both sides ran back to back, so their ratio cancels slow drift.
-        ratios = [t / b for t, b in zip(rates["txflow"], rates["baseline"], strict=False)]
-        row: dict[str, Any] = {"concurrency": concurrency, "ratio": ratios and _summary(ratios)}
-        for side in mine:
-            row[side] = rates[side] and _summary(rates[side])
-            row[f"{side}_cpu_ms_per_hop"] = cpu[side] and _summary(cpu[side])
+        cpu = {
+            side: [
+                r.cpu_ms_per_hop for r in runs if r.side == side and r.concurrency == concurrency
+            ]
+            for side in sides
+        }
+        row: dict[str, Any] = {
+            "concurrency": concurrency,
+            "pool": pool_size_for(concurrency),
+            "hops_per_second": {s: rates[s] and _summary(rates[s]) for s in sides},
+            "cpu_ms_per_hop": {s: cpu[s] and _summary(cpu[s]) for s in sides},
+            "ratios": {},
+        }
+        line = f"{concurrency:>5}  {pool_size_for(concurrency):>4}"
+        line += "".join(f"  {_cell(rates[s]):>21}" for s in sides)
+        for a, b in ratios:
+            values = _ratios(rates[a], rates[b])
+            row["ratios"][f"{a}/{b}"] = values and _summary(values)
+            line += f"  {_cell(values, 2, 'x'):>19}"
         out["throughput"].append(row)
-        cpu_cells = [f"{statistics.median(cpu[side]):.2f}" if cpu[side] else "-" for side in mine]
-        print(
-            f"{concurrency:>11}  {_cell(rates['baseline']):>20}  {_cell(rates['txflow']):>20}  "
-            f"{_cell(ratios, 2, 'x'):>19}  {cpu_cells[0]:>15}  {cpu_cells[1]:>6}"
+        print(line)
+    print()
+    print("CPU time of this Python process per hop while the clock ran (ms, median):")
+    for row in out["throughput"]:
+        cells = ", ".join(
+            f"{s} {row['cpu_ms_per_hop'][s]['median']:.2f}"
+            for s in sides
+            if row["cpu_ms_per_hop"][s]
         )
+        print(f"  c={row['concurrency']:<3} {cells}")
     print(
-        "(CPU ms/hop: median CPU time of this Python process per hop while the clock ran; "
-        "the sink poll adds the same to both sides)"
+        "(ratios: per repeat, side over side, then median [min-max]; ba = baseline, "
+        "tx = txflow, fa = faststream; pool = database connections of every side's pool)"
     )
     failed = [r for r in runs if r.checks["failed"]]
     for r in failed:
         print(f"CHECK FAILED: {r.side} c={r.concurrency}: {r.checks['failed']}")
+
+    chain_runs: list[ChainResult] = data["chains"]
+    if chain_runs:
+        out["chain"] = report_chains(args, sides, ratios, chain_runs)
 
     latencies: list[LatencyResult] = data["latencies"]
     if latencies:
@@ -798,43 +1419,114 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
             "Commit-to-arrival latency at a sink consumer (ms), "
             "median [min-max] of the per-run p50 and p99"
         )
-        header = f"{'load':>10}  {'side':>8}  {'samples':>7}  {'p50 ms':>20}  {'p99 ms':>20}"
+        header = f"{'load':>10}  {'side':>10}  {'samples':>7}  {'p50 ms':>22}  {'p99 ms':>22}"
         print(header)
         print("-" * len(header))
         for mode in dict.fromkeys(r.mode for r in latencies):
-            rows = {}
-            for side in ("baseline", "txflow"):
+            per_side: dict[str, list[LatencyResult]] = {}
+            for side in sides:
                 mine = [r for r in latencies if r.mode == mode and r.side == side]
                 if not mine:
                     continue
-                rows[side] = {
+                per_side[side] = mine
+                row = {
                     "mode": mode,
                     "side": side,
                     "samples": mine[0].samples,
                     "p50_ms": _summary([r.p50_ms for r in mine]),
                     "p99_ms": _summary([r.p99_ms for r in mine]),
+                    "max_ms": _summary([r.max_ms for r in mine]),
                 }
-                out["latency"].append(rows[side])
+                out["latency"].append(row)
                 print(
-                    f"{mode:>10}  {side:>8}  {mine[0].samples:>7}  "
-                    f"{_fmt(rows[side]['p50_ms'], 2):>20}  {_fmt(rows[side]['p99_ms'], 2):>20}"
+                    f"{mode:>10}  {side:>10}  {mine[0].samples:>7}  "
+                    f"{_fmt(row['p50_ms'], 2):>22}  {_fmt(row['p99_ms'], 2):>22}"
                 )
-            if len(rows) == 2:
-                p50, p99 = (
-                    rows["txflow"][k]["median"] / rows["baseline"][k]["median"]
-                    for k in ("p50_ms", "p99_ms")
-                )
-                print(f"{'':>10}  {'ratio':>8}  {'':>7}  {p50:>19.2f}x  {p99:>19.2f}x")
+            for a, b in ratios:
+                if a not in per_side or b not in per_side:
+                    continue
+                cells = {}
+                for key in ("p50_ms", "p99_ms"):
+                    values = _ratios(
+                        [getattr(r, key) for r in per_side[a]],
+                        [getattr(r, key) for r in per_side[b]],
+                    )
+                    cells[key] = _summary(values)
+                out["latency_ratios"].append({"mode": mode, "ratio": f"{a}/{b}", **cells})
+                shown = [_fmt(c, 3 if c["median"] < 0.1 else 2, "x") for c in cells.values()]
+                name = f"{a[:2]}/{b[:2]}"
+                print(f"{'':>10}  {name:>10}  {'':>7}  {shown[0]:>22}  {shown[1]:>22}")
     return out
+
+
+def report_chains(
+    args: argparse.Namespace,
+    sides: list[str],
+    ratios: list[tuple[str, str]],
+    chain_runs: list[ChainResult],
+) -> list[dict[str, Any]]:
+    rows = []
+    print()
+    print(
+        "Chain throughput (closed loop): C chains of L hops, each hop's output event is the "
+        "next hop's input (back through the outbox to the same queue); hops/s = C*L / time "
+        f"until every chain ended; median [min-max] of {args.repeat} run(s)"
+    )
+    header = f"{'C':>4}  {'L':>4}  {'pool':>4}"
+    header += "".join(f"  {s + ' hops/s':>21}" for s in sides)
+    header += "".join(f"  {a[:2] + '/' + b[:2]:>19}" for a, b in ratios)
+    print(header)
+    print("-" * len(header))
+    for concurrency in args.chain_concurrency:
+        mine = {
+            s: [r for r in chain_runs if r.side == s and r.concurrency == concurrency]
+            for s in sides
+        }
+        rates = {s: [r.hops_per_second for r in mine[s]] for s in sides}
+        length = args.chain_length
+        row: dict[str, Any] = {
+            "concurrency": concurrency,
+            "chains": concurrency,
+            "chain_length": length,
+            "hops": concurrency * length,
+            "pool": pool_size_for(concurrency),
+            "hops_per_second": {s: rates[s] and _summary(rates[s]) for s in sides},
+            "ms_per_hop": {s: mine[s] and _summary([r.ms_per_hop for r in mine[s]]) for s in sides},
+            "cpu_ms_per_hop": {
+                s: mine[s] and _summary([r.cpu_ms_per_hop for r in mine[s]]) for s in sides
+            },
+            "ratios": {},
+        }
+        line = f"{concurrency:>4}  {length:>4}  {pool_size_for(concurrency):>4}"
+        line += "".join(f"  {_cell(rates[s]):>21}" for s in sides)
+        for a, b in ratios:
+            values = _ratios(rates[a], rates[b])
+            row["ratios"][f"{a}/{b}"] = values and _summary(values)
+            line += f"  {_cell(values, 2, 'x'):>19}"
+        rows.append(row)
+        print(line)
+    print()
+    print("Per-hop latency along a chain, elapsed * C / hops (ms, median [min-max]):")
+    for row in rows:
+        cells = ", ".join(
+            f"{s} {_fmt(row['ms_per_hop'][s], 2)}" for s in sides if row["ms_per_hop"][s]
+        )
+        print(f"  C={row['concurrency']:<3} {cells}")
+    for r in chain_runs:
+        if r.checks["failed"]:
+            print(f"CHECK FAILED: {r.side} chain c={r.concurrency}: {r.checks['failed']}")
+    return rows
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
             "Measure one hop (consume, inbox+business+outbox in one transaction, confirmed "
-            "publish, mark sent, ack) with txflow and with a hand-written aio-pika + asyncpg "
-            "loop, on real RabbitMQ and PostgreSQL, plus commit-to-publish relay latency. "
-            "Creates a fresh database and fresh exchanges/queues, removed at the end."
+            "publish, mark sent, ack) with txflow, a hand-written aio-pika + asyncpg loop and "
+            "FastStream with a polling outbox relay, on real RabbitMQ and PostgreSQL: with "
+            "preloaded independent messages, and as closed-loop chains (each hop's event is "
+            "the next hop's input); plus commit-to-arrival latency. Creates a fresh database "
+            "and fresh exchanges/queues, removed at the end."
         ),
     )
     parser.add_argument(
@@ -853,10 +1545,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=lambda s: [int(x) for x in s.split(",") if x],
-        default="1,10,30",
-        help="comma-separated handler concurrencies = prefetch (default: 1,10,30)",
+        default="1,10,30,100",
+        help="comma-separated handler concurrencies = prefetch (default: 1,10,30,100)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (default: 3)")
+    parser.add_argument(
+        "--chain-concurrency",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default="1,10",
+        help="comma-separated concurrencies (= chains = prefetch) of the chain workload; "
+        "empty skips it (default: 1,10)",
+    )
+    parser.add_argument(
+        "--chain-length",
+        type=int,
+        default=200,
+        help="hops per chain, L: a run is C*L hops, 2000 at C=10 (default: 200)",
+    )
     parser.add_argument(
         "--latency-rate",
         type=float,
@@ -878,14 +1583,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sides",
         type=lambda s: [x for x in s.split(",") if x],
-        default="baseline,txflow",
+        default=None,
         help="comma-separated sides to run; txflow alone is handy under a profiler "
-        "(default: baseline,txflow)",
+        "(default: baseline,txflow,faststream; faststream only when installed)",
     )
+    parser.add_argument("--seed", type=int, default=7, help="seed of the unloaded pauses")
     parser.add_argument(
         "--no-uvloop",
         action="store_true",
         help="use the default asyncio loop even if uvloop is installed",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write the JSON here (default: benchmarks/results/hop-<timestamp>.json)",
     )
     parser.add_argument(
         "--no-json", action="store_true", help="do not write benchmarks/results/*.json"
@@ -896,9 +1607,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.pg_url = args.pg_url or os.environ.get("TXFLOW_TEST_PG_URL", DEFAULT_PG_URL)
     if args.messages < 1 or args.repeat < 1 or not args.concurrency:
         parser.error("--messages, --repeat and --concurrency must be positive")
-    if not args.sides or set(args.sides) - set(THROUGHPUT):
-        parser.error(f"--sides takes a comma-separated subset of {', '.join(THROUGHPUT)}")
+    if args.chain_length < 1 or any(c < 1 for c in args.chain_concurrency):
+        parser.error("--chain-length and --chain-concurrency must be positive")
+    if args.sides is None:
+        args.sides = list(SIDES)
+        if not faststream_installed():
+            args.sides.remove("faststream")
+            print(
+                "note: FastStream is not installed, so its side is skipped "
+                "(pip install -e '.[bench]' adds it)",
+                file=sys.stderr,
+            )
+    if not args.sides or set(args.sides) - set(SIDES):
+        parser.error(f"--sides takes a comma-separated subset of {', '.join(SIDES)}")
+    if "faststream" in args.sides and not faststream_installed():
+        parser.error("the faststream side needs FastStream: pip install -e '.[bench]'")
+    args.sides = [s for s in SIDES if s in args.sides]
     return args
+
+
+def pick_loop(no_uvloop: bool) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    if not no_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop, f"uvloop {version('uvloop')}"
+    return None, "asyncio (default loop)"
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+
+
+def default_json_path(kind: str) -> Path:
+    return RESULTS_DIR / f"{kind}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -907,25 +1653,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    loop_factory = None
-    loop_name = "asyncio (default loop)"
-    if not args.no_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            loop_factory = uvloop.new_event_loop
-            loop_name = f"uvloop {version('uvloop')}"
+    loop_factory, loop_name = pick_loop(args.no_uvloop)
     started = time.perf_counter()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         data = runner.run(bench(args, loop_name))
     summary = report(args, loop_name, data)
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
+    incomplete = any(d["what"] == "latency" for d in data["disturbed"])
     if not args.no_json:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RESULTS_DIR / f"hop-{stamp}.json"
+        names = ["txflow", "aio-pika", "asyncpg", "sqlalchemy"]
+        if "faststream" in args.sides:
+            names.append("faststream")
         document = {
             "benchmark": "hop",
             "created_at": datetime.now(UTC).isoformat(),
@@ -934,18 +1672,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loop": loop_name,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
-            "versions": {
-                name: version(name) for name in ("txflow", "aio-pika", "asyncpg", "sqlalchemy")
-            },
+            "versions": {name: version(name) for name in names},
             "server": data["server"],
             "run_id": data["run_id"],
+            "seconds": time.perf_counter() - started,
             "summary": summary,
             "runs": [asdict(r) for r in data["runs"]],
+            "chains": [asdict(r) for r in data["chains"]],
             "latencies": [asdict(r) for r in data["latencies"]],
+            "disturbed": data["disturbed"],
+            "incomplete": incomplete,
         }
-        path.write_text(json.dumps(document, indent=2, default=str) + "\n")
-        print(f"wrote {path}")
-    return 0
+        write_json(args.json or default_json_path("hop"), document)
+    return 1 if incomplete else 0
 
 
 if __name__ == "__main__":
