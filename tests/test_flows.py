@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from tests.conftest import Backend, settle
 from tests.support import take_one
@@ -30,6 +32,7 @@ from txflow import (
     dlq,
 )
 from txflow.flow_queries import flow_history
+from txflow.store.tables import flows
 from txflow.testing import wait_until
 
 
@@ -418,3 +421,31 @@ async def test_a_step_that_succeeds_after_the_timeout_is_compensated_too(
         assert info is not None and info.status is FlowStatus.TIMED_OUT
         await settle()
         assert len(rig.failed) == 1  # the instance ended once; its hook ran once
+
+
+async def test_finished_instances_older_than_the_retention_are_deleted(backend: Backend) -> None:
+    rig = await make_rig(backend, flow_retention=3600)
+    async with rig.owner, rig.worker:
+        for key in ("old", "new"):
+            await rig.start_flow(key)
+            await rig.wait_status(key, FlowStatus.COMPLETED)
+        await rig.start_flow("stuck", fail_at="d")
+        rig.broken.add("c")
+        await rig.wait_status("stuck", FlowStatus.COMPENSATION_FAILED)
+        async with rig.owner.store.transaction() as session:
+            await session.execute(
+                sa.update(flows)
+                .where(flows.c.flow_id.in_(["old", "stuck"]))
+                .values(finished_at=datetime.now(UTC) - timedelta(hours=2))
+            )
+    async with rig.owner:  # the cleanup runs when the app starts, then every few minutes
+
+        async def cleaned() -> bool:
+            return await rig.state("old") is None
+
+        await wait_until(cleaned, message="old instance deleted")
+        assert await rig.state("new") is not None
+        stuck = await rig.state("stuck")  # kept until an operator resolves it
+        assert stuck is not None and stuck.status is FlowStatus.COMPENSATION_FAILED
+        assert await flow_history(rig.owner.store, "job", "old") == []
+        assert await flow_history(rig.owner.store, "job", "new") != []

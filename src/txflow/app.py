@@ -54,8 +54,10 @@ DEFAULT_DB_POOL_SIZE = 10
 # Seconds inbox rows are kept: far longer than any copy of a message can still arrive (queue
 # backlogs, retry delays, republished outbox rows), short enough to bound the table.
 DEFAULT_INBOX_RETENTION = 7 * 24 * 3600.0
-# Seconds between two inbox cleanups in each process.
-INBOX_CLEANUP_INTERVAL = 300.0
+# Seconds finished flow instances are kept in the tracking app's database (for `txflow flows`).
+DEFAULT_FLOW_RETENTION = 30 * 24 * 3600.0
+# Seconds between two cleanups (inbox, finished flows) in each process.
+CLEANUP_INTERVAL = 300.0
 # Seconds background loops get to finish their current step on stop before being cancelled.
 BACKGROUND_STOP_TIMEOUT = 10.0
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -93,6 +95,9 @@ class TxFlow:
         inbox_retention: seconds to keep inbox rows (7 days); older ones are deleted every
             few minutes. A copy of a message arriving later than that would be handled
             again. None keeps them for ever.
+        flow_retention: seconds to keep flow instances that ended completed, failed or timed
+            out (30 days), with their history; `compensation_failed` ones are kept until
+            resolved. None keeps them for ever. Only apps that track flows have any.
         transport: a ready `Transport` instance instead of `broker_url`.
     """
 
@@ -116,6 +121,7 @@ class TxFlow:
         delivery_limit: int | None = DEFAULT_DELIVERY_LIMIT,
         notify: bool = True,
         inbox_retention: float | None = DEFAULT_INBOX_RETENTION,
+        flow_retention: float | None = DEFAULT_FLOW_RETENTION,
         transport: Transport | None = None,
     ) -> None:
         if not _NAME.match(name):
@@ -139,6 +145,7 @@ class TxFlow:
         self.delivery_limit = delivery_limit
         self.notify = notify
         self.inbox_retention = inbox_retention
+        self.flow_retention = flow_retention
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self.trackers: dict[str, FlowTracker] = {}
@@ -493,10 +500,8 @@ class TxFlow:
             await consumer.start()
             self._consumers.append(consumer)
         self._stopping = asyncio.Event()
-        if self.inbox_retention is not None:
-            self._background.append(
-                asyncio.create_task(self._prune_inbox(store, self.inbox_retention))
-            )
+        if self.inbox_retention is not None or (self.trackers and self.flow_retention is not None):
+            self._background.append(asyncio.create_task(self._clean_up(store)))
         for tracker in self.trackers.values():
             if tracker.has_deadlines:
                 task = asyncio.create_task(
@@ -533,17 +538,23 @@ class TxFlow:
         await self._close_resources()
         self._started = False
 
-    async def _prune_inbox(self, store: Store, retention: float) -> None:
-        """Delete inbox rows older than `retention` seconds, every few minutes, until cancelled."""
+    async def _clean_up(self, store: Store) -> None:
+        """Delete expired inbox rows and finished flows every few minutes, until stopped."""
         while not self._stopping.is_set():
-            cutoff = datetime.now(UTC) - timedelta(seconds=retention)
+            now = datetime.now(UTC)
             try:
-                while await store.delete_inbox_before(cutoff) > 0 and not self._stopping.is_set():
-                    pass
+                if self.inbox_retention is not None:
+                    cutoff = now - timedelta(seconds=self.inbox_retention)
+                    while await store.delete_inbox_before(cutoff) and not self._stopping.is_set():
+                        pass
+                if self.trackers and self.flow_retention is not None:
+                    cutoff = now - timedelta(seconds=self.flow_retention)
+                    while await store.delete_finished_flows(cutoff) and not self._stopping.is_set():
+                        pass
             except (OSError, sa.exc.SQLAlchemyError) as exc:
-                log.warning("%s: inbox cleanup failed, trying again later: %s", self.name, exc)
+                log.warning("%s: cleanup failed, trying again later: %s", self.name, exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), INBOX_CLEANUP_INTERVAL)
+                await asyncio.wait_for(self._stopping.wait(), CLEANUP_INTERVAL)
 
     def _log_stats(self) -> None:
         """One line of counters since start, for the operator's log."""

@@ -18,9 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from txflow.abc import Message
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
 from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
-from txflow.store.tables import inbox, metadata, outbox
+from txflow.store.tables import flow_log, flows, inbox, metadata, outbox
 
 log = logging.getLogger("txflow.store")
+
+# Flow statuses after which an instance changes no more (see `txflow.FlowStatus`); a
+# compensation_failed instance is kept until an operator resolves it.
+TERMINAL_FLOW_STATUSES = ("completed", "failed", "timed_out")
 
 # Rows the relay claims or deletes in one statement.
 DEFAULT_BATCH = 500
@@ -299,6 +303,25 @@ class Store(abc.ABC):
         async with self._write() as conn:
             result = await conn.execute(stmt)
         return int(result.rowcount)
+
+    async def delete_finished_flows(self, older_than: datetime, limit: int = DEFAULT_BATCH) -> int:
+        """Delete up to `limit` flow instances that ended before `older_than`, with their log."""
+        doomed = (
+            sa.select(flows.c.flow, flows.c.flow_id)
+            .where(flows.c.finished_at < older_than, flows.c.status.in_(TERMINAL_FLOW_STATUSES))
+            .limit(limit)
+        )
+        # One transaction (not `_write`, which autocommits on PostgreSQL): log and instance go
+        # together.
+        async with self.engine.begin() as conn, self._guard_cancellation(conn):
+            keys = [tuple(row) for row in (await conn.execute(doomed)).all()]
+            if not keys:
+                return 0
+            for table in (flow_log, flows):
+                await conn.execute(
+                    sa.delete(table).where(sa.tuple_(table.c.flow, table.c.flow_id).in_(keys))
+                )
+        return len(keys)
 
     async def outbox_status(self) -> OutboxStatus:
         """Counts and lag of the outbox, for `txflow outbox status` and monitoring."""

@@ -89,6 +89,8 @@ flows = sa.Table(
     # Transitions applied, for operators and optimistic readers.
     sa.Column("version", sa.Integer, nullable=False),
     sa.Index("ix_txflow_flows_status", "flow", "status"),
+    # For the retention cleanup of finished instances (`TxFlow(flow_retention=...)`).
+    sa.Index("ix_txflow_flows_finished_at", "finished_at"),
     sa.Index(
         "ix_txflow_flows_deadline",
         "deadline",
