@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -236,3 +237,34 @@ def test_dead_letter_body_preview_is_text_and_bounded() -> None:
     big = info(b"x" * 10_000_000).body
     assert big.startswith("x" * MAX_BODY_PREVIEW) and big.endswith("… (10000000 bytes)")
     assert len(big) < MAX_BODY_PREVIEW + 30
+
+
+async def test_running_counters_are_logged_every_stats_interval(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.support import Ping
+    from txflow.testing import InMemoryBroker, InMemoryTransport, wait_until
+
+    app = TxFlow(
+        "counting",
+        transport=InMemoryTransport(InMemoryBroker()),
+        database_url=f"sqlite:///{tmp_path}/c.db",
+        stats_interval=0.05,
+    )
+    seen: list[int] = []
+
+    @app.handler(Ping)
+    async def count(event: Ping) -> None:
+        seen.append(event.n)
+
+    caplog.set_level("INFO", logger="txflow")
+    async with app:
+        await app.publish(Ping(n=1), Ping(n=2))
+        await wait_until(lambda: len(seen) == 2)
+
+        def running_lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "stats (running)" in r.getMessage()]
+
+        await wait_until(lambda: any("handled=2 " in m for m in running_lines()))
+    final = [r.getMessage() for r in caplog.records if r.getMessage().startswith("counting stats:")]
+    assert len(final) == 1 and "handled=2 duplicates=0 " in final[0]

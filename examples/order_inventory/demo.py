@@ -49,6 +49,7 @@ from examples.order_inventory.settings import (
     CONCURRENCY_ENV,
     EXCHANGE_ENV,
     QUEUE_PREFIX_ENV,
+    STATS_INTERVAL_ENV,
     database_url_env,
 )
 from examples.order_inventory.workload import OrderRequest, initial_stock, make_orders
@@ -394,10 +395,13 @@ async def run_in_process(args: argparse.Namespace, run: Run) -> bool:
 
 # Lines of a service's log (txflow.cli's format, `... [pid] logger: message`) that tell which
 # workers served and which logged their counters: a worker says it is running once started,
-# logs `<app> stats: handled=N ...` when it stops gracefully (TxFlow._log_stats), and its
+# logs `<app> stats (running): handled=N ...` every second (cumulative) and `<app> stats: ...`
+# when it stops gracefully (TxFlow._log_stats), and its
 # supervisor names each worker that died and was restarted.
 LOG_LINE = re.compile(r" \[(?P<pid>\d+)\] [\w.]+: (?P<message>.*)$")
-STATS_MESSAGE = re.compile(r"(?P<app>\S+) stats: (?P<counters>(?:\w+=\d+ ?)+)$")
+STATS_MESSAGE = re.compile(
+    r"(?P<app>\S+) stats(?P<running> \(running\))?: (?P<counters>(?:\w+=\d+ ?)+)$"
+)
 RUNNING_MESSAGE = re.compile(r"(?P<app>\S+) running; ")
 RESTART_MESSAGE = re.compile(r"worker \d+ \(pid (?P<pid>\d+)\) exited with (?P<code>-?\d+); ")
 
@@ -452,7 +456,7 @@ class Service:
 
     def stats(self) -> ServiceStats:
         """Its workers' counters, from their stats lines; a killed worker has none."""
-        counters: Counter[str] = Counter()
+        latest: dict[str, Counter[str]] = {}  # the last counters each worker logged
         served: set[str] = set()
         logged: set[str] = set()
         for line in self.log.read_text(errors="replace").splitlines():
@@ -460,14 +464,20 @@ class Service:
                 continue
             message = entry["message"]
             if (found := STATS_MESSAGE.match(message)) and found["app"] == self.app.name:
-                logged.add(entry["pid"])
-                for pair in found["counters"].split():
-                    key, _, value = pair.partition("=")
-                    counters[key] += int(value)
+                served.add(entry["pid"])
+                if not found["running"]:
+                    logged.add(entry["pid"])  # its final line: the counters are complete
+                latest[entry["pid"]] = Counter(
+                    {
+                        key: int(value)
+                        for key, _, value in (p.partition("=") for p in found["counters"].split())
+                    }
+                )
             elif (found := RUNNING_MESSAGE.match(message)) and found["app"] == self.app.name:
                 served.add(entry["pid"])
             elif (found := RESTART_MESSAGE.match(message)) and _killed_serving(int(found["code"])):
                 served.add(found["pid"])
+        counters: Counter[str] = sum(latest.values(), Counter())
         return ServiceStats(counters, len(served | logged), len(logged))
 
 
@@ -497,6 +507,8 @@ async def start_services(
         QUEUE_PREFIX_ENV: isolation_options(run_id)["queue_prefix"],
         EXCHANGE_ENV: isolation_options(run_id)["exchange"],
         CONCURRENCY_ENV: str(concurrency),
+        # Running counters every second, so a worker killed mid-run still counts what it did.
+        STATS_INTERVAL_ENV: "1",
         **{database_url_env(name): url for name, url in urls.items()},
     }
     env.pop("TXFLOW_DATABASE_URL", None)
@@ -610,7 +622,7 @@ def format_counts(counts: Counts) -> str:
         f"all {counts.worker_runs} worker runs logged their stats"
         if counts.exact
         else f"lower bounds: {counts.logged_runs} of {counts.worker_runs} worker runs logged "
-        "their stats; a killed worker logs none"
+        "their final stats; a killed worker's last second is missing"
     )
     return f"counts: {counts.line()} ({source})"
 

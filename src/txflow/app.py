@@ -56,6 +56,8 @@ DEFAULT_DB_POOL_SIZE = 10
 DEFAULT_INBOX_RETENTION = 7 * 24 * 3600.0
 # Seconds finished flow instances are kept in the tracking app's database (for `txflow flows`).
 DEFAULT_FLOW_RETENTION = 30 * 24 * 3600.0
+# Seconds between two lines of running counters in the log.
+DEFAULT_STATS_INTERVAL = 60.0
 # Seconds between two cleanups (inbox, finished flows) in each process.
 CLEANUP_INTERVAL = 300.0
 # Seconds background loops get to finish their current step on stop before being cancelled.
@@ -98,6 +100,9 @@ class TxFlow:
         flow_retention: seconds to keep flow instances that ended completed, failed or timed
             out (30 days), with their history; `compensation_failed` ones are kept until
             resolved. None keeps them for ever. Only apps that track flows have any.
+        stats_interval: seconds between INFO lines `<app> stats (running): ...` with the
+            counters since start (handled, duplicates, retried, ...); the final line
+            `<app> stats: ...` comes on stop. None logs only the final one.
         transport: a ready `Transport` instance instead of `broker_url`.
     """
 
@@ -122,6 +127,7 @@ class TxFlow:
         notify: bool = True,
         inbox_retention: float | None = DEFAULT_INBOX_RETENTION,
         flow_retention: float | None = DEFAULT_FLOW_RETENTION,
+        stats_interval: float | None = DEFAULT_STATS_INTERVAL,
         transport: Transport | None = None,
     ) -> None:
         if not _NAME.match(name):
@@ -146,6 +152,7 @@ class TxFlow:
         self.notify = notify
         self.inbox_retention = inbox_retention
         self.flow_retention = flow_retention
+        self.stats_interval = stats_interval
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self.trackers: dict[str, FlowTracker] = {}
@@ -502,6 +509,8 @@ class TxFlow:
         self._stopping = asyncio.Event()
         if self.inbox_retention is not None or (self.trackers and self.flow_retention is not None):
             self._background.append(asyncio.create_task(self._clean_up(store)))
+        if self.stats_interval is not None:
+            self._background.append(asyncio.create_task(self._report(self.stats_interval)))
         for tracker in self.trackers.values():
             if tracker.has_deadlines:
                 task = asyncio.create_task(
@@ -556,7 +565,14 @@ class TxFlow:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), CLEANUP_INTERVAL)
 
-    def _log_stats(self) -> None:
+    async def _report(self, interval: float) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+                return
+            self._log_stats(" (running)")
+
+    def _log_stats(self, label: str = "") -> None:
         """One line of counters since start, for the operator's log."""
         totals = {f.name: 0 for f in dataclasses.fields(ConsumerStats)}
         for consumer in self._consumers:
@@ -564,8 +580,9 @@ class TxFlow:
                 totals[field] += getattr(consumer.stats, field)
         relay = self._relay.stats if self._relay is not None else None
         log.info(
-            "%s stats: %s published=%d swept=%d publish_failures=%d",
+            "%s stats%s: %s published=%d swept=%d publish_failures=%d",
             self.name,
+            label,
             " ".join(f"{k}={v}" for k, v in totals.items()),
             relay.published if relay else 0,
             relay.swept if relay else 0,

@@ -69,6 +69,25 @@ def test_counters_are_summed_and_killed_workers_make_them_lower_bounds(tmp_path:
     assert "dead_letters=0" in counts.line()  # read from the broker: exact either way
 
 
+def test_running_counters_of_a_killed_worker_count_and_are_not_added_twice(
+    tmp_path: Path,
+) -> None:
+    service = _service(
+        tmp_path,
+        _line(101, "txflow.cli", RUNNING),
+        _line(101, "txflow", "orders stats (running): handled=3 duplicates=0 retried=0 requeued=0"),
+        _line(101, "txflow", "orders stats (running): handled=7 duplicates=1 retried=0 requeued=0"),
+        _restarted(101, -9),  # killed after its second running line
+        _line(102, "txflow.cli", RUNNING),
+        _line(102, "txflow", "orders stats (running): handled=2 duplicates=0 retried=0 requeued=0"),
+        _stats(102, handled=4, duplicates=0, retried=0, requeued=0),  # its final line
+    )
+    stats = service.stats()
+    assert stats.counters["handled"] == 11  # the last line of each worker: 7 + 4
+    assert stats.counters["duplicates"] == 1
+    assert (stats.worker_runs, stats.logged_runs) == (2, 1)
+
+
 def test_counts_are_exact_when_every_serving_worker_logged(tmp_path: Path) -> None:
     service = _service(
         tmp_path,
