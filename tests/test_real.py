@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 from collections import Counter
+from collections.abc import Awaitable
 
 import pytest
 import sqlalchemy as sa
@@ -157,3 +160,33 @@ async def test_quorum_queues_carry_the_same_guarantees(real: Backend) -> None:
 
         await wait_until(done, message="handled on quorum queues")
         assert len(calls) == 10
+
+
+async def test_a_listen_cancelled_while_connecting_leaves_no_connection(real: Backend) -> None:
+    app = await real.app("svc")
+    store = await app.open_store()
+    real.stack.push_async_callback(store.aclose)
+
+    async def backends() -> int:
+        async with store.engine.connect() as conn:
+            count = await conn.scalar(
+                sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+            )
+        return int(count or 0)
+
+    before = await backends()
+    for delay in [0.0005, 0.001, 0.002, 0.004, 0.008, 0.016] * 2:
+        task = asyncio.create_task(store.listen(lambda: None))
+        await asyncio.sleep(delay)  # somewhere in connecting or subscribing
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            listener = await task  # it was done before the cancellation arrived
+            assert listener is not None
+            await listener.aclose()
+    # Each connection is closed as soon as it is made; none is left to the garbage collector.
+    await wait_until(lambda: _equal(backends(), before), message="LISTEN connections closed")
+    gc.collect()
+
+
+async def _equal(count: Awaitable[int], expected: int) -> bool:
+    return await count == expected

@@ -151,10 +151,26 @@ class PostgresStore(Store):
 
     async def listen(self, callback: NotifyCallback) -> Listener | None:
         dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        conn = await asyncpg.connect(dsn, timeout=10)
-        listener = _PgListener(conn, callback)
-        await conn.add_listener(NOTIFY_CHANNEL, listener.on_notify)
+        # Shielded: a relay stopping while this connects must not leave a half-open
+        # connection behind; it is closed as soon as it is made instead.
+        connecting = asyncio.ensure_future(asyncpg.connect(dsn, timeout=10))
+        try:
+            conn = await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            connecting.add_done_callback(_terminate_when_made)
+            raise
+        try:
+            listener = _PgListener(conn, callback)
+            await conn.add_listener(NOTIFY_CHANNEL, listener.on_notify)
+        except BaseException:
+            conn.terminate()
+            raise
         return listener
+
+
+def _terminate_when_made(connecting: asyncio.Future[asyncpg.Connection]) -> None:
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().terminate()
 
 
 class _PgListener(Listener):
@@ -173,6 +189,9 @@ class _PgListener(Listener):
             return
         try:
             await asyncio.wait_for(self._conn.close(), timeout=5)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.debug("closing the LISTEN connection failed: %s", exc)
             self._conn.terminate()
+        except asyncio.CancelledError:
+            self._conn.terminate()
+            raise
