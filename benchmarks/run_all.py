@@ -1,6 +1,6 @@
 """Every benchmark in one command: hop.py, scale.py and flow.py, then one summary table.
 
-    .venv/bin/python benchmarks/run_all.py            # defaults: ~12-14 minutes
+    .venv/bin/python benchmarks/run_all.py            # defaults: ~12-15 minutes
     .venv/bin/python benchmarks/run_all.py --quick    # smaller runs, one repeat: ~3-4 minutes
     .venv/bin/python benchmarks/plot.py               # PNGs from the newest all-*.json
 
