@@ -772,6 +772,20 @@ def build_app(
 # -- throughput -------------------------------------------------------------------------------
 
 
+def txflow_stats(app: TxFlow) -> dict[str, int]:
+    """The counters of the app's only handler and of its relay, for a run's checks."""
+    consumer = app.consumers[0].stats
+    relay = app.relay.stats
+    return {
+        "handled": consumer.handled,
+        "duplicates": consumer.duplicates,
+        "retried": consumer.retried,
+        "dead_lettered": consumer.dead_lettered,
+        "relay_published": relay.published,
+        "relay_swept": relay.swept,
+    }
+
+
 async def warm_txflow_pool(app: TxFlow) -> None:
     """Open pooled connections before the clock starts, as the baseline's asyncpg pool does."""
     await app.init_db()
@@ -794,16 +808,7 @@ async def run_txflow(env: Env, concurrency: int, messages: int) -> RunResult:
         started, cpu = time.perf_counter(), time.process_time()
         finished = await env.wait_depth(env.tx_sink, messages, started)
         cpu = time.process_time() - cpu
-        consumer = app.consumers[0].stats
-        relay = app.relay.stats
-        stats = {
-            "handled": consumer.handled,
-            "duplicates": consumer.duplicates,
-            "retried": consumer.retried,
-            "dead_lettered": consumer.dead_lettered,
-            "relay_published": relay.published,
-            "relay_swept": relay.swept,
-        }
+        stats = txflow_stats(app)
     finally:
         await app.stop()
     checks = await env.counts("bench_tx_items", "txflow_inbox", "txflow_outbox", "sent_at IS NULL")
@@ -930,16 +935,7 @@ async def run_chain_txflow(env: Env, concurrency: int, chain_length: int) -> Cha
             env.tx_chain_sink, concurrency, started, chain_timeout(chain_length)
         )
         cpu = time.process_time() - cpu
-        consumer = app.consumers[0].stats
-        relay = app.relay.stats
-        stats = {
-            "handled": consumer.handled,
-            "duplicates": consumer.duplicates,
-            "retried": consumer.retried,
-            "dead_lettered": consumer.dead_lettered,
-            "relay_published": relay.published,
-            "relay_swept": relay.swept,
-        }
+        stats = txflow_stats(app)
     finally:
         await app.stop()
     checks = await env.counts("bench_tx_items", "txflow_inbox", "txflow_outbox", "sent_at IS NULL")

@@ -48,7 +48,7 @@ from txflow.errors import (
     ConnectionFailedError,
     TxflowError,
 )
-from txflow.store import open_store
+from txflow.store import Store, open_store
 
 log = logging.getLogger("txflow.cli")
 
@@ -285,21 +285,31 @@ def _cmd_db_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_outbox_status(args: argparse.Namespace) -> int:
-    if args.target:
-        app = load_app(args.target)
-        _apply_urls(app, args)
-        url: str | None = resolve_database_url(app.database_url, app.name)
-    else:
-        url = args.database or os.environ.get(DATABASE_URL_ENV)
+def existing_store(url: str | None, app_option: str) -> Store:
+    """A store for `url` (else `$TXFLOW_DATABASE_URL`) that must already exist; not connected.
+
+    Raises:
+        ConfigurationError: no URL at all, or a SQLite file that is not there.
+    """
+    url = url or os.environ.get(DATABASE_URL_ENV)
     if not url:
         raise ConfigurationError(
-            f"no database: pass module:app, --database URL, or set {DATABASE_URL_ENV}"
+            f"no database: pass {app_option}, --database URL, or set {DATABASE_URL_ENV}"
         )
     store = open_store(url)
     path = store.url.database
     if store.url.get_backend_name() == "sqlite" and path and not os.path.exists(path):
         raise ConfigurationError(f"no SQLite database at {path}; check the path or --database")
+    return store
+
+
+def _cmd_outbox_status(args: argparse.Namespace) -> int:
+    url = args.database
+    if args.target:
+        app = load_app(args.target)
+        _apply_urls(app, args)
+        url = resolve_database_url(app.database_url, app.name)
+    store = existing_store(url, "module:app")
 
     async def main() -> dict[str, Any]:
         await store.connect()

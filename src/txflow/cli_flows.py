@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from txflow.config import DATABASE_URL_ENV, resolve_database_url
+from txflow.config import resolve_database_url
 from txflow.errors import ConfigurationError
 from txflow.flow_queries import count_flows, find_flows, flow_history, list_flows
 from txflow.flows import Flow, FlowInfo, FlowStatus
-from txflow.store import Store, open_store
+from txflow.store import Store
 
 T = TypeVar("T")
 
@@ -54,7 +53,7 @@ def add_commands(sub: Any, add_database: Callable[[argparse.ArgumentParser], Non
 def _on_store(
     args: argparse.Namespace, work: Callable[[Store, dict[str, Flow]], Awaitable[T]]
 ) -> T:
-    from txflow.cli import _apply_urls, _run_async, load_app
+    from txflow.cli import _apply_urls, _run_async, existing_store, load_app
 
     known: dict[str, Flow] = {}
     url = args.database
@@ -63,15 +62,7 @@ def _on_store(
         _apply_urls(app, args)
         url = resolve_database_url(app.database_url, app.name)
         known = {name: tracker.flow for name, tracker in app.trackers.items()}
-    url = url or os.environ.get(DATABASE_URL_ENV)
-    if not url:
-        raise ConfigurationError(
-            f"no database: pass --app module:app, --database URL, or set {DATABASE_URL_ENV}"
-        )
-    store = open_store(url)
-    path = store.url.database
-    if store.url.get_backend_name() == "sqlite" and path and not os.path.exists(path):
-        raise ConfigurationError(f"no SQLite database at {path}; check the path or --database")
+    store = existing_store(url, "--app module:app")
 
     async def main() -> T:
         await store.connect()
