@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import Backend, settle
-from tests.support import take_one
+from tests.support import queue_depth_is, take_one
 from txflow import (
     ConfigurationError,
     Context,
@@ -292,7 +292,9 @@ async def test_step_that_exhausts_its_retries_fails_the_flow(backend: Backend) -
         assert attempts == [1, 2, 3]
         assert info.reason == "d: gave up: gateway down"
         assert [s for s, _ in rig.undone] == ["c", "b", "start"]
-        dead = await dlq.show(rig.worker.transport, rig.worker.handlers["do_d"].queue + ".dlq", 10)
+        do_d_dlq = rig.worker.handlers["do_d"].queue + ".dlq"
+        await wait_until(queue_depth_is(rig.worker, do_d_dlq, 1), message="dead letter")
+        dead = await dlq.show(rig.worker.transport, do_d_dlq, 10)
         assert len(dead) == 1 and dead[0].exception_type == "RuntimeError"
 
 
@@ -307,6 +309,9 @@ async def test_compensation_failure_is_visible_and_replay_resumes(backend: Backe
         await settle()
         assert ("start", "k1") not in rig.undone  # stops at the failed compensation
         dlq_name = rig.worker.handlers["undo_b"].queue + ".dlq"
+        # The failure event is written before the message is dead-lettered (so neither can be
+        # lost), so the tracker may record it first.
+        await wait_until(queue_depth_is(rig.worker, dlq_name, 1), message="dead letter")
         dead = await dlq.show(rig.worker.transport, dlq_name, 10)
         assert len(dead) == 1 and "warehouse API down" in (dead[0].reason or "")
         assert dead[0].attempts == 2

@@ -363,7 +363,7 @@ class TxFlow:
                     steps=tuple(StepRecord.from_json(s) for s in request.steps),
                     failed_step=request.failed_step,
                     reason=request.reason,
-                    _events=flow.event_types_by_name(),
+                    _events=flow.events,
                 )
                 result = await (func(event, ctx) if wants_ctx else func(event))
                 ctx.emit_all(result)

@@ -55,8 +55,6 @@ DEADLINE_SCAN_INTERVAL = 1.0
 # Instances timed out in one transaction.
 DEADLINE_BATCH = 100
 
-_TERMINAL_FAILURES = {"failed": FlowStatus.FAILED, "timed_out": FlowStatus.TIMED_OUT}
-
 
 @dataclass
 class _Instance:
@@ -122,7 +120,7 @@ def _info(name: str, inst: _Instance, flow: Flow | None, updated_at: datetime) -
         updated_at=updated_at,
         finished_at=inst.finished_at,
         deadline=inst.deadline,
-        _events=flow.event_types_by_name() if flow is not None else {},
+        _events=flow.events if flow is not None else None,
     )
 
 
@@ -276,7 +274,7 @@ class FlowTracker:
             return
         reason = getattr(event, "reason", None)
         inst.status = FlowStatus.COMPENSATING
-        inst.failure = "failed"
+        inst.failure = FlowStatus.FAILED
         inst.failed_step = step.name
         inst.reason = f"{step.name}: {reason if isinstance(reason, str) else envelope.event_type}"
         inst.deadline = inst.deadline_reason = None
@@ -315,7 +313,7 @@ class FlowTracker:
     async def time_out(self, inst: _Instance, ctx: Context) -> None:
         """The instance's deadline passed: compensate every completed step."""
         inst.status = FlowStatus.COMPENSATING
-        inst.failure = "timed_out"
+        inst.failure = FlowStatus.TIMED_OUT
         inst.reason = inst.deadline_reason or "timed out"
         inst.deadline = inst.deadline_reason = None
         self._note(inst, "timed out", None, None, inst.reason)
@@ -327,7 +325,7 @@ class FlowTracker:
         if inst.compensating is not None:
             return  # one at a time: wait for the outstanding one to answer
         limit = len(self.flow.steps)
-        if inst.failure == "failed" and inst.failed_step is not None:
+        if inst.failure == FlowStatus.FAILED and inst.failed_step is not None:
             limit = self.flow.index(inst.failed_step)
         for index in reversed(range(limit)):
             step = self.flow.steps[index]
@@ -335,14 +333,15 @@ class FlowTracker:
                 continue
             record = inst.completed(step.name)
             if record is None:
-                if inst.failure == "failed":
+                if inst.failure == FlowStatus.FAILED:
                     # Its success must exist (a later step ran), it has not reached us yet.
                     self._note(inst, "waiting", step.name, None, "for the step's success event")
                     return
                 continue  # timed out before this step completed: nothing to undo (yet)
             self._request(inst, ctx, record)
             return
-        await self._finish(inst, ctx, _TERMINAL_FAILURES.get(inst.failure or "", FlowStatus.FAILED))
+        # `failure` is the status the instance ends in: failed or timed_out.
+        await self._finish(inst, ctx, FlowStatus(inst.failure or FlowStatus.FAILED))
 
     def _request(self, inst: _Instance, ctx: Context, record: dict[str, Any]) -> None:
         step = record["step"]
@@ -355,7 +354,7 @@ class FlowTracker:
                 step=step,
                 step_event_type=record["event_type"],
                 step_event=json.loads(record["body"]),
-                status=inst.failure or "failed",
+                status=str(inst.failure or FlowStatus.FAILED),
                 failed_step=inst.failed_step,
                 reason=inst.reason,
                 steps=inst.steps,

@@ -202,10 +202,6 @@ class Flow:
         """(step index, succeeded?) for a step outcome event, None for any other event."""
         return self._outcomes.get(event_type)
 
-    def event_types_by_name(self) -> dict[str, type[Event]]:
-        """The flow's outcome events by wire type name."""
-        return {e.event_type: e for e in self._event_types}
-
     def tracked_events(self) -> tuple[type[Event], ...]:
         """Every event the tracker of this flow consumes."""
         return (
@@ -273,7 +269,7 @@ class FlowInfo:
     updated_at: datetime | None = None
     finished_at: datetime | None = None
     deadline: float | None = None
-    _events: Mapping[str, type[Event]] = field(default_factory=dict, repr=False)
+    _events: EventRegistry | None = field(default=None, repr=False)
 
     @property
     def completed_steps(self) -> tuple[str, ...]:
@@ -283,6 +279,6 @@ class FlowInfo:
         """The event that completed `step`, decoded; None if it has not completed."""
         for record in self.steps:
             if record.step == step:
-                event_cls = self._events.get(record.event_type)
+                event_cls = self._events.get(record.event_type) if self._events else None
                 return event_cls.model_validate_json(record.body) if event_cls else None
         return None

@@ -99,13 +99,15 @@ def _compensation_edges(
 
     edges = []
     for index, step in enumerate(flow.steps):
-        first = undone_before(index)
-        if first is not None:
-            edges += [f"    {event_node(e)} -. {flow.name} failed .-> {first}" for e in step.failed]
+        # The compensation that runs first when this step fails is also the one that runs
+        # after this step's own compensation.
+        previous = undone_before(index)
+        if previous is None:
+            continue
+        edges += [f"    {event_node(e)} -. {flow.name} failed .-> {previous}" for e in step.failed]
         node = nodes.get((flow.name, step.name))
-        after = undone_before(index) if node is not None else None
-        if node is not None and after is not None:
-            edges.append(f"    {node} -. then .-> {after}")
+        if node is not None:
+            edges.append(f"    {node} -. then .-> {previous}")
     return edges
 
 

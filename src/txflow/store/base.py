@@ -17,14 +17,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from txflow.abc import Message
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
+from txflow.flows import FlowStatus
 from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
 from txflow.store.tables import flow_log, flows, inbox, metadata, outbox
 
 log = logging.getLogger("txflow.store")
 
-# Flow statuses after which an instance changes no more (see `txflow.FlowStatus`); a
-# compensation_failed instance is kept until an operator resolves it.
-TERMINAL_FLOW_STATUSES = ("completed", "failed", "timed_out")
+# Flow statuses whose instances the retention cleanup may delete: terminal ones, except
+# compensation_failed, which is kept until an operator resolves it.
+_EXPIRING_FLOW_STATUSES = tuple(
+    str(s) for s in FlowStatus if s.terminal and s is not FlowStatus.COMPENSATION_FAILED
+)
 
 # Rows the relay claims or deletes in one statement.
 DEFAULT_BATCH = 500
@@ -308,7 +311,7 @@ class Store(abc.ABC):
         """Delete up to `limit` flow instances that ended before `older_than`, with their log."""
         doomed = (
             sa.select(flows.c.flow, flows.c.flow_id)
-            .where(flows.c.finished_at < older_than, flows.c.status.in_(TERMINAL_FLOW_STATUSES))
+            .where(flows.c.finished_at < older_than, flows.c.status.in_(_EXPIRING_FLOW_STATUSES))
             .limit(limit)
         )
         # One transaction (not `_write`, which autocommits on PostgreSQL): log and instance go
