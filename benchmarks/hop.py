@@ -152,6 +152,23 @@ tx_items = sa.Table(
 )
 
 
+TX_ITEM = "INSERT INTO bench_tx_items (n, message_id) VALUES ($1, $2)"
+
+
+async def _write_driver(ctx: Context, n: int) -> None:
+    await ctx.driver_connection.execute(TX_ITEM, n, ctx.message_id)
+
+
+async def _write_core(ctx: Context, n: int) -> None:
+    await ctx.session.execute(sa.insert(tx_items).values(n=n, message_id=ctx.message_id))
+
+
+# How the txflow handler writes its business row (--txflow-write): "driver" is the same
+# prepared asyncpg statement the baseline runs (ctx.driver_connection); "session" is an
+# SQLAlchemy Core insert through ctx.session, what most handlers would write.
+WRITES = {"driver": _write_driver, "session": _write_core}
+
+
 # -- the baseline: aio-pika + asyncpg by hand ------------------------------------------------
 
 HW_DDL = """
@@ -698,6 +715,7 @@ class Env:
             concurrency=concurrency,
             chain_length=chain_length,
             db_pool_size=pool_size_for(concurrency),
+            write=self.args.txflow_write,
         )
         for spec in app.topology().queues:
             if spec.retry_delays:
@@ -723,11 +741,13 @@ def build_app(
     relay: RelayConfig | None = RelayConfig(),  # noqa: B008 - frozen
     chain_length: int | None = None,
     db_pool_size: int | None = None,
+    write: str = "driver",
 ) -> TxFlow:
     """The txflow side's app (also run by `txflow run bench_app:app` in scale.py).
 
     Its handler is the hop's `on_bench_in`, or with `chain_length` the chain's `on_chain_hop`
-    instead. Its database pool has `pool_size_for(concurrency)` connections, as the other
+    instead. The handler writes its business row as `write` says (see WRITES). Its database
+    pool has `pool_size_for(concurrency)` connections, as the other
     sides' pools, unless `db_pool_size` says otherwise; an app without handlers (only a
     relay) keeps txflow's default pool.
     """
@@ -745,14 +765,13 @@ def build_app(
         relay=relay,
         db_pool_size=db_pool_size,
     )
+    write_item = WRITES[write]
     if handlers and chain_length is not None:
         last = chain_length
 
         @app.handler(ChainHop)
         async def on_chain_hop(event: ChainHop, ctx: Context) -> ChainHop | ChainDone:
-            await ctx.session.execute(
-                sa.insert(tx_items).values(n=event.n, message_id=ctx.message_id)
-            )
+            await write_item(ctx, event.n)
             if event.n < last:
                 return ChainHop(chain=event.chain, n=event.n + 1)
             return ChainDone(chain=event.chain, n=event.n)
@@ -761,9 +780,7 @@ def build_app(
 
         @app.handler(BenchIn)
         async def on_bench_in(event: BenchIn, ctx: Context) -> BenchOut:
-            await ctx.session.execute(
-                sa.insert(tx_items).values(n=event.n, message_id=ctx.message_id)
-            )
+            await write_item(ctx, event.n)
             return BenchOut(n=event.n)
 
     return app
@@ -1582,6 +1599,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="comma-separated sides to run; txflow alone is handy under a profiler "
         "(default: baseline,txflow,faststream; faststream only when installed)",
+    )
+    parser.add_argument(
+        "--txflow-write",
+        choices=sorted(WRITES),
+        default="driver",
+        help="how txflow's handler writes its business row: the baseline's prepared asyncpg "
+        "statement on ctx.driver_connection, or a Core insert through ctx.session "
+        "(default: driver)",
     )
     parser.add_argument("--seed", type=int, default=7, help="seed of the unloaded pauses")
     parser.add_argument(

@@ -459,8 +459,8 @@ async def test_inbox_rows_older_than_the_retention_are_deleted(backend: Backend)
     add_effect_handler(app, calls, emit=False)
     await app.init_db()
     now = datetime.now(UTC)
-    async with app.store.transaction() as session:
-        await session.execute(
+    async with app.store.transaction() as unit:
+        await unit.session.execute(
             sa.insert(inbox),
             [
                 {"handler": "old", "message_id": f"m{i}", "processed_at": now - timedelta(hours=2)}
@@ -490,13 +490,13 @@ async def test_a_transaction_cancelled_mid_statement_leaves_no_connection_behind
     slow = "SELECT pg_sleep(10)" if backend.is_real else "SELECT 1"
 
     async def in_transaction() -> None:
-        async with store.transaction() as session:
-            await session.execute(
+        async with store.transaction() as unit:
+            await unit.session.execute(
                 sa.insert(inbox).values(
                     handler="h", message_id="cancelled", processed_at=datetime.now(UTC)
                 )
             )
-            await session.execute(sa.text(slow))
+            await unit.session.execute(sa.text(slow))
             await asyncio.sleep(10)
 
     async def in_write() -> None:
@@ -513,8 +513,8 @@ async def test_a_transaction_cancelled_mid_statement_leaves_no_connection_behind
         with pytest.raises(asyncio.CancelledError):
             await task
     for _ in range(3):  # every pooled connection works and starts a real transaction
-        async with store.transaction() as session:
-            await session.execute(
+        async with store.transaction() as unit:
+            await unit.session.execute(
                 sa.insert(inbox).values(
                     handler="h", message_id=new_message_id(), processed_at=datetime.now(UTC)
                 )

@@ -437,8 +437,8 @@ async def test_finished_instances_older_than_the_retention_are_deleted(backend: 
         await rig.start_flow("stuck", fail_at="d")
         rig.broken.add("c")
         await rig.wait_status("stuck", FlowStatus.COMPENSATION_FAILED)
-        async with rig.owner.store.transaction() as session:
-            await session.execute(
+        async with rig.owner.store.transaction() as unit:
+            await unit.session.execute(
                 sa.update(flows)
                 .where(flows.c.flow_id.in_(["old", "stuck"]))
                 .values(finished_at=datetime.now(UTC) - timedelta(hours=2))

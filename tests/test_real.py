@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from tests.conftest import TEST_RELAY, Backend, _rabbitmqctl
 from tests.support import Ping, add_effect_handler, count_rows, effects
 from tests.support import user_metadata as md
-from txflow import RelayConfig
+from txflow import DatabaseUnavailableError, RelayConfig
 from txflow.testing import wait_until
 
 
@@ -143,7 +143,7 @@ async def _publish_retrying(app, event: Ping, *, message_id: str) -> None:  # ty
             async with app.transaction() as tx:
                 tx.emit(event, message_id=message_id)
             return
-        except sa.exc.DBAPIError:
+        except (sa.exc.DBAPIError, DatabaseUnavailableError):
             await asyncio.sleep(0.1)
     raise AssertionError(f"could not publish {message_id}")
 

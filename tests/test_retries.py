@@ -40,11 +40,16 @@ async def test_ladder_schedule_runs_on_a_manual_clock(tmp_path: Path) -> None:
     async with app:
         await app.publish(Ping(n=1))
         await wait_until(lambda: len(attempts) == 1)
+        # Each failed attempt's retry must be on hold before the clock moves, or it would be
+        # scheduled from the moved clock.
+        await wait_until(lambda: broker.held == 1, message="retry 1 on hold")
         for step, expected in ((0.9, 1), (0.1, 2), (4.9, 2), (0.1, 3), (29.0, 3), (1.0, 4)):
             clock.advance(step)
             await wait_until(lambda e=expected: len(attempts) == e)  # type: ignore[misc]
             await asyncio.sleep(0.05)
             assert len(attempts) == expected
+            if expected < 4:
+                await wait_until(lambda: broker.held == 1, message="the next retry on hold")
         assert attempts == [(1, 0.0), (2, 1.0), (3, 6.0), (4, 36.0)]
         await wait_until(queue_depth_is(app, "svc.always_fails.dlq", 1), message="dead letter")
         assert broker.held == 0

@@ -53,7 +53,7 @@ from examples.order_inventory.settings import (
     database_url_env,
 )
 from examples.order_inventory.workload import OrderRequest, initial_stock, make_orders
-from txflow import DeadLetterInfo, Store, Transport, TxFlow, dlq
+from txflow import DatabaseUnavailableError, DeadLetterInfo, Store, Transport, TxFlow, dlq
 from txflow.testing import InMemoryBroker, InMemoryTransport
 
 DEFAULT_ORDERS = 200
@@ -168,7 +168,7 @@ async def place_with_retries(app: TxFlow, request: OrderRequest) -> None:
                 customer=request.customer,
             )
             return
-        except (sa.exc.DBAPIError, OSError) as exc:
+        except (sa.exc.DBAPIError, DatabaseUnavailableError, OSError) as exc:
             if await order_exists(app, request.order_id):
                 return
             if attempt == PLACE_ATTEMPTS:

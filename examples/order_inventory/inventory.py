@@ -76,9 +76,9 @@ async def seed_stock(app: TxFlow, stock: Mapping[str, int]) -> None:
 
     Needs only the database: call `await app.open_store()` (or start the app) first.
     """
-    async with app.store.transaction() as session:
+    async with app.store.transaction() as unit:
         for sku, available in stock.items():
-            await session.merge(Stock(sku=sku, available=available))
+            await unit.session.merge(Stock(sku=sku, available=available))
 
 
 async def reserve_stock(event: OrderCreated, ctx: Context) -> InventoryDeducted | SubInventoryFail:

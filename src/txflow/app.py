@@ -636,9 +636,14 @@ class TxFlow:
 
         Guarantee: the events are published if and only if the transaction commits. Each
         emitted event starts its own flow unless `correlation_id` is given.
+
+        Raises:
+            DatabaseUnavailableError: no connection, or it dropped (also during COMMIT, when
+                the outcome is unknown: retry idempotently, as the inbox makes consumers do).
+            sqlalchemy.exc.DBAPIError: from statements run through `tx.session`.
         """
-        async with self.store.transaction() as session:
-            ctx = Context(session, correlation_id=correlation_id)
+        async with self.store.transaction() as unit:
+            ctx = Context(unit, correlation_id=correlation_id)
             yield ctx
             records = await self.relay.write(ctx)
         self.relay.submit(records)

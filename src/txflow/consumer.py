@@ -144,10 +144,10 @@ class HandlerConsumer:
     async def _handle(self, envelope: Envelope[Event]) -> bool:
         """Run the handler in one transaction; False when the inbox says it already ran."""
         records: list[OutboxRecord]
-        async with self.store.transaction() as session:
-            if not await self.store.record_inbox(session, self.spec.queue, envelope.message_id):
+        async with self.store.transaction() as unit:
+            if not await unit.record_inbox(self.spec.queue, envelope.message_id):
                 return False
-            ctx = Context(session, envelope)
+            ctx = Context(unit, envelope)
             ctx.emit_all(await self.spec.call(envelope.event, ctx))
             records = await self.relay.write(ctx)
         self.relay.submit(records)
@@ -214,8 +214,8 @@ class HandlerConsumer:
         # The same id on every try: should this run twice (a crash before the ack), the
         # consumers' inbox drops the second copy.
         exhausted_id = uuid.uuid5(_EXHAUSTED_NS, f"{self.spec.queue}/{envelope.message_id}").hex
-        async with self.store.transaction() as session:
-            ctx = Context(session, envelope)
+        async with self.store.transaction() as unit:
+            ctx = Context(unit, envelope)
             ctx.emit(event, message_id=exhausted_id)
             records = await self.relay.write(ctx)
         self.relay.submit(records)

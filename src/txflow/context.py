@@ -19,30 +19,50 @@ from txflow.messages import Envelope, Event, new_message_id
 
 if TYPE_CHECKING:
     from txflow.flows import FlowInfo
+    from txflow.store.unit_of_work import UnitOfWork
 
 
 class Context:
     """What a handler (or an outside transaction) works with.
 
     Attributes:
-        session: the SQLAlchemy `AsyncSession` of this transaction; use it for your own rows.
         envelope: the message being handled, or None outside a handler.
         flow: in a compensation or a flow hook, the flow instance (see `FlowInfo`); else None.
+        unit: the transaction itself (txflow's `UnitOfWork`); handlers rarely need it.
     """
 
-    __slots__ = ("_correlation_id", "_outbox", "envelope", "flow", "session")
+    __slots__ = ("_correlation_id", "_outbox", "envelope", "flow", "unit")
 
     def __init__(
         self,
-        session: AsyncSession,
+        unit: UnitOfWork,
         envelope: Envelope[Any] | None = None,
         correlation_id: str | None = None,
     ) -> None:
-        self.session = session
+        self.unit = unit
         self.envelope = envelope
         self._correlation_id = correlation_id or (envelope.correlation_id if envelope else None)
         self._outbox: list[dict[str, Any]] = []
         self.flow: FlowInfo | None = None
+
+    @property
+    def session(self) -> AsyncSession:
+        """An SQLAlchemy `AsyncSession` inside this transaction, for your own rows.
+
+        Created on first use. Pending ORM changes are flushed before txflow commits;
+        `session.commit()` only flushes, and `session.rollback()` fails the attempt.
+        """
+        return self.unit.session
+
+    @property
+    def driver_connection(self) -> Any:
+        """The database driver's connection inside this transaction, for hot paths.
+
+        `asyncpg.Connection` on PostgreSQL (`$1` parameters), `aiosqlite.Connection` on
+        SQLite. A statement here skips SQLAlchemy's per-statement work and commits or rolls
+        back with everything else; never COMMIT or ROLLBACK on it yourself.
+        """
+        return self.unit.driver_connection
 
     @property
     def message_id(self) -> str | None:

@@ -34,6 +34,10 @@ class DatabaseUnavailableError(ConnectionFailedError):
     """The database could not be reached."""
 
 
+class TransactionEndedError(TxflowError):
+    """A handler committed or rolled back txflow's transaction itself; only txflow ends it."""
+
+
 class PublishError(TxflowError):
     """The broker did not accept a message, so it is not marked sent.
 

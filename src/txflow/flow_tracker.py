@@ -472,12 +472,12 @@ class FlowTracker:
             .limit(DEADLINE_BATCH)
             .with_for_update(skip_locked=True)
         )
-        async with store.transaction() as session:
-            rows = (await session.execute(due)).all()
+        async with store.transaction() as unit:
+            rows = (await unit.session.execute(due)).all()
             contexts = []
             for row in rows:
                 inst = instance_from_row(row)
-                ctx = Context(session, correlation_id=inst.flow_id)
+                ctx = Context(unit, correlation_id=inst.flow_id)
                 await self.time_out(inst, ctx)
                 await self._save(ctx, inst)
                 contexts.append(ctx)

@@ -151,9 +151,9 @@ class OutboxRelay:
         rows = ctx.take_outbox(self.config.lease if self._running else None, self.relay_id)
         if not rows:
             return []
-        seqs = await self.store.insert_outbox(ctx.session, rows)
+        seqs = await ctx.unit.insert_outbox(rows)
         if not self._running and self.notify and self.store.supports_notify:
-            await self.store.notify(ctx.session)
+            await ctx.unit.notify()
         return [make_record(seq, row) for seq, row in zip(seqs, rows, strict=True)]
 
     def submit(self, records: Iterable[OutboxRecord]) -> None:

@@ -13,13 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from txflow.abc import Message
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
 from txflow.flows import FlowStatus
 from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
 from txflow.store.tables import flow_log, flows, inbox, metadata, outbox
+from txflow.store.unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork
 
 log = logging.getLogger("txflow.store")
 
@@ -135,11 +136,9 @@ class Store(abc.ABC):
         self.url = url
         self.pool_size = pool_size
         self._engine: AsyncEngine | None = None
-        self._sessions: async_sessionmaker[AsyncSession] | None = None
-        self._inbox_insert = self.insert_ignoring_conflicts(inbox)
-        self._outbox_insert = sa.insert(outbox).returning(
-            outbox.c.seq, sort_by_parameter_order=True
-        )
+        # The statements of every unit of work (SQLAlchemyUnitOfWork executes them).
+        self.inbox_insert = self.insert_ignoring_conflicts(inbox)
+        self.outbox_insert = sa.insert(outbox).returning(outbox.c.seq, sort_by_parameter_order=True)
         # Built once: mark-sent runs for nearly every confirm batch.
         self._mark_sent = {delete: self._mark_sent_stmt(delete) for delete in (False, True)}
 
@@ -174,7 +173,6 @@ class Store(abc.ABC):
                 f"cannot connect to database {self.masked_url}: {reason}; {self._hint}"
             ) from exc
         self._engine = engine
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
 
     async def aclose(self) -> None:
         """Close every pooled connection. Safe to call twice."""
@@ -198,32 +196,23 @@ class Store(abc.ABC):
     # -- unit of work ----------------------------------------------------------------------
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A session inside one database transaction: commit on success, roll back on error."""
-        assert self._sessions is not None, "store is not connected"
-        async with self._sessions() as session, session.begin():
-            async with self._guard_cancellation(await session.connection()):
-                yield session
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        """One database transaction: commit when the block ends, roll back if it raises.
 
-    async def record_inbox(self, session: AsyncSession, handler: str, message_id: str) -> bool:
-        """Insert the inbox row; False when (handler, message_id) was already handled."""
-        conn = await session.connection()
-        result = await conn.execute(
-            self._inbox_insert,
-            {"handler": handler, "message_id": message_id, "processed_at": datetime.now(UTC)},
-        )
-        return bool(result.rowcount)
-
-    async def insert_outbox(
-        self, session: AsyncSession, rows: Sequence[dict[str, Any]]
-    ) -> list[int]:
-        """Insert outbox rows in order and return their sequence numbers."""
-        conn = await session.connection()
-        result = await conn.execute(self._outbox_insert, list(rows))
-        return list(result.scalars())
-
-    async def notify(self, session: AsyncSession) -> None:  # noqa: B027 - optional hook
-        """Ask relays in other processes to look at the outbox once this transaction commits."""
+        Yields the `UnitOfWork` that txflow's inbox and outbox statements and the handler's own
+        statements share. Pending ORM changes of its session are flushed before the commit.
+        """
+        async with self.engine.connect() as conn, self._guard_cancellation(conn):
+            unit = SQLAlchemyUnitOfWork(self, conn)
+            try:
+                await unit.begin()
+                yield unit
+                await unit.commit()
+            except BaseException:
+                await unit.rollback()
+                raise
+            finally:
+                await unit.close_session()
 
     async def listen(self, callback: NotifyCallback) -> Listener | None:
         """Call `callback` whenever another process notifies; None if the backend cannot."""
@@ -235,6 +224,8 @@ class Store(abc.ABC):
         Such failures hand the message back without counting an attempt.
         """
         if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        if isinstance(exc, DatabaseUnavailableError):
             return True
         # InterfaceError is the driver losing its connection; TimeoutError the pool running dry.
         return isinstance(

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from txflow.store.base import Listener, NotifyCallback, Store
-from txflow.store.tables import outbox
+from txflow.store.postgres_unit import NOTIFY_CHANNEL, begin, checkout, discard
+from txflow.store.unit_of_work import UnitOfWork
 
 log = logging.getLogger("txflow.store")
 
@@ -29,45 +27,9 @@ TRANSIENT_SQLSTATES = ("08", "53", "57P", "40001", "40P01")
 # Seconds a handler waits for a pooled connection before its message is handed back.
 POOL_TIMEOUT = 30.0
 
-#: The LISTEN/NOTIFY channel relays listen on.
-NOTIFY_CHANNEL = "txflow_outbox"
-
-
-# The two statements of every hop, as driver SQL: skipping SQLAlchemy's compile and parameter
-# processing roughly halves their CPU cost, which is most of txflow's own per-hop work.
-_INBOX_SQL = (
-    "INSERT INTO txflow_inbox (handler, message_id, processed_at) VALUES ($1, $2, $3) "
-    "ON CONFLICT DO NOTHING"
-)
-_OUTBOX_COLUMNS = (
-    "message_id",
-    "event_type",
-    "correlation_id",
-    "causation_id",
-    "headers",
-    "body",
-    "created_at",
-    "lease_until",
-    "leased_by",
-    "publish_attempts",
-)
-# Rows per multi-VALUES insert; more go in several statements.
-_MAX_ROWS_PER_INSERT = 100
-
-
-@functools.cache
-def _outbox_sql(rows: int) -> str:
-    width = len(_OUTBOX_COLUMNS)
-    values = ", ".join(
-        "("
-        + ", ".join(
-            f"${r * width + c + 1}::json" if name == "headers" else f"${r * width + c + 1}"
-            for c, name in enumerate(_OUTBOX_COLUMNS)
-        )
-        + ")"
-        for r in range(rows)
-    )
-    return f"INSERT INTO txflow_outbox ({', '.join(_OUTBOX_COLUMNS)}) VALUES {values} RETURNING seq"
+# Mark-sent for any batch size in one prepared statement: `seq = ANY($1)`, not an IN list.
+_MARK_SENT_SQL = "UPDATE txflow_outbox SET sent_at = $2 WHERE seq = ANY($1::bigint[])"
+_DELETE_SENT_SQL = "DELETE FROM txflow_outbox WHERE seq = ANY($1::bigint[])"
 
 
 class PostgresStore(Store):
@@ -92,27 +54,39 @@ class PostgresStore(Store):
         async with engine.connect() as conn, self._guard_cancellation(conn):
             yield conn
 
-    async def record_inbox(self, session: AsyncSession, handler: str, message_id: str) -> bool:
-        conn = await session.connection()
-        result = await conn.exec_driver_sql(_INBOX_SQL, (handler, message_id, datetime.now(UTC)))
-        return bool(result.rowcount)
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        unit = await begin(self)
+        try:
+            yield unit
+            await unit.flush()
+            await unit.end(commit=True)
+        except asyncio.CancelledError:
+            raise  # mid-statement: the connection is discarded below, the server rolls back
+        except BaseException:
+            try:
+                await unit.end(commit=False)
+            except Exception as exc:  # the original error matters more; the connection goes
+                log.debug("rollback failed: %r", exc)
+            raise
+        finally:
+            await unit.release()
 
-    async def insert_outbox(
-        self, session: AsyncSession, rows: Sequence[dict[str, Any]]
-    ) -> list[int]:
-        conn = await session.connection()
-        seqs: list[int] = []
-        for start in range(0, len(rows), _MAX_ROWS_PER_INSERT):
-            chunk = rows[start : start + _MAX_ROWS_PER_INSERT]
-            params: list[Any] = []
-            for row in chunk:
-                for name in _OUTBOX_COLUMNS:
-                    value = row[name]
-                    params.append(json.dumps(value) if name == "headers" else value)
-            result = await conn.exec_driver_sql(_outbox_sql(len(chunk)), tuple(params))
-            # Identity values are assigned in VALUES order, so sorted seqs match the rows.
-            seqs.extend(sorted(r[0] for r in result))
-        return seqs
+    async def mark_sent(self, seqs: Sequence[int], *, delete: bool = False) -> None:
+        if not seqs:
+            return
+        # One autocommitted statement on the driver: it runs for nearly every confirm batch.
+        pooled = await checkout(self)
+        driver: asyncpg.Connection = pooled.driver_connection
+        try:
+            if delete:
+                await driver.execute(_DELETE_SENT_SQL, list(seqs))
+            else:
+                await driver.execute(_MARK_SENT_SQL, list(seqs), datetime.now(UTC))
+        except BaseException:
+            discard(pooled)
+            raise
+        pooled.close()
 
     def _create_engine(self) -> AsyncEngine:
         return create_async_engine(
@@ -131,23 +105,14 @@ class PostgresStore(Store):
         )
         if isinstance(sqlstate, str) and sqlstate.startswith(TRANSIENT_SQLSTATES):
             return True
+        # asyncpg's own "connection is closed" / "connection was closed in the middle of
+        # operation" on a connection the server or the network dropped.
+        if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
+            return True
         return super().is_transient_error(exc)
 
     def insert_ignoring_conflicts(self, table: sa.Table) -> sa.Insert:
         return postgresql.insert(table).on_conflict_do_nothing()
-
-    def _mark_sent_stmt(self, delete: bool) -> sa.Executable:
-        # One prepared statement for any batch size: `seq = ANY($1)` rather than an IN list.
-        seqs = sa.bindparam("seqs", type_=postgresql.ARRAY(sa.BigInteger))
-        where = outbox.c.seq == sa.any_(seqs)
-        if delete:
-            return sa.delete(outbox).where(where)
-        return sa.update(outbox).where(where).values(sent_at=sa.bindparam("now"))
-
-    async def notify(self, session: AsyncSession) -> None:
-        # Delivered by PostgreSQL only when (and if) the transaction commits.
-        conn = await session.connection()
-        await conn.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
 
     async def listen(self, callback: NotifyCallback) -> Listener | None:
         dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)

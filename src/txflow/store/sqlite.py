@@ -14,10 +14,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from txflow.store.base import Store
+from txflow.store.unit_of_work import UnitOfWork
 
 # SQLite OperationalError texts that pass with time: another writer, a full or busy disk.
 TRANSIENT_MESSAGES = ("locked", "busy", "disk i/o error", "unable to open")
@@ -73,9 +74,9 @@ class SQLiteStore(Store):
         return sqlite.insert(table).on_conflict_do_nothing()
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
-        async with self._write_lock, super().transaction() as session:
-            yield session
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        async with self._write_lock, super().transaction() as unit:
+            yield unit
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:

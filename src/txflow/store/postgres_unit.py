@@ -1,0 +1,297 @@
+"""PostgreSQL's unit of work: txflow's statements straight on asyncpg, SQLAlchemy on demand.
+
+Every hop runs BEGIN, the inbox insert, the handler, the outbox insert and COMMIT. Through
+SQLAlchemy's session each of those costs several times the driver's own work (greenlet hops,
+statement and result machinery), so txflow runs its own statements on the asyncpg connection
+of a connection checked out from SQLAlchemy's pool, and builds a session over that same
+connection and transaction only when the handler asks for `session`.
+
+Who ends the transaction: only txflow, with COMMIT or ROLLBACK on the driver. A session joins
+through a stand-in for SQLAlchemy's asyncpg transaction object: SQLAlchemy asks it to roll
+back when the session rolls back (which ends the attempt) and is refused a commit. A
+connection whose state is in doubt afterwards (a cancellation mid-statement, a failed
+rollback, a transaction someone else opened) is closed, never pooled again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.util import greenlet_spawn
+
+from txflow.errors import DatabaseUnavailableError, TransactionEndedError
+from txflow.store.unit_of_work import (
+    ENDED_IN_HANDLER,
+    NO_COMMIT_IN_HANDLER,
+    UnitOfWork,
+    bind_session,
+)
+
+if TYPE_CHECKING:
+    from txflow.store.postgres import PostgresStore
+
+log = logging.getLogger("txflow.store")
+
+INBOX_SQL = (
+    "INSERT INTO txflow_inbox (handler, message_id, processed_at) VALUES ($1, $2, $3) "
+    "ON CONFLICT DO NOTHING"
+)
+OUTBOX_COLUMNS = (
+    "message_id",
+    "event_type",
+    "correlation_id",
+    "causation_id",
+    "headers",
+    "body",
+    "created_at",
+    "lease_until",
+    "leased_by",
+    "publish_attempts",
+)
+# Rows per multi-VALUES insert; more go in several statements.
+MAX_ROWS_PER_INSERT = 100
+NOTIFY_CHANNEL = "txflow_outbox"
+
+
+@functools.cache
+def outbox_sql(rows: int) -> str:
+    """The INSERT of `rows` outbox rows, returning their seqs."""
+    width = len(OUTBOX_COLUMNS)
+    values = ", ".join(
+        "("
+        + ", ".join(
+            f"${r * width + c + 1}::json" if name == "headers" else f"${r * width + c + 1}"
+            for c, name in enumerate(OUTBOX_COLUMNS)
+        )
+        + ")"
+        for r in range(rows)
+    )
+    return f"INSERT INTO txflow_outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES {values} RETURNING seq"
+
+
+async def checkout(store: PostgresStore) -> PoolProxiedConnection:
+    """A connection from SQLAlchemy's pool, for driver statements outside a transaction.
+
+    Raises:
+        DatabaseUnavailableError: the pool could not hand out a connection.
+    """
+    try:
+        return await greenlet_spawn(store.engine.sync_engine.raw_connection)
+    except Exception as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise DatabaseUnavailableError(
+            f"no database connection from {store.masked_url}: {reason}"
+        ) from exc
+
+
+async def begin(store: PostgresStore) -> PostgresUnitOfWork:
+    """A unit of work whose BEGIN went through.
+
+    A pooled connection the server closed while it sat idle (a restart, an administrator's
+    pg_terminate_backend) fails at BEGIN: it is discarded and the next one tried, so a
+    database restart costs no handler attempt.
+
+    Raises:
+        DatabaseUnavailableError: no connection could begin a transaction.
+    """
+    error: BaseException | None = None
+    for _ in range(store.pool_size + 1):
+        pooled = await checkout(store)
+        driver: asyncpg.Connection = pooled.driver_connection
+        if driver.is_closed() or driver.is_in_transaction():
+            discard(pooled)  # a transaction nobody owns, or a dead socket: never reuse it
+            continue
+        try:
+            await driver.execute("BEGIN")
+        except asyncio.CancelledError:
+            discard(pooled)
+            raise
+        except Exception as exc:
+            log.debug("discarding a pooled connection that could not BEGIN: %r", exc)
+            discard(pooled)
+            error = exc
+            continue
+        return PostgresUnitOfWork(store, pooled)
+    raise DatabaseUnavailableError(
+        f"no pooled connection to {store.masked_url} could begin a transaction: {error!r}"
+    )
+
+
+def discard(pooled: PoolProxiedConnection) -> None:
+    """Close `pooled` at once and take it out of the pool; the server rolls back its work."""
+    driver = pooled.driver_connection
+    if driver is not None and not driver.is_closed():
+        driver.terminate()
+    if pooled.is_valid:
+        pooled.invalidate()
+    else:
+        pooled.close()
+
+
+# SQLSTATE classes of a connection that is gone: connection exceptions, shutdowns.
+_LOST_SQLSTATES = ("08", "57P")
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the connection is gone (not that the statement was wrong).
+
+    A server that closes the connection between two statements shows up in asyncpg as a
+    connection error, an admin-shutdown error, "connection is closed", or a protocol still
+    busy with the error it was sent ("another operation is in progress").
+    """
+    if isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(_LOST_SQLSTATES)
+
+
+class _JoinedTransaction:
+    """Stands in for the asyncpg transaction SQLAlchemy's adapter would have started."""
+
+    __slots__ = ("_unit",)
+
+    def __init__(self, unit: PostgresUnitOfWork) -> None:
+        self._unit = unit
+
+    async def commit(self) -> None:
+        raise TransactionEndedError(NO_COMMIT_IN_HANDLER)
+
+    async def rollback(self) -> None:
+        await self._unit.end(commit=False)
+
+
+class PostgresUnitOfWork(UnitOfWork):
+    """See the module docs. The store drives it: `begin`, yield, `end`, `release`."""
+
+    __slots__ = ("_conn", "_driver", "_ended", "_pooled", "_session", "_settled", "_store")
+
+    def __init__(self, store: PostgresStore, pooled: PoolProxiedConnection) -> None:
+        self._store = store
+        self._pooled = pooled
+        self._driver: asyncpg.Connection = pooled.driver_connection
+        self._conn: AsyncConnection | None = None
+        self._session: AsyncSession | None = None
+        self._ended = False
+        # Set once COMMIT or ROLLBACK completed: the connection's state is known again.
+        self._settled = False
+
+    @property
+    def driver_connection(self) -> asyncpg.Connection:
+        return self._driver
+
+    @property
+    def session(self) -> AsyncSession:
+        if self._session is None:
+            self._session = bind_session(self._sqlalchemy_connection())
+        return self._session
+
+    def _sqlalchemy_connection(self) -> AsyncConnection:
+        if self._conn is None:
+            self._check_open()
+            engine = self._store.engine
+            sync = Connection(engine.sync_engine, connection=self._pooled)
+            # asyncpg's dialect begins implicitly (no I/O here); the adapter then finds a
+            # transaction in place and does not send a BEGIN of its own.
+            sync.begin()
+            self._pooled.dbapi_connection._transaction = _JoinedTransaction(self)  # type: ignore[union-attr]
+            self._conn = AsyncConnection(engine, sync)
+        return self._conn
+
+    @contextmanager
+    def _connection_errors(self) -> Iterator[None]:
+        """Raise a lost connection as `DatabaseUnavailableError`, whatever asyncpg called it."""
+        try:
+            yield
+        except Exception as exc:
+            if connection_lost(exc):
+                raise DatabaseUnavailableError(
+                    f"lost the connection to {self._store.masked_url}: {exc!r}"
+                ) from exc
+            raise
+
+    def _check_open(self) -> None:
+        if self._ended or not self._driver.is_in_transaction():
+            raise TransactionEndedError(ENDED_IN_HANDLER)
+
+    async def record_inbox(self, handler: str, message_id: str) -> bool:
+        with self._connection_errors():
+            status = await self._driver.execute(INBOX_SQL, handler, message_id, datetime.now(UTC))
+        return bool(status.endswith(" 1"))
+
+    async def insert_outbox(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        self._check_open()
+        seqs: list[int] = []
+        for start in range(0, len(rows), MAX_ROWS_PER_INSERT):
+            chunk = rows[start : start + MAX_ROWS_PER_INSERT]
+            params: list[Any] = []
+            for row in chunk:
+                for name in OUTBOX_COLUMNS:
+                    value = row[name]
+                    params.append(json.dumps(value) if name == "headers" else value)
+            with self._connection_errors():
+                records = await self._driver.fetch(outbox_sql(len(chunk)), *params)
+            # Identity values are assigned in VALUES order, so sorted seqs match the rows.
+            seqs.extend(sorted(r[0] for r in records))
+        return seqs
+
+    async def notify(self) -> None:
+        # Delivered by PostgreSQL only when (and if) the transaction commits.
+        self._check_open()
+        with self._connection_errors():
+            await self._driver.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+
+    async def flush(self) -> None:
+        """Write the session's pending ORM changes, if a session was used."""
+        if self._session is not None:
+            await self._session.flush()
+
+    async def end(self, *, commit: bool) -> None:
+        """COMMIT or ROLLBACK, once. A session's rollback ends the transaction too."""
+        if self._ended:
+            return
+        if commit:
+            self._check_open()
+        self._ended = True
+        # ROLLBACK even outside a transaction (PostgreSQL only warns): its answer shows the
+        # connection still works after whatever went wrong.
+        with self._connection_errors():
+            await self._driver.execute("COMMIT" if commit else "ROLLBACK")
+        self._settled = True
+
+    async def release(self) -> None:
+        """Return the connection to the pool, or discard it when its state is in doubt.
+
+        In doubt: the transaction's end was interrupted (a cancellation mid-statement), or
+        the connection is inside a transaction txflow did not open (SQLAlchemy starts one if
+        a session is used again after its own rollback).
+        """
+        pooled = self._pooled
+        driver = self._driver
+        if not self._settled or driver.is_closed() or driver.is_in_transaction():
+            discard(pooled)
+            return
+        if self._conn is None:
+            pooled.close()
+            return
+        # SQLAlchemy still thinks its transaction is open; with the stand-in gone its
+        # rollback on close sends nothing.
+        pooled.dbapi_connection._transaction = None  # type: ignore[union-attr]
+        await greenlet_spawn(_close_sync, self._session, self._conn)
+
+
+def _close_sync(session: AsyncSession | None, conn: AsyncConnection) -> None:
+    if session is not None:
+        session.sync_session.close()
+    if conn.sync_connection is not None:
+        conn.sync_connection.close()

@@ -1,0 +1,160 @@
+"""The unit of work: one database transaction shared by txflow's statements and the handler's.
+
+txflow writes the inbox row first and the outbox rows last; in between, the handler writes its
+own rows through `session` (SQLAlchemy ORM or Core) or, for hot paths, through the driver's
+connection itself. Whatever the handler wrote commits or rolls back with txflow's rows.
+
+Only txflow ends the transaction: `session.commit()` inside a unit of work only flushes (the
+session joins the transaction in SQLAlchemy's "rollback_only" mode), and `session.rollback()`
+ends it for good, so the handler's attempt fails and is retried.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncTransaction
+
+from txflow.errors import TransactionEndedError
+
+if TYPE_CHECKING:
+    from txflow.store.base import Store
+
+
+def bind_session(conn: AsyncConnection) -> AsyncSession:
+    """A session that works inside `conn`'s transaction but never commits it.
+
+    "rollback_only": `session.commit()` flushes without committing the transaction it joined;
+    `session.rollback()` rolls it back, which fails the attempt.
+    """
+    return AsyncSession(bind=conn, join_transaction_mode="rollback_only", expire_on_commit=False)
+
+
+class UnitOfWork(abc.ABC):
+    """One open database transaction; see the module docs.
+
+    Attributes:
+        session: an SQLAlchemy `AsyncSession` inside the transaction, created on first use.
+        driver_connection: the database driver's own connection inside the transaction
+            (`asyncpg.Connection` on PostgreSQL, `aiosqlite.Connection` on SQLite), for
+            statements that must skip SQLAlchemy's overhead. Never commit or roll it back.
+    """
+
+    @property
+    @abc.abstractmethod
+    def session(self) -> AsyncSession: ...
+
+    @property
+    @abc.abstractmethod
+    def driver_connection(self) -> Any: ...
+
+    @abc.abstractmethod
+    async def record_inbox(self, handler: str, message_id: str) -> bool:
+        """Insert the inbox row; False when (handler, message_id) was already handled."""
+
+    @abc.abstractmethod
+    async def insert_outbox(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Insert outbox rows in order and return their sequence numbers."""
+
+    async def notify(self) -> None:  # noqa: B027 - optional hook
+        """Ask relays in other processes to look at the outbox once this transaction commits."""
+
+
+class SQLAlchemyUnitOfWork(UnitOfWork):
+    """A unit of work on an SQLAlchemy connection: every statement through SQLAlchemy.
+
+    The portable implementation (SQLite uses it). The store opens it with `begin` and ends
+    it with `commit` or `rollback`; a commit from anyone else on the connection is refused.
+    """
+
+    __slots__ = ("_committing", "_conn", "_session", "_store", "_trans")
+
+    def __init__(self, store: Store, conn: AsyncConnection) -> None:
+        self._store = store
+        self._conn = conn
+        self._trans: AsyncTransaction | None = None
+        self._session: AsyncSession | None = None
+        self._committing = False
+
+    async def begin(self) -> None:
+        if self._conn.sync_connection is not None:
+            event.listen(self._conn.sync_connection, "commit", self._refuse_foreign_commit)
+        self._trans = await self._conn.begin()
+
+    def _refuse_foreign_commit(self, _conn: object) -> None:
+        if not self._committing:
+            raise TransactionEndedError(NO_COMMIT_IN_HANDLER)
+
+    def check_open(self) -> None:
+        """Raise `TransactionEndedError` if the transaction was ended by someone else."""
+        if self._trans is None or not self._trans.is_active:
+            raise TransactionEndedError(ENDED_IN_HANDLER)
+
+    @property
+    def session(self) -> AsyncSession:
+        if self._session is None:
+            self.check_open()
+            self._session = bind_session(self._conn)
+        return self._session
+
+    @property
+    def driver_connection(self) -> Any:
+        raw = self._conn.sync_connection.connection if self._conn.sync_connection else None
+        if raw is None:
+            raise TransactionEndedError("the unit of work's connection is closed")
+        return raw.driver_connection
+
+    async def record_inbox(self, handler: str, message_id: str) -> bool:
+        result = await self._conn.execute(
+            self._store.inbox_insert,
+            {"handler": handler, "message_id": message_id, "processed_at": datetime.now(UTC)},
+        )
+        return bool(result.rowcount)
+
+    async def insert_outbox(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        self.check_open()
+        result = await self._conn.execute(self._store.outbox_insert, list(rows))
+        return list(result.scalars())
+
+    async def commit(self) -> None:
+        """Flush the session's pending ORM changes, then commit."""
+        if self._session is not None:
+            await self._session.flush()
+        self.check_open()
+        assert self._trans is not None
+        self._committing = True
+        await self._trans.commit()
+
+    async def rollback(self) -> None:
+        # Whatever transaction the connection holds: txflow's, also when SQLAlchemy
+        # deactivated it (a refused commit, a failed flush), or one a session began after
+        # its own rollback.
+        if self._conn.in_transaction():
+            await self._conn.rollback()
+        # A refused commit leaves the database's transaction open behind SQLAlchemy's back.
+        if self._conn.sync_connection is not None and not self._conn.invalidated:
+            await self._conn.run_sync(_rollback_driver)
+
+    async def close_session(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _rollback_driver(conn: Connection) -> None:
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is not None:
+        dbapi.rollback()
+
+
+NO_COMMIT_IN_HANDLER = (
+    "a handler must not commit txflow's transaction; txflow commits it after the handler "
+    "returns (session.commit() inside a handler only flushes)"
+)
+ENDED_IN_HANDLER = (
+    "txflow's transaction was ended inside the handler (a rollback of the session, or a "
+    "COMMIT/ROLLBACK on the driver connection); the attempt fails"
+)

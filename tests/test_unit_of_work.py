@@ -1,0 +1,125 @@
+"""The unit of work a handler runs in, on both backends: who may end it, and what commits."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import Backend, settle
+from tests.support import Ping, add_sink, count_rows, effects
+from tests.support import user_metadata as md
+from txflow import Context, TransactionEndedError
+from txflow.store import outbox
+from txflow.testing import wait_until
+
+
+class Boom(Exception):
+    pass
+
+
+def _insert_effect(backend: Backend, message_id: str) -> tuple[str, tuple[object, ...]]:
+    """The same row as driver SQL, in the driver's parameter style."""
+    if backend.is_real:
+        return "INSERT INTO effects (message_id, value) VALUES ($1, $2)", (message_id, 1)
+    return "INSERT INTO effects (message_id, value) VALUES (?, ?)", (message_id, 1)
+
+
+async def _driver_insert(backend: Backend, tx: Context, message_id: str) -> None:
+    sql, params = _insert_effect(backend, message_id)
+    if backend.is_real:
+        await tx.driver_connection.execute(sql, *params)
+    else:
+        await tx.driver_connection.execute(sql, params)
+
+
+async def test_session_commit_inside_a_unit_of_work_only_flushes(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md)
+    received = add_sink(app, Ping)
+    async with app:
+        with pytest.raises(Boom):
+            async with app.transaction() as tx:
+                await tx.session.execute(sa.insert(effects).values(message_id="a", value=1))
+                await tx.session.commit()
+                tx.emit(Ping(n=1))
+                raise Boom
+        await settle(0.5)
+        assert await count_rows(app, effects) == 0
+        assert await count_rows(app, outbox) == 0
+        assert received == []
+
+
+async def test_a_session_rollback_fails_the_unit_of_work(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md)
+    received = add_sink(app, Ping)
+    async with app:
+        with pytest.raises(TransactionEndedError, match="ended inside the handler"):
+            async with app.transaction() as tx:
+                await tx.session.execute(sa.insert(effects).values(message_id="a", value=1))
+                await tx.session.rollback()
+                await tx.session.execute(sa.insert(effects).values(message_id="b", value=1))
+                tx.emit(Ping(n=1))
+        await settle(0.5)
+        assert await count_rows(app, effects) == 0
+        assert await count_rows(app, outbox) == 0
+        assert received == []
+        # The connection it ran on is fit for the next unit of work (or was replaced).
+        async with app.transaction() as tx:
+            await tx.session.execute(sa.insert(effects).values(message_id="c", value=1))
+            tx.emit(Ping(n=2))
+        await wait_until(lambda: len(received) == 1, message="the next unit of work publishes")
+        assert await count_rows(app, effects) == 1
+
+
+async def test_committing_the_connection_inside_a_unit_of_work_is_refused(
+    backend: Backend,
+) -> None:
+    app = await backend.app("svc", metadata=md)
+    async with app:
+        with pytest.raises(TransactionEndedError, match="must not commit"):
+            async with app.transaction() as tx:
+                await tx.session.execute(sa.insert(effects).values(message_id="a", value=1))
+                conn = await tx.session.connection()
+                await conn.commit()
+        assert await count_rows(app, effects) == 0
+
+
+async def test_driver_statements_commit_and_roll_back_with_the_unit_of_work(
+    backend: Backend,
+) -> None:
+    app = await backend.app("svc", metadata=md)
+    received = add_sink(app, Ping)
+    async with app:
+        with pytest.raises(Boom):
+            async with app.transaction() as tx:
+                await _driver_insert(backend, tx, "rolled-back")
+                tx.emit(Ping(n=1))
+                raise Boom
+        async with app.transaction() as tx:
+            await _driver_insert(backend, tx, "driver")
+            await tx.session.execute(sa.insert(effects).values(message_id="session", value=1))
+            tx.emit(Ping(n=2))
+        await wait_until(lambda: len(received) == 1, message="one event")
+        assert [e.n for e in received] == [2]  # type: ignore[attr-defined]
+        async with app.store.engine.connect() as conn:
+            rows = set((await conn.execute(sa.select(effects.c.message_id))).scalars())
+        assert rows == {"driver", "session"}
+
+
+async def test_a_handler_writing_through_the_driver_is_effectively_once(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md)
+    runs: list[int] = []
+
+    @app.handler(Ping)
+    async def write(event: Ping, ctx: Context) -> None:
+        runs.append(event.n)
+        await _driver_insert(backend, ctx, f"m{event.n}")
+        if len(runs) == 1:
+            raise Boom  # the first attempt's row must roll back
+
+    async with app:
+        await app.publish(Ping(n=1))
+        consumer = app.consumers[0]
+        await wait_until(lambda: consumer.stats.handled == 1, message="handled on retry")
+        assert runs == [1, 1]
+        assert consumer.stats.retried == 1
+        assert await count_rows(app, effects) == 1
