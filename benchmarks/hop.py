@@ -402,6 +402,20 @@ class RunResult:
     # CPU time of this whole process (both sides' code, the sink poll, the loop) per hop.
     cpu_ms_per_hop: float
     checks: dict[str, Any] = field(default_factory=dict)
+    # CPU time of the whole machine per hop: this process, PostgreSQL and RabbitMQ (and
+    # whatever else runs; the machine is shared, so read it as an upper bound).
+    machine_cpu_ms_per_hop: float = 0.0
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot (Linux /proc/stat), 0.0 elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    # Time the hypervisor gave to other machines (steal) is not ours; idle and iowait neither.
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -823,8 +837,10 @@ async def run_txflow(env: Env, concurrency: int, messages: int) -> RunResult:
         await env.preload(queue, messages)
         await app.start()
         started, cpu = time.perf_counter(), time.process_time()
+        machine = machine_cpu_seconds()
         finished = await env.wait_depth(env.tx_sink, messages, started)
         cpu = time.process_time() - cpu
+        machine = machine_cpu_seconds() - machine
         stats = txflow_stats(app)
     finally:
         await app.stop()
@@ -835,7 +851,9 @@ async def run_txflow(env: Env, concurrency: int, messages: int) -> RunResult:
         input_left=await env.depth(queue),
         connections_left=await env.other_connections(),
     )
-    return _result("txflow", concurrency, messages, finished - started, cpu, checks)
+    result = _result("txflow", concurrency, messages, finished - started, cpu, checks)
+    result.machine_cpu_ms_per_hop = machine * 1000 / messages
+    return result
 
 
 async def run_baseline(env: Env, concurrency: int, messages: int) -> RunResult:
@@ -850,8 +868,10 @@ async def run_baseline(env: Env, concurrency: int, messages: int) -> RunResult:
         queue = await channel.get_queue(env.hw_input, ensure=False)
         tag = await queue.consume(baseline.on_message)
         started, cpu = time.perf_counter(), time.process_time()
+        machine = machine_cpu_seconds()
         finished = await env.wait_depth(env.hw_sink, messages, started)
         cpu = time.process_time() - cpu
+        machine = machine_cpu_seconds() - machine
         # The last hops may still be marking sent and acking: let them finish, untimed.
         await asyncio.wait_for(baseline.settled.wait(), 30)
         await queue.cancel(tag)
@@ -866,7 +886,9 @@ async def run_baseline(env: Env, concurrency: int, messages: int) -> RunResult:
         input_left=await env.depth(env.hw_input),
         connections_left=await env.other_connections(),
     )
-    return _result("baseline", concurrency, messages, finished - started, cpu, checks)
+    result = _result("baseline", concurrency, messages, finished - started, cpu, checks)
+    result.machine_cpu_ms_per_hop = machine * 1000 / messages
+    return result
 
 
 async def run_faststream(env: Env, concurrency: int, messages: int) -> RunResult:
@@ -886,8 +908,10 @@ async def run_faststream(env: Env, concurrency: int, messages: int) -> RunResult
         await env.preload(env.fs_input, messages)
         await side.start_consuming()
         started, cpu = time.perf_counter(), time.process_time()
+        machine = machine_cpu_seconds()
         finished = await env.wait_depth(env.fs_sink, messages, started)
         cpu = time.process_time() - cpu
+        machine = machine_cpu_seconds() - machine
         await side.wait_settled(messages)  # the last acks, untimed
         assert side.relay is not None
         stats = {"relay_published": side.relay.published, "relay_polls": side.relay.polls}
@@ -903,7 +927,9 @@ async def run_faststream(env: Env, concurrency: int, messages: int) -> RunResult
         input_left=await env.depth(env.fs_input),
         connections_left=await env.other_connections(),
     )
-    return _result("faststream", concurrency, messages, finished - started, cpu, checks)
+    result = _result("faststream", concurrency, messages, finished - started, cpu, checks)
+    result.machine_cpu_ms_per_hop = machine * 1000 / messages
+    return result
 
 
 def _result(
@@ -1258,7 +1284,8 @@ async def bench(args: argparse.Namespace, loop_name: str) -> dict[str, Any]:
                     print(
                         f"  [{rep + 1}/{args.repeat}] {side:10s} c={concurrency:<3d} "
                         f"{result.hops_per_second:8.0f} hops/s  ({result.seconds:.2f}s, "
-                        f"{result.cpu_ms_per_hop:.2f} ms CPU/hop"
+                        f"{result.cpu_ms_per_hop:.2f} ms CPU/hop, machine "
+                        f"{result.machine_cpu_ms_per_hop:.2f}"
                         f"{f'; CHECK FAILED: {failed}' if failed else ''})",
                         flush=True,
                     )
@@ -1389,11 +1416,20 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
             ]
             for side in sides
         }
+        machine = {
+            side: [
+                r.machine_cpu_ms_per_hop
+                for r in runs
+                if r.side == side and r.concurrency == concurrency
+            ]
+            for side in sides
+        }
         row: dict[str, Any] = {
             "concurrency": concurrency,
             "pool": pool_size_for(concurrency),
             "hops_per_second": {s: rates[s] and _summary(rates[s]) for s in sides},
             "cpu_ms_per_hop": {s: cpu[s] and _summary(cpu[s]) for s in sides},
+            "machine_cpu_ms_per_hop": {s: machine[s] and _summary(machine[s]) for s in sides},
             "ratios": {},
         }
         line = f"{concurrency:>5}  {pool_size_for(concurrency):>4}"
@@ -1411,6 +1447,14 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
             f"{s} {row['cpu_ms_per_hop'][s]['median']:.2f}"
             for s in sides
             if row["cpu_ms_per_hop"][s]
+        )
+        print(f"  c={row['concurrency']:<3} {cells}")
+    print("CPU time of the whole machine per hop (this process, PostgreSQL, RabbitMQ; ms, median):")
+    for row in out["throughput"]:
+        cells = ", ".join(
+            f"{s} {row['machine_cpu_ms_per_hop'][s]['median']:.2f}"
+            for s in sides
+            if row["machine_cpu_ms_per_hop"][s]
         )
         print(f"  c={row['concurrency']:<3} {cells}")
     print(

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Backend, settle
+from tests.conftest import Backend, _admin, settle
 from tests.support import Ping, add_sink, count_rows, effects
 from tests.support import user_metadata as md
 from txflow import Context, TransactionEndedError
-from txflow.store import outbox
+from txflow.store import inbox, outbox
 from txflow.testing import wait_until
 
 
@@ -123,3 +124,57 @@ async def test_a_handler_writing_through_the_driver_is_effectively_once(backend:
         assert runs == [1, 1]
         assert consumer.stats.retried == 1
         assert await count_rows(app, effects) == 1
+
+
+TRICKY_IDS = (
+    "o'brien",
+    "quote''twice",
+    "back\\slash\\'",
+    "x'); DROP TABLE txflow_inbox; --",
+    "ünïcødé—id",
+    "$1 $$dollar$$ ?",
+)
+
+
+async def test_message_ids_that_look_like_sql_are_deduplicated_verbatim(backend: Backend) -> None:
+    """The inbox row may be written as a quoted literal (one round trip with BEGIN)."""
+    await _tricky_ids_handled_once(backend)
+
+
+async def test_without_standard_conforming_strings_the_inbox_row_is_a_parameter(
+    real: Backend,
+) -> None:
+    """Quoting is only safe with standard_conforming_strings on; off, txflow binds it."""
+    url = await real.database_url()
+    await _admin(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" SET standard_conforming_strings = off')
+    conn = await asyncpg.connect(url)
+    try:
+        assert conn.get_settings().standard_conforming_strings == "off"
+    finally:
+        await conn.close()
+    await _tricky_ids_handled_once(real)
+
+
+async def _tricky_ids_handled_once(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md)
+    runs: list[str] = []
+
+    @app.handler(Ping)
+    async def record(event: Ping, ctx: Context) -> None:
+        runs.append(ctx.message_id or "")
+
+    async with app:
+        for message_id in TRICKY_IDS:
+            for _ in range(2):
+                async with app.transaction() as tx:
+                    tx.emit(Ping(n=1), message_id=message_id)
+        consumer = app.consumers[0]
+        await wait_until(
+            lambda: consumer.stats.handled + consumer.stats.duplicates == 2 * len(TRICKY_IDS),
+            message="every copy settled",
+        )
+        assert sorted(runs) == sorted(TRICKY_IDS)
+        assert consumer.stats.duplicates == len(TRICKY_IDS)
+        async with app.store.engine.connect() as conn:
+            stored = set((await conn.execute(sa.select(inbox.c.message_id))).scalars())
+        assert stored == set(TRICKY_IDS)

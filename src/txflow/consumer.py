@@ -144,8 +144,8 @@ class HandlerConsumer:
     async def _handle(self, envelope: Envelope[Event]) -> bool:
         """Run the handler in one transaction; False when the inbox says it already ran."""
         records: list[OutboxRecord]
-        async with self.store.transaction() as unit:
-            if not await unit.record_inbox(self.spec.queue, envelope.message_id):
+        async with self.store.transaction(inbox=(self.spec.queue, envelope.message_id)) as unit:
+            if unit.duplicate:
                 return False
             ctx = Context(unit, envelope)
             ctx.emit_all(await self.spec.call(envelope.event, ctx))

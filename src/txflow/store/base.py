@@ -196,16 +196,24 @@ class Store(abc.ABC):
     # -- unit of work ----------------------------------------------------------------------
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+    async def transaction(
+        self, *, inbox: tuple[str, str] | None = None
+    ) -> AsyncIterator[UnitOfWork]:
         """One database transaction: commit when the block ends, roll back if it raises.
 
         Yields the `UnitOfWork` that txflow's inbox and outbox statements and the handler's own
         statements share. Pending ORM changes of its session are flushed before the commit.
+        With `inbox` = (handler, message id) the inbox row is the transaction's first write,
+        and `unit.duplicate` says whether it already existed.
+
+        Raises:
+            DatabaseUnavailableError: on PostgreSQL, when no connection could be had or one
+                dropped during txflow's own statements.
         """
         async with self.engine.connect() as conn, self._guard_cancellation(conn):
             unit = SQLAlchemyUnitOfWork(self, conn)
             try:
-                await unit.begin()
+                await unit.begin(inbox)
                 yield unit
                 await unit.commit()
             except BaseException:

@@ -55,8 +55,10 @@ class PostgresStore(Store):
             yield conn
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[UnitOfWork]:
-        unit = await begin(self)
+    async def transaction(
+        self, *, inbox: tuple[str, str] | None = None
+    ) -> AsyncIterator[UnitOfWork]:
+        unit = await begin(self, inbox)
         try:
             yield unit
             await unit.flush()

@@ -74,8 +74,10 @@ class SQLiteStore(Store):
         return sqlite.insert(table).on_conflict_do_nothing()
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[UnitOfWork]:
-        async with self._write_lock, super().transaction() as unit:
+    async def transaction(
+        self, *, inbox: tuple[str, str] | None = None
+    ) -> AsyncIterator[UnitOfWork]:
+        async with self._write_lock, super().transaction(inbox=inbox) as unit:
             yield unit
 
     @asynccontextmanager

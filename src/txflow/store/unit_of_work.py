@@ -38,11 +38,15 @@ class UnitOfWork(abc.ABC):
     """One open database transaction; see the module docs.
 
     Attributes:
+        duplicate: True when the transaction was opened with an inbox row
+            (`store.transaction(inbox=...)`) and that row existed: the message was handled.
         session: an SQLAlchemy `AsyncSession` inside the transaction, created on first use.
         driver_connection: the database driver's own connection inside the transaction
             (`asyncpg.Connection` on PostgreSQL, `aiosqlite.Connection` on SQLite), for
             statements that must skip SQLAlchemy's overhead. Never commit or roll it back.
     """
+
+    duplicate: bool = False
 
     @property
     @abc.abstractmethod
@@ -71,7 +75,7 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
     it with `commit` or `rollback`; a commit from anyone else on the connection is refused.
     """
 
-    __slots__ = ("_committing", "_conn", "_session", "_store", "_trans")
+    __slots__ = ("_committing", "_conn", "_session", "_store", "_trans", "duplicate")
 
     def __init__(self, store: Store, conn: AsyncConnection) -> None:
         self._store = store
@@ -79,11 +83,15 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
         self._trans: AsyncTransaction | None = None
         self._session: AsyncSession | None = None
         self._committing = False
+        self.duplicate = False
 
-    async def begin(self) -> None:
+    async def begin(self, inbox: tuple[str, str] | None = None) -> None:
+        """Begin; with `inbox` = (handler, message id), insert the inbox row first thing."""
         if self._conn.sync_connection is not None:
             event.listen(self._conn.sync_connection, "commit", self._refuse_foreign_commit)
         self._trans = await self._conn.begin()
+        if inbox is not None:
+            self.duplicate = not await self.record_inbox(*inbox)
 
     def _refuse_foreign_commit(self, _conn: object) -> None:
         if not self._committing:
