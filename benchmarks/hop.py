@@ -729,7 +729,7 @@ class Env:
             concurrency=concurrency,
             chain_length=chain_length,
             db_pool_size=pool_size_for(concurrency),
-            write=self.args.txflow_write,
+            write=getattr(self.args, "txflow_write", "driver"),
         )
         for spec in app.topology().queues:
             if spec.retry_delays:
