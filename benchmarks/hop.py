@@ -1441,22 +1441,14 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
         out["throughput"].append(row)
         print(line)
     print()
-    print("CPU time of this Python process per hop while the clock ran (ms, median):")
-    for row in out["throughput"]:
-        cells = ", ".join(
-            f"{s} {row['cpu_ms_per_hop'][s]['median']:.2f}"
-            for s in sides
-            if row["cpu_ms_per_hop"][s]
-        )
-        print(f"  c={row['concurrency']:<3} {cells}")
-    print("CPU time of the whole machine per hop (this process, PostgreSQL, RabbitMQ; ms, median):")
-    for row in out["throughput"]:
-        cells = ", ".join(
-            f"{s} {row['machine_cpu_ms_per_hop'][s]['median']:.2f}"
-            for s in sides
-            if row["machine_cpu_ms_per_hop"][s]
-        )
-        print(f"  c={row['concurrency']:<3} {cells}")
+    for title, key in (
+        ("this Python process", "cpu_ms_per_hop"),
+        ("the whole machine (this process, PostgreSQL, RabbitMQ)", "machine_cpu_ms_per_hop"),
+    ):
+        print(f"CPU time of {title} per hop while the clock ran (ms, median):")
+        for row in out["throughput"]:
+            cells = ", ".join(f"{s} {row[key][s]['median']:.2f}" for s in sides if row[key][s])
+            print(f"  c={row['concurrency']:<3} {cells}")
     print(
         "(ratios: per repeat, side over side, then median [min-max]; ba = baseline, "
         "tx = txflow, fa = faststream; pool = database connections of every side's pool)"
