@@ -178,3 +178,23 @@ async def _tricky_ids_handled_once(backend: Backend) -> None:
         async with app.store.engine.connect() as conn:
             stored = set((await conn.execute(sa.select(inbox.c.message_id))).scalars())
         assert stored == set(TRICKY_IDS)
+
+
+async def test_a_failing_first_statement_is_raised_and_leaves_the_pool_usable(
+    backend: Backend,
+) -> None:
+    app = await backend.app("svc", metadata=md)
+    store = await app.open_store()
+    backend.stack.push_async_callback(store.aclose)
+    await app.init_db()
+    async with store.engine.begin() as conn:
+        await conn.execute(sa.text("DROP TABLE txflow_inbox"))
+    for _ in range(store.pool_size + 2):  # more tries than connections: none may leak
+        with pytest.raises(Exception, match="txflow_inbox"):
+            async with store.transaction(inbox=("h", "m")):
+                pass
+    await app.init_db()  # the table is back
+    async with store.transaction(inbox=("h", "m")) as unit:
+        assert not unit.duplicate
+    async with store.transaction(inbox=("h", "m")) as unit:
+        assert unit.duplicate

@@ -124,8 +124,14 @@ async def begin(store: PostgresStore, inbox: tuple[str, str] | None) -> Postgres
             raise
         except Exception as exc:
             if not connection_lost(exc):
-                await unit.end(commit=False)  # e.g. no inbox table: roll back, then say so
-                await unit.release()
+                # e.g. no inbox table: roll back, then say so; the connection goes back to
+                # the pool only if the rollback went through
+                try:
+                    await unit.end(commit=False)
+                except Exception as rollback_exc:
+                    log.debug("rollback after a failed first statement failed: %r", rollback_exc)
+                finally:
+                    await unit.release()
                 raise
             log.debug("discarding a pooled connection that could not BEGIN: %r", exc)
             discard(pooled)
