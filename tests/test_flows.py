@@ -252,6 +252,25 @@ async def test_out_of_order_failure_waits_for_the_missing_success(backend: Backe
         assert info.failed_step == "c"
 
 
+async def test_a_failure_waits_for_every_earlier_success_not_only_the_newest(
+    backend: Backend,
+) -> None:
+    """d failed and c's success is in, but b's is not: even c waits, so it sees b."""
+    rig = await make_rig(backend, worker_steps=False)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        await rig.wait_status("k1", FlowStatus.RUNNING)
+        await rig.owner.publish(CDone(key="k1"), correlation_id="k1")
+        await wait_until(lambda: _has_steps(rig, "k1", 2), message="c recorded")
+        await rig.owner.publish(DFailed(key="k1", reason="late b"), correlation_id="k1")
+        await rig.wait_status("k1", FlowStatus.COMPENSATING)
+        await settle()
+        assert rig.undone == []  # c may not be undone before b's success is known
+        await rig.owner.publish(BDone(key="k1"), correlation_id="k1")
+        await rig.wait_status("k1", FlowStatus.FAILED)
+        assert rig.undone == [("c", "k1"), ("b", "k1"), ("start", "k1")]
+
+
 async def test_late_and_duplicate_events_of_a_finished_flow_are_ignored(backend: Backend) -> None:
     rig = await make_rig(backend)
     async with rig.owner, rig.worker:

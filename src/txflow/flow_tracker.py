@@ -327,16 +327,19 @@ class FlowTracker:
         limit = len(self.flow.steps)
         if inst.failure == FlowStatus.FAILED and inst.failed_step is not None:
             limit = self.flow.index(inst.failed_step)
+            # Every step before the failed one succeeded (the failed one ran after them), but
+            # their success events may still be on the way: compensate nothing until all are
+            # recorded, so each compensation sees every completed step and they run in order.
+            missing = [s.name for s in self.flow.steps[:limit] if inst.completed(s.name) is None]
+            if missing:
+                self._note(inst, "waiting", missing[-1], None, "for the step's success event")
+                return
         for index in reversed(range(limit)):
             step = self.flow.steps[index]
             if not step.compensation or step.name in inst.compensated:
                 continue
             record = inst.completed(step.name)
             if record is None:
-                if inst.failure == FlowStatus.FAILED:
-                    # Its success must exist (a later step ran), it has not reached us yet.
-                    self._note(inst, "waiting", step.name, None, "for the step's success event")
-                    return
                 continue  # timed out before this step completed: nothing to undo (yet)
             self._request(inst, ctx, record)
             return
