@@ -81,7 +81,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from txflow import Context, Event, RelayConfig, TxFlow
+from txflow import Context, Event, Message, RelayConfig, TxFlow
 from txflow.app import DEFAULT_DB_POOL_SIZE
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -259,6 +259,8 @@ class Baseline:
         self.failed = 0
         self.expected = 0
         self.settled = asyncio.Event()
+        # emit(): when each event's publish was confirmed, by message id
+        self.confirmed: dict[str, float] = {}
 
     @classmethod
     async def open(
@@ -340,6 +342,7 @@ class Baseline:
             routing_key="BenchPing",
             mandatory=True,
         )
+        self.confirmed[message_id] = time.perf_counter()
         await self.pool.execute(HW_MARK, seq)
 
 
@@ -445,6 +448,9 @@ class LatencyResult:
     max_ms: float
     # every sample, sorted (for the distribution plot)
     values_ms: list[float] = field(default_factory=list, repr=False)
+    # commit -> the broker's publish confirm (the relay's own delay), where a side reports it
+    confirm_p50_ms: float | None = None
+    confirm_p99_ms: float | None = None
 
 
 class Arrivals:
@@ -452,6 +458,8 @@ class Arrivals:
 
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
+        # When the publishing side got the broker's confirm, by message id (sides that say).
+        self.confirmed: dict[str, float] = {}
         self._waiters: dict[str, asyncio.Future[float]] = {}
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
@@ -1166,9 +1174,16 @@ def _latencies(
 ) -> LatencyResult:
     values = sorted((arrivals.times[k] - t) * 1000 for k, t in commits.items())
     cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return LatencyResult(
+    result = LatencyResult(
         side, mode, len(values), cuts[49], cuts[98], values[-1], [round(v, 4) for v in values]
     )
+    confirms = [
+        (arrivals.confirmed[k] - t) * 1000 for k, t in commits.items() if k in arrivals.confirmed
+    ]
+    if len(confirms) == len(values):
+        confirm_cuts = statistics.quantiles(confirms, n=100, method="inclusive")
+        result.confirm_p50_ms, result.confirm_p99_ms = confirm_cuts[49], confirm_cuts[98]
+    return result
 
 
 async def latency_txflow(
@@ -1178,6 +1193,14 @@ async def latency_txflow(
     app = env.make_app(1)
     await warm_txflow_pool(app)
     async with app:
+        # The relay's own delay: when its publish of each row was confirmed.
+        publish = app.transport.publish
+
+        async def timed_publish(exchange: str, message: Message) -> None:
+            await publish(exchange, message)
+            arrivals.confirmed[message.message_id or ""] = time.perf_counter()
+
+        app.transport.publish = timed_publish  # type: ignore[method-assign]
 
         async def emit(n: int, message_id: str, commits: dict[str, float]) -> None:
             async with app.transaction() as tx:
@@ -1194,6 +1217,7 @@ async def latency_baseline(
     await env.truncate("bench_hw_inbox", "bench_hw_outbox", "bench_hw_items")
     async with AsyncExitStack() as stack:
         baseline, _connection = await Baseline.open(stack, env, 1)
+        baseline.confirmed = arrivals.confirmed
         return await measure_latency("baseline", baseline.emit, arrivals, args)
 
 
@@ -1486,10 +1510,20 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
                     "p99_ms": _summary([r.p99_ms for r in mine]),
                     "max_ms": _summary([r.max_ms for r in mine]),
                 }
+                confirms = [r for r in mine if r.confirm_p50_ms is not None]
+                if confirms:
+                    row["confirm_p50_ms"] = _summary([r.confirm_p50_ms for r in confirms])  # type: ignore[misc]
+                    row["confirm_p99_ms"] = _summary([r.confirm_p99_ms for r in confirms])  # type: ignore[misc]
                 out["latency"].append(row)
                 print(
                     f"{mode:>10}  {side:>10}  {mine[0].samples:>7}  "
                     f"{_fmt(row['p50_ms'], 2):>22}  {_fmt(row['p99_ms'], 2):>22}"
+                    + (
+                        f"   commit->confirm p50 {_fmt(row['confirm_p50_ms'], 2)}, "
+                        f"p99 {_fmt(row['confirm_p99_ms'], 2)}"
+                        if "confirm_p50_ms" in row
+                        else ""
+                    )
                 )
             for a, b in ratios:
                 if a not in per_side or b not in per_side:
