@@ -20,7 +20,7 @@ from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_ur
 from txflow.flows import FlowStatus
 from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
 from txflow.store.tables import flow_log, flows, inbox, metadata, outbox
-from txflow.store.unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork
+from txflow.store.unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork, guard_commits
 
 log = logging.getLogger("txflow.store")
 
@@ -172,6 +172,7 @@ class Store(abc.ABC):
             raise DatabaseUnavailableError(
                 f"cannot connect to database {self.masked_url}: {reason}; {self._hint}"
             ) from exc
+        guard_commits(engine.sync_engine)
         self._engine = engine
 
     async def aclose(self) -> None:

@@ -12,11 +12,12 @@ ends it for good, so the handler's attempt fails and is retried.
 from __future__ import annotations
 
 import abc
+import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncTransaction
 
 from txflow.errors import TransactionEndedError
@@ -88,14 +89,10 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
     async def begin(self, inbox: tuple[str, str] | None = None) -> None:
         """Begin; with `inbox` = (handler, message id), insert the inbox row first thing."""
         if self._conn.sync_connection is not None:
-            event.listen(self._conn.sync_connection, "commit", self._refuse_foreign_commit)
+            _OPEN_UNITS[self._conn.sync_connection] = self
         self._trans = await self._conn.begin()
         if inbox is not None:
             self.duplicate = not await self.record_inbox(*inbox)
-
-    def _refuse_foreign_commit(self, _conn: object) -> None:
-        if not self._committing:
-            raise TransactionEndedError(NO_COMMIT_IN_HANDLER)
 
     def check_open(self) -> None:
         """Raise `TransactionEndedError` if the transaction was ended by someone else."""
@@ -150,6 +147,26 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
     async def close_session(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+# The unit of work open on each SQLAlchemy connection, for the engine's commit guard below.
+_OPEN_UNITS: weakref.WeakKeyDictionary[Connection, SQLAlchemyUnitOfWork] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def guard_commits(engine: Engine) -> None:
+    """Refuse a commit of a unit of work's transaction by anyone but the unit itself.
+
+    One engine-wide "commit" listener, registered when the store connects; connections
+    without an open unit of work commit as usual.
+    """
+
+    @event.listens_for(engine, "commit")
+    def _refuse_foreign_commit(conn: Connection) -> None:
+        unit = _OPEN_UNITS.get(conn)
+        if unit is not None and not unit._committing:
+            raise TransactionEndedError(NO_COMMIT_IN_HANDLER)
 
 
 def _rollback_driver(conn: Connection) -> None:
