@@ -322,7 +322,11 @@ async def test_handler_cancelled_at_shutdown_is_not_acked(backend: Backend) -> N
 
     async with again:
         await wait_until(lambda: len(calls) == 2, timeout=15, message="redelivery after cancel")
+        # calls grows when the handler starts; its row is there once the unit commits.
+        consumer = again.consumers[0]
+        await wait_until(lambda: consumer.stats.handled == 1, message="redelivery committed")
         assert await count_rows(again, effects) == 1
+        assert calls == [9, 9]
 
 
 async def test_sent_rows_are_deleted_after_retention(backend: Backend) -> None:
