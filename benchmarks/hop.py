@@ -259,7 +259,8 @@ class Baseline:
         self.failed = 0
         self.expected = 0
         self.settled = asyncio.Event()
-        # emit(): when each event's publish was confirmed, by message id
+        # emit(): when each event's publish started and was confirmed, by message id
+        self.published: dict[str, float] = {}
         self.confirmed: dict[str, float] = {}
 
     @classmethod
@@ -337,6 +338,7 @@ class Baseline:
                 await conn.execute(HW_ITEM, n, message_id)
                 seq = await conn.fetchval(HW_OUTBOX, message_id, "BenchPing", message_id, body)
             commits[message_id] = time.perf_counter()
+        self.published[message_id] = time.perf_counter()
         await self.exchange.publish(
             self._message(body, "BenchPing", message_id, message_id),
             routing_key="BenchPing",
@@ -408,6 +410,92 @@ class RunResult:
     # CPU time of the whole machine per hop: this process, PostgreSQL and RabbitMQ (and
     # whatever else runs; the machine is shared, so read it as an upper bound).
     machine_cpu_ms_per_hop: float = 0.0
+    # CPU time of PostgreSQL's and RabbitMQ's processes per hop (both shared by every side).
+    service_cpu_ms_per_hop: dict[str, float] = field(default_factory=dict)
+
+
+# Process names whose CPU counts as the database's and as the broker's.
+SERVICE_PROCESSES = {"postgresql": ("postgres",), "rabbitmq": ("beam.smp", "erl_child_setup")}
+
+
+def service_cpu_seconds() -> dict[str, dict[int, float]]:
+    """CPU seconds used so far by each service's live processes (Linux /proc), by pid.
+
+    Compare two readings with `service_cpu_since`: a process that exits in between takes
+    its time with it. The pools are opened before the clock starts, so during a measurement
+    only the servers' background workers (autovacuum) come and go.
+    """
+    totals: dict[str, dict[int, float]] = {service: {} for service in SERVICE_PROCESSES}
+    names = {name: service for service, ns in SERVICE_PROCESSES.items() for name in ns}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited meanwhile
+        comm = text[text.find("(") + 1 : text.rfind(")")]
+        service = names.get(comm)
+        if service is not None:
+            fields = text[text.rfind(")") + 2 :].split()
+            # utime + stime
+            totals[service][int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def service_cpu_since(before: dict[str, dict[int, float]]) -> dict[str, float]:
+    """CPU seconds each service used since the reading `before`, by its processes alive now."""
+    now = service_cpu_seconds()
+    return {
+        service: sum(cpu - before[service].get(pid, 0.0) for pid, cpu in pids.items())
+        for service, pids in now.items()
+    }
+
+
+@dataclass
+class Clock:
+    """Wall time, this process's CPU, the machine's CPU and each service's CPU of one run."""
+
+    wall: float = field(default_factory=time.perf_counter)
+    cpu: float = field(default_factory=time.process_time)
+    machine: float = field(default_factory=lambda: machine_cpu_seconds())
+    services: dict[str, dict[int, float]] = field(default_factory=lambda: service_cpu_seconds())
+    spent: dict[str, float] = field(default_factory=dict)
+
+    def stop(self, finished: float) -> None:
+        """Take the CPU figures now, for a run whose last hop ended at `finished`."""
+        self.spent = {
+            "seconds": finished - self.wall,
+            "cpu": time.process_time() - self.cpu,
+            "machine": machine_cpu_seconds() - self.machine,
+            **service_cpu_since(self.services),
+        }
+
+    def result(
+        self, side: str, concurrency: int, messages: int, checks: dict[str, Any]
+    ) -> RunResult:
+        """The `RunResult` of `messages` hops measured between start and `stop`."""
+        spent = self.spent
+        result = _result(side, concurrency, messages, spent["seconds"], spent["cpu"], checks)
+        result.machine_cpu_ms_per_hop = spent["machine"] * 1000 / messages
+        result.service_cpu_ms_per_hop = {
+            name: spent[name] * 1000 / messages for name in SERVICE_PROCESSES
+        }
+        return result
+
+
+# The CPU figures of a run reported per hop, and how the report names them.
+CPU_FIGURES: dict[str, Callable[[RunResult], float]] = {
+    "cpu_ms_per_hop": lambda r: r.cpu_ms_per_hop,
+    "machine_cpu_ms_per_hop": lambda r: r.machine_cpu_ms_per_hop,
+    "postgresql_cpu_ms_per_hop": lambda r: r.service_cpu_ms_per_hop.get("postgresql", 0.0),
+    "rabbitmq_cpu_ms_per_hop": lambda r: r.service_cpu_ms_per_hop.get("rabbitmq", 0.0),
+}
+CPU_TITLES = {
+    "cpu_ms_per_hop": "this Python process",
+    "machine_cpu_ms_per_hop": "the whole machine (this process, PostgreSQL, RabbitMQ)",
+    "postgresql_cpu_ms_per_hop": "PostgreSQL's processes",
+    "rabbitmq_cpu_ms_per_hop": "RabbitMQ's processes",
+}
 
 
 def machine_cpu_seconds() -> float:
@@ -448,7 +536,10 @@ class LatencyResult:
     max_ms: float
     # every sample, sorted (for the distribution plot)
     values_ms: list[float] = field(default_factory=list, repr=False)
-    # commit -> the broker's publish confirm (the relay's own delay), where a side reports it
+    # commit -> the relay hands the message to the broker connection (its publish starts),
+    # and commit -> the broker's publish confirm, where a side reports them
+    publish_p50_ms: float | None = None
+    publish_p99_ms: float | None = None
     confirm_p50_ms: float | None = None
     confirm_p99_ms: float | None = None
 
@@ -458,7 +549,9 @@ class Arrivals:
 
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
-        # When the publishing side got the broker's confirm, by message id (sides that say).
+        # When the publishing side started its publish and got the broker's confirm, by
+        # message id (sides that say).
+        self.published: dict[str, float] = {}
         self.confirmed: dict[str, float] = {}
         self._waiters: dict[str, asyncio.Future[float]] = {}
 
@@ -844,11 +937,8 @@ async def run_txflow(env: Env, concurrency: int, messages: int) -> RunResult:
         await env.purge(queue, env.tx_sink)
         await env.preload(queue, messages)
         await app.start()
-        started, cpu = time.perf_counter(), time.process_time()
-        machine = machine_cpu_seconds()
-        finished = await env.wait_depth(env.tx_sink, messages, started)
-        cpu = time.process_time() - cpu
-        machine = machine_cpu_seconds() - machine
+        clock = Clock()
+        clock.stop(await env.wait_depth(env.tx_sink, messages, clock.wall))
         stats = txflow_stats(app)
     finally:
         await app.stop()
@@ -859,9 +949,7 @@ async def run_txflow(env: Env, concurrency: int, messages: int) -> RunResult:
         input_left=await env.depth(queue),
         connections_left=await env.other_connections(),
     )
-    result = _result("txflow", concurrency, messages, finished - started, cpu, checks)
-    result.machine_cpu_ms_per_hop = machine * 1000 / messages
-    return result
+    return clock.result("txflow", concurrency, messages, checks)
 
 
 async def run_baseline(env: Env, concurrency: int, messages: int) -> RunResult:
@@ -875,11 +963,8 @@ async def run_baseline(env: Env, concurrency: int, messages: int) -> RunResult:
         await channel.set_qos(prefetch_count=concurrency)
         queue = await channel.get_queue(env.hw_input, ensure=False)
         tag = await queue.consume(baseline.on_message)
-        started, cpu = time.perf_counter(), time.process_time()
-        machine = machine_cpu_seconds()
-        finished = await env.wait_depth(env.hw_sink, messages, started)
-        cpu = time.process_time() - cpu
-        machine = machine_cpu_seconds() - machine
+        clock = Clock()
+        clock.stop(await env.wait_depth(env.hw_sink, messages, clock.wall))
         # The last hops may still be marking sent and acking: let them finish, untimed.
         await asyncio.wait_for(baseline.settled.wait(), 30)
         await queue.cancel(tag)
@@ -894,9 +979,7 @@ async def run_baseline(env: Env, concurrency: int, messages: int) -> RunResult:
         input_left=await env.depth(env.hw_input),
         connections_left=await env.other_connections(),
     )
-    result = _result("baseline", concurrency, messages, finished - started, cpu, checks)
-    result.machine_cpu_ms_per_hop = machine * 1000 / messages
-    return result
+    return clock.result("baseline", concurrency, messages, checks)
 
 
 async def run_faststream(env: Env, concurrency: int, messages: int) -> RunResult:
@@ -915,11 +998,8 @@ async def run_faststream(env: Env, concurrency: int, messages: int) -> RunResult
     async with side:
         await env.preload(env.fs_input, messages)
         await side.start_consuming()
-        started, cpu = time.perf_counter(), time.process_time()
-        machine = machine_cpu_seconds()
-        finished = await env.wait_depth(env.fs_sink, messages, started)
-        cpu = time.process_time() - cpu
-        machine = machine_cpu_seconds() - machine
+        clock = Clock()
+        clock.stop(await env.wait_depth(env.fs_sink, messages, clock.wall))
         await side.wait_settled(messages)  # the last acks, untimed
         assert side.relay is not None
         stats = {"relay_published": side.relay.published, "relay_polls": side.relay.polls}
@@ -935,9 +1015,7 @@ async def run_faststream(env: Env, concurrency: int, messages: int) -> RunResult
         input_left=await env.depth(env.fs_input),
         connections_left=await env.other_connections(),
     )
-    result = _result("faststream", concurrency, messages, finished - started, cpu, checks)
-    result.machine_cpu_ms_per_hop = machine * 1000 / messages
-    return result
+    return clock.result("faststream", concurrency, messages, checks)
 
 
 def _result(
@@ -1177,12 +1255,12 @@ def _latencies(
     result = LatencyResult(
         side, mode, len(values), cuts[49], cuts[98], values[-1], [round(v, 4) for v in values]
     )
-    confirms = [
-        (arrivals.confirmed[k] - t) * 1000 for k, t in commits.items() if k in arrivals.confirmed
-    ]
-    if len(confirms) == len(values):
-        confirm_cuts = statistics.quantiles(confirms, n=100, method="inclusive")
-        result.confirm_p50_ms, result.confirm_p99_ms = confirm_cuts[49], confirm_cuts[98]
+    for point, times in (("publish", arrivals.published), ("confirm", arrivals.confirmed)):
+        delays = [(times[k] - t) * 1000 for k, t in commits.items() if k in times]
+        if len(delays) == len(values):
+            point_cuts = statistics.quantiles(delays, n=100, method="inclusive")
+            setattr(result, f"{point}_p50_ms", point_cuts[49])
+            setattr(result, f"{point}_p99_ms", point_cuts[98])
     return result
 
 
@@ -1193,10 +1271,11 @@ async def latency_txflow(
     app = env.make_app(1)
     await warm_txflow_pool(app)
     async with app:
-        # The relay's own delay: when its publish of each row was confirmed.
+        # The relay's own delay: when it started to publish each row, and got the confirm.
         publish = app.transport.publish
 
         async def timed_publish(exchange: str, message: Message) -> None:
+            arrivals.published[message.message_id or ""] = time.perf_counter()
             await publish(exchange, message)
             arrivals.confirmed[message.message_id or ""] = time.perf_counter()
 
@@ -1217,6 +1296,7 @@ async def latency_baseline(
     await env.truncate("bench_hw_inbox", "bench_hw_outbox", "bench_hw_items")
     async with AsyncExitStack() as stack:
         baseline, _connection = await Baseline.open(stack, env, 1)
+        baseline.published = arrivals.published
         baseline.confirmed = arrivals.confirmed
         return await measure_latency("baseline", baseline.emit, arrivals, args)
 
@@ -1434,28 +1514,16 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
             ]
             for side in sides
         }
-        cpu = {
-            side: [
-                r.cpu_ms_per_hop for r in runs if r.side == side and r.concurrency == concurrency
-            ]
-            for side in sides
-        }
-        machine = {
-            side: [
-                r.machine_cpu_ms_per_hop
-                for r in runs
-                if r.side == side and r.concurrency == concurrency
-            ]
-            for side in sides
-        }
+        at_level = [r for r in runs if r.concurrency == concurrency]
         row: dict[str, Any] = {
             "concurrency": concurrency,
             "pool": pool_size_for(concurrency),
             "hops_per_second": {s: rates[s] and _summary(rates[s]) for s in sides},
-            "cpu_ms_per_hop": {s: cpu[s] and _summary(cpu[s]) for s in sides},
-            "machine_cpu_ms_per_hop": {s: machine[s] and _summary(machine[s]) for s in sides},
             "ratios": {},
         }
+        for key, figure in CPU_FIGURES.items():
+            figures = {s: [figure(r) for r in at_level if r.side == s] for s in sides}
+            row[key] = {s: figures[s] and _summary(figures[s]) for s in sides}
         line = f"{concurrency:>5}  {pool_size_for(concurrency):>4}"
         line += "".join(f"  {_cell(rates[s]):>21}" for s in sides)
         for a, b in ratios:
@@ -1465,10 +1533,7 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
         out["throughput"].append(row)
         print(line)
     print()
-    for title, key in (
-        ("this Python process", "cpu_ms_per_hop"),
-        ("the whole machine (this process, PostgreSQL, RabbitMQ)", "machine_cpu_ms_per_hop"),
-    ):
+    for key, title in CPU_TITLES.items():
         print(f"CPU time of {title} per hop while the clock ran (ms, median):")
         for row in out["throughput"]:
             cells = ", ".join(f"{s} {row[key][s]['median']:.2f}" for s in sides if row[key][s])
@@ -1510,20 +1575,21 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
                     "p99_ms": _summary([r.p99_ms for r in mine]),
                     "max_ms": _summary([r.max_ms for r in mine]),
                 }
-                confirms = [r for r in mine if r.confirm_p50_ms is not None]
-                if confirms:
-                    row["confirm_p50_ms"] = _summary([r.confirm_p50_ms for r in confirms])  # type: ignore[misc]
-                    row["confirm_p99_ms"] = _summary([r.confirm_p99_ms for r in confirms])  # type: ignore[misc]
+                extra = ""
+                for point in ("publish", "confirm"):
+                    p50s = [getattr(r, f"{point}_p50_ms") for r in mine]
+                    p99s = [getattr(r, f"{point}_p99_ms") for r in mine]
+                    if None in p50s:
+                        continue
+                    row[f"{point}_p50_ms"], row[f"{point}_p99_ms"] = _summary(p50s), _summary(p99s)
+                    extra += (
+                        f"   commit->{point} p50 {_fmt(row[f'{point}_p50_ms'], 2)}, "
+                        f"p99 {_fmt(row[f'{point}_p99_ms'], 2)}"
+                    )
                 out["latency"].append(row)
                 print(
                     f"{mode:>10}  {side:>10}  {mine[0].samples:>7}  "
-                    f"{_fmt(row['p50_ms'], 2):>22}  {_fmt(row['p99_ms'], 2):>22}"
-                    + (
-                        f"   commit->confirm p50 {_fmt(row['confirm_p50_ms'], 2)}, "
-                        f"p99 {_fmt(row['confirm_p99_ms'], 2)}"
-                        if "confirm_p50_ms" in row
-                        else ""
-                    )
+                    f"{_fmt(row['p50_ms'], 2):>22}  {_fmt(row['p99_ms'], 2):>22}" + extra
                 )
             for a, b in ratios:
                 if a not in per_side or b not in per_side:

@@ -33,6 +33,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from hop import service_cpu_seconds, service_cpu_since
 from txflow import Context, Event, TxFlow
 
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -108,14 +109,15 @@ def baseline_unit(pool: asyncpg.Pool) -> Unit:
     return unit
 
 
-async def cpu_per_unit(unit: Unit, count: int) -> float:
-    """Milliseconds of this process's CPU per unit of work, after a warm-up."""
+async def cpu_per_unit(unit: Unit, count: int) -> tuple[float, float]:
+    """Milliseconds of CPU per unit of work, after a warm-up: this process's, PostgreSQL's."""
     for n in range(min(200, count)):
         await unit(n)
-    started = time.process_time()
+    started, before = time.process_time(), service_cpu_seconds()
     for n in range(count):
         await unit(n)
-    return (time.process_time() - started) * 1000 / count
+    server = service_cpu_since(before)["postgresql"]
+    return (time.process_time() - started) * 1000 / count, server * 1000 / count
 
 
 async def _no_reset(_conn: asyncpg.Connection) -> None:
@@ -145,9 +147,12 @@ async def main(args: argparse.Namespace) -> None:
             "txflow orm": txflow_unit(app, write_orm),
         }
         runs: dict[str, list[float]] = {side: [] for side in sides}
+        server: dict[str, list[float]] = {side: [] for side in sides}
         for _ in range(args.repeat):
             for side, unit in sides.items():
-                runs[side].append(await cpu_per_unit(unit, args.count))
+                client_ms, server_ms = await cpu_per_unit(unit, args.count)
+                runs[side].append(client_ms)
+                server[side].append(server_ms)
         await pool.close()
         await app.store.aclose()
     finally:
@@ -157,10 +162,16 @@ async def main(args: argparse.Namespace) -> None:
         f"CPU of this process per unit of work (inbox + business row + outbox row + commit), "
         f"{args.count} in a row, median [min-max] of {args.repeat}; {os.cpu_count()} CPUs"
     )
-    print(f"{'side':<15} {'ms':>18} {'ratio to baseline':>24}")
+    print("and of PostgreSQL's processes (the server's side of the same units)")
+    print(f"{'side':<15} {'client ms':>18} {'ratio':>24} {'server ms':>18} {'ratio':>24}")
     for side, values in runs.items():
         ratios = [v / b for v, b in zip(values, runs["baseline"], strict=True)]
-        print(f"{side:<15} {_cell(values):>18} {_cell(ratios, 'x'):>24}")
+        served = server[side]
+        server_ratios = [v / b for v, b in zip(served, server["baseline"], strict=True)]
+        print(
+            f"{side:<15} {_cell(values):>18} {_cell(ratios, 'x'):>24} "
+            f"{_cell(served):>18} {_cell(server_ratios, 'x'):>24}"
+        )
 
 
 def _cell(values: list[float], unit: str = "") -> str:
