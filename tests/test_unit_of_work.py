@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 import sqlalchemy as sa
@@ -9,7 +11,7 @@ import sqlalchemy as sa
 from tests.conftest import Backend, _admin, settle
 from tests.support import Ping, add_sink, count_rows, effects
 from tests.support import user_metadata as md
-from txflow import Context, TransactionEndedError
+from txflow import Context, Event, TransactionEndedError
 from txflow.store import inbox, outbox
 from txflow.testing import wait_until
 
@@ -198,3 +200,143 @@ async def test_a_failing_first_statement_is_raised_and_leaves_the_pool_usable(
         assert not unit.duplicate
     async with store.transaction(inbox=("h", "m")) as unit:
         assert unit.duplicate
+
+
+class Note(Event):
+    text: str
+
+
+TRICKY_TEXTS = (
+    "o'brien",
+    "back\\slash\\' and \\x00 spelled out",
+    "x'); DROP TABLE txflow_outbox; --",
+    "ünïcødé — \u2028 line separator",
+    "$1 $$dollar$$ ? %s {}",
+)
+
+
+async def test_outbox_rows_keep_every_value_verbatim(backend: Backend) -> None:
+    """Rows go with the COMMIT as literals when small, as bound parameters when large."""
+    app = await backend.app("svc", metadata=md)
+    seen: list[tuple[str, str, dict[str, object]]] = []
+
+    @app.handler(Note)
+    async def record(event: Note, ctx: Context) -> None:
+        assert ctx.envelope is not None
+        headers = {k: v for k, v in ctx.envelope.headers.items() if k.startswith("x-user")}
+        seen.append((ctx.message_id or "", event.text, headers))
+
+    big = "a'b\\c" * 30_000  # 150 kB: past the literal limit, so bound parameters
+    sent: list[tuple[str, str, dict[str, object]]] = []
+    async with app:
+        for i, text in enumerate((*TRICKY_TEXTS, big)):
+            headers: dict[str, str | int | float | bool] = {
+                "x-user-text": text[:200],
+                "x-user-n": i,
+                "x-user-f": 0.5 + i,  # exact in 32 bits: AMQP carries pamqp's floats so
+                "x-user-b": True,
+            }
+            message_id = f"{TRICKY_IDS[i % len(TRICKY_IDS)]}-{i}"
+            async with app.transaction() as tx:
+                tx.emit(Note(text=text), headers=headers, message_id=message_id)
+            sent.append((message_id, text, dict(headers)))
+        await wait_until(lambda: len(seen) == len(sent), message="every note arrives")
+    for got, want in zip(sorted(seen), sorted(sent), strict=True):
+        assert got[0] == want[0]
+        assert got[1] == want[1], got[0]
+        assert got[2] == want[2], got[0]
+
+
+async def test_seqs_follow_emit_order_within_a_transaction_and_never_repeat(
+    backend: Backend,
+) -> None:
+    app = await backend.app("svc", metadata=md)
+
+    async def emit_three(k: int) -> None:
+        async with app.transaction() as tx:
+            for i in range(3):
+                tx.emit(Ping(n=k * 10 + i), message_id=f"t{k}-{i}")
+
+    async with app:
+        await asyncio.gather(*(emit_three(k) for k in range(40)))
+        async with app.store.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(outbox.c.seq, outbox.c.message_id))).all()
+    assert len(rows) == 120
+    assert len({seq for seq, _ in rows}) == 120
+    for k in range(40):
+        seqs = [seq for i in range(3) for seq, mid in rows if mid == f"t{k}-{i}"]
+        assert seqs == sorted(seqs), f"transaction {k}: seqs {seqs} not in emit order"
+
+
+async def test_a_failed_statement_the_handler_caught_fails_the_commit(real: Backend) -> None:
+    """PostgreSQL answers COMMIT of an aborted transaction with a rollback: never a success."""
+    app = await real.app("svc", metadata=md)
+    received = add_sink(app, Ping)
+    async with app:
+        for emit in (False, True):
+            with pytest.raises(TransactionEndedError, match="aborted by a failed statement"):
+                async with app.transaction() as tx:
+                    await _driver_insert(real, tx, "lost")
+                    try:
+                        await tx.driver_connection.execute("SELECT 1 / 0")
+                    except asyncpg.DivisionByZeroError:
+                        pass  # the handler carries on, but the transaction is aborted
+                    if emit:
+                        tx.emit(Ping(n=1))
+        # With a savepoint the handler may carry on after the error, and everything commits.
+        async with app.transaction() as tx:
+            await _driver_insert(real, tx, "kept")
+            await tx.driver_connection.execute("SAVEPOINT maybe")
+            try:
+                await tx.driver_connection.execute("SELECT 1 / 0")
+            except asyncpg.DivisionByZeroError:
+                await tx.driver_connection.execute("ROLLBACK TO SAVEPOINT maybe")
+            tx.emit(Ping(n=2))
+        await wait_until(lambda: len(received) == 1, message="the savepoint's event")
+        assert [e.n for e in received] == [2]  # type: ignore[attr-defined]
+        async with app.store.engine.connect() as conn:
+            rows = set((await conn.execute(sa.select(effects.c.message_id))).scalars())
+        assert rows == {"kept"}
+
+
+async def test_an_outbox_row_refused_at_commit_rolls_back_and_frees_the_connection(
+    real: Backend,
+) -> None:
+    """PostgreSQL checks the row when it arrives with the COMMIT (SQLite has no length limit)."""
+    backend = real
+    app = await backend.app("svc", metadata=md)
+    async with app:
+        pool_size = app.store.pool_size
+        for _ in range(pool_size + 2):  # more tries than connections: none may leak
+            with pytest.raises(Exception, match=r"too long"):
+                async with app.transaction() as tx:
+                    await _driver_insert(backend, tx, "never")
+                    tx.emit(Ping(n=1), message_id="x" * 300)  # the column holds 255
+        assert await count_rows(app, effects) == 0
+        assert await count_rows(app, outbox) == 0
+        async with app.transaction() as tx:
+            await _driver_insert(backend, tx, "after")
+            tx.emit(Ping(n=2))
+        assert await count_rows(app, effects) == 1
+
+
+async def test_a_sequence_reset_under_a_running_app_costs_one_attempt(real: Backend) -> None:
+    """Seqs are taken ahead; after TRUNCATE ... RESTART IDENTITY they may collide once."""
+    app = await real.app("svc", metadata=md, relay=None)
+    async with app:
+        async with app.transaction() as tx:
+            tx.emit(Ping(n=0))
+        async with app.store.engine.begin() as conn:
+            await conn.execute(sa.text("TRUNCATE txflow_outbox RESTART IDENTITY"))
+        failures = 0
+        for n in range(250):  # past two blocks of seqs taken ahead
+            while True:
+                try:
+                    async with app.transaction() as tx:
+                        tx.emit(Ping(n=n))
+                    break
+                except asyncpg.UniqueViolationError:
+                    failures += 1
+                    assert failures <= 1, "the seqs taken ahead were not dropped after a clash"
+        assert failures == 1
+        assert await count_rows(app, outbox) == 250

@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from txflow.store.base import Listener, NotifyCallback, Store
-from txflow.store.postgres_unit import NOTIFY_CHANNEL, begin, checkout, discard
+from txflow.store.postgres_unit import NOTIFY_CHANNEL, OutboxSeqs, begin, checkout, discard
 from txflow.store.unit_of_work import UnitOfWork
 
 log = logging.getLogger("txflow.store")
@@ -42,6 +42,7 @@ class PostgresStore(Store):
     def __init__(self, url: sa.URL, *, pool_size: int = 10) -> None:
         super().__init__(url.set(drivername="postgresql+asyncpg"), pool_size=pool_size)
         self._autocommit: AsyncEngine | None = None
+        self.outbox_seqs = OutboxSeqs()
 
     async def connect(self) -> None:
         await super().connect()

@@ -19,6 +19,8 @@ import asyncio
 import functools
 import json
 import logging
+import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -32,6 +34,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from txflow.errors import DatabaseUnavailableError, TransactionEndedError
 from txflow.store.unit_of_work import (
+    ABORTED_IN_HANDLER,
     ENDED_IN_HANDLER,
     NO_COMMIT_IN_HANDLER,
     UnitOfWork,
@@ -63,25 +66,99 @@ OUTBOX_COLUMNS = (
     "leased_by",
     "publish_attempts",
 )
-# Rows per multi-VALUES insert; more go in several statements.
+# Rows per multi-VALUES insert with bound parameters; more go in several statements.
 MAX_ROWS_PER_INSERT = 100
+# The most characters of outbox rows written as literals together with the COMMIT; larger
+# batches (big bodies, many events) are bound parameters in statements of their own.
+MAX_LITERAL_CHARS = 64 * 1024
+# Outbox seqs taken from the sequence at a time (see `OutboxSeqs`).
+SEQ_BLOCK = 100
 NOTIFY_CHANNEL = "txflow_outbox"
+_OUTBOX_INSERT = "INSERT INTO txflow_outbox (seq, " + ", ".join(OUTBOX_COLUMNS) + ") VALUES "
+_NEXT_SEQS_SQL = (
+    "SELECT nextval(pg_get_serial_sequence('txflow_outbox', 'seq')) "
+    "FROM generate_series(1, $1::int)"
+)
 
 
 @functools.cache
 def outbox_sql(rows: int) -> str:
-    """The INSERT of `rows` outbox rows, returning their seqs."""
-    width = len(OUTBOX_COLUMNS)
+    """The INSERT of `rows` outbox rows, seq first, as bound parameters."""
+    width = len(OUTBOX_COLUMNS) + 1
+    casts = {"headers": "::json"}
     values = ", ".join(
         "("
         + ", ".join(
-            f"${r * width + c + 1}::json" if name == "headers" else f"${r * width + c + 1}"
-            for c, name in enumerate(OUTBOX_COLUMNS)
+            f"${r * width + c + 1}{casts.get(name, '')}"
+            for c, name in enumerate(("seq", *OUTBOX_COLUMNS))
         )
         + ")"
         for r in range(rows)
     )
-    return f"INSERT INTO txflow_outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES {values} RETURNING seq"
+    return _OUTBOX_INSERT + values
+
+
+def _literal(value: object) -> str | None:
+    """`value` as an SQL literal of an outbox column, or None when it cannot be one."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return _quoted(value)
+    if isinstance(value, bytes):
+        # standard_conforming_strings on: the backslash reaches bytea's hex input as is
+        return "'\\x" + value.hex() + "'::bytea"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else None
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return "'" + value.isoformat() + "'::timestamptz"
+    return None
+
+
+def _row_literal(seq: int, row: dict[str, Any]) -> str | None:
+    """One outbox row as `(seq, ...)` literals, or None when a value cannot be a literal."""
+    parts = [str(seq)]
+    for name in OUTBOX_COLUMNS:
+        value = row[name]
+        if name == "headers":
+            text = _quoted(json.dumps(value))
+            literal = None if text is None else text + "::json"
+        else:
+            literal = _literal(value)
+        if literal is None:
+            return None
+        parts.append(literal)
+    return "(" + ", ".join(parts) + ")"
+
+
+class OutboxSeqs:
+    """Outbox seqs taken from the table's sequence a block at a time, for one store.
+
+    A unit of work knows its rows' seqs before it writes them, so the rows can go in the
+    COMMIT's round trip instead of an `INSERT ... RETURNING` of their own. Within one
+    transaction the seqs increase in emit order; across transactions and processes seq
+    order was never commit order (the sequence is not transactional), so nothing relies on it.
+    """
+
+    __slots__ = ("_free",)
+
+    def __init__(self) -> None:
+        self._free: deque[int] = deque()
+
+    async def take(self, count: int, driver: asyncpg.Connection) -> list[int]:
+        while len(self._free) < count:
+            # Other units may take from the block while this one is fetched: loop until enough.
+            fetched = await driver.fetch(_NEXT_SEQS_SQL, max(SEQ_BLOCK, count))
+            self._free.extend(r[0] for r in fetched)
+        # Blocks fetched concurrently may interleave: sorted keeps emit order = seq order.
+        return sorted(self._free.popleft() for _ in range(count))
+
+    def forget(self) -> None:
+        """Drop the seqs taken ahead; the next `take` fetches new ones."""
+        self._free.clear()
 
 
 async def checkout(store: PostgresStore) -> PoolProxiedConnection:
@@ -182,6 +259,15 @@ def connection_lost(exc: BaseException) -> bool:
     return isinstance(sqlstate, str) and sqlstate.startswith(_LOST_SQLSTATES)
 
 
+@contextmanager
+def _aborted_in_handler() -> Iterator[None]:
+    """Say why txflow's statement failed when the handler left the transaction aborted."""
+    try:
+        yield
+    except asyncpg.InFailedSQLTransactionError as exc:
+        raise TransactionEndedError(ABORTED_IN_HANDLER) from exc
+
+
 class _JoinedTransaction:
     """Stands in for the asyncpg transaction SQLAlchemy's adapter would have started."""
 
@@ -204,9 +290,11 @@ class PostgresUnitOfWork(UnitOfWork):
         "_conn",
         "_driver",
         "_ended",
+        "_notify",
         "_pooled",
         "_session",
         "_settled",
+        "_staged",
         "_store",
         "duplicate",
     )
@@ -220,6 +308,9 @@ class PostgresUnitOfWork(UnitOfWork):
         self._ended = False
         # Set once COMMIT or ROLLBACK completed: the connection's state is known again.
         self._settled = False
+        # Outbox rows (seq, row) and a NOTIFY that go with the COMMIT, in one round trip.
+        self._staged: list[tuple[int, dict[str, Any]]] = []
+        self._notify = False
         self.duplicate = False
 
     @property
@@ -282,26 +373,17 @@ class PostgresUnitOfWork(UnitOfWork):
         return bool(status.endswith(" 1"))
 
     async def insert_outbox(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Take seqs for `rows`; the rows are written with the COMMIT, in its round trip."""
         self._check_open()
-        seqs: list[int] = []
-        for start in range(0, len(rows), MAX_ROWS_PER_INSERT):
-            chunk = rows[start : start + MAX_ROWS_PER_INSERT]
-            params: list[Any] = []
-            for row in chunk:
-                for name in OUTBOX_COLUMNS:
-                    value = row[name]
-                    params.append(json.dumps(value) if name == "headers" else value)
-            with self._connection_errors():
-                records = await self._driver.fetch(outbox_sql(len(chunk)), *params)
-            # Identity values are assigned in VALUES order, so sorted seqs match the rows.
-            seqs.extend(sorted(r[0] for r in records))
+        with self._connection_errors(), _aborted_in_handler():
+            seqs = await self._store.outbox_seqs.take(len(rows), self._driver)
+        self._staged.extend(zip(seqs, rows, strict=True))
         return seqs
 
     async def notify(self) -> None:
-        # Delivered by PostgreSQL only when (and if) the transaction commits.
+        # Sent with the COMMIT; PostgreSQL delivers it only when (and if) that commits.
         self._check_open()
-        with self._connection_errors():
-            await self._driver.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+        self._notify = True
 
     async def flush(self) -> None:
         """Write the session's pending ORM changes, if a session was used."""
@@ -309,17 +391,72 @@ class PostgresUnitOfWork(UnitOfWork):
             await self._session.flush()
 
     async def end(self, *, commit: bool) -> None:
-        """COMMIT or ROLLBACK, once. A session's rollback ends the transaction too."""
+        """COMMIT (with the staged outbox rows) or ROLLBACK, once.
+
+        A session's rollback ends the transaction too.
+
+        Raises:
+            TransactionEndedError: COMMIT found the transaction aborted by a failed statement
+                (one the handler caught): PostgreSQL rolled everything back instead.
+        """
         if self._ended:
             return
         if commit:
             self._check_open()
         self._ended = True
-        # ROLLBACK even outside a transaction (PostgreSQL only warns): its answer shows the
-        # connection still works after whatever went wrong.
         with self._connection_errors():
-            await self._driver.execute("COMMIT" if commit else "ROLLBACK")
+            if not commit:
+                # ROLLBACK even outside a transaction (PostgreSQL only warns): its answer
+                # shows the connection still works after whatever went wrong.
+                await self._driver.execute("ROLLBACK")
+                self._settled = True
+                return
+            try:
+                with _aborted_in_handler():
+                    status = await self._commit()
+            except Exception as exc:
+                if self._staged:
+                    # Should the sequence have been reset under us (a TRUNCATE ... RESTART
+                    # IDENTITY), the seqs taken ahead may collide: take fresh ones next time.
+                    self._store.outbox_seqs.forget()
+                if connection_lost(exc):
+                    raise
+                # A staged row was refused (e.g. a value too long), or the transaction was
+                # aborted before: it is still open; end it so the connection can be pooled.
+                try:
+                    await self._driver.execute("ROLLBACK")
+                except Exception as rollback_exc:  # the connection is discarded on release
+                    log.debug("rollback after a failed commit failed: %r", rollback_exc)
+                else:
+                    self._settled = True
+                raise
         self._settled = True
+        if status != "COMMIT":
+            raise TransactionEndedError(ABORTED_IN_HANDLER)
+
+    async def _commit(self) -> str:
+        """Write the staged rows and the NOTIFY, COMMIT; the COMMIT's status."""
+        staged = self._staged
+        tail = f"NOTIFY {NOTIFY_CHANNEL}; COMMIT" if self._notify else "COMMIT"
+        if not staged:
+            return str(await self._driver.execute(tail))
+        if self._driver.get_settings().standard_conforming_strings == "on":
+            literals = [
+                literal for seq, row in staged if (literal := _row_literal(seq, row)) is not None
+            ]
+            if len(literals) == len(staged) and sum(map(len, literals)) <= MAX_LITERAL_CHARS:
+                query = _OUTBOX_INSERT + ", ".join(literals) + "; " + tail
+                return str(await self._driver.execute(query))
+        for start in range(0, len(staged), MAX_ROWS_PER_INSERT):
+            chunk = staged[start : start + MAX_ROWS_PER_INSERT]
+            params: list[Any] = []
+            for seq, row in chunk:
+                params.append(seq)
+                for name in OUTBOX_COLUMNS:
+                    value = row[name]
+                    params.append(json.dumps(value) if name == "headers" else value)
+            await self._driver.execute(outbox_sql(len(chunk)), *params)
+        return str(await self._driver.execute(tail))
 
     async def release(self) -> None:
         """Return the connection to the pool, or discard it when its state is in doubt.

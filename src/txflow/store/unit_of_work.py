@@ -63,7 +63,10 @@ class UnitOfWork(abc.ABC):
 
     @abc.abstractmethod
     async def insert_outbox(self, rows: Sequence[dict[str, Any]]) -> list[int]:
-        """Insert outbox rows in order and return their sequence numbers."""
+        """Add outbox rows to the transaction in order and return their sequence numbers.
+
+        The rows are written no later than the COMMIT (PostgreSQL sends them with it).
+        """
 
     async def notify(self) -> None:  # noqa: B027 - optional hook
         """Ask relays in other processes to look at the outbox once this transaction commits."""
@@ -178,6 +181,12 @@ def _rollback_driver(conn: Connection) -> None:
 NO_COMMIT_IN_HANDLER = (
     "a handler must not commit txflow's transaction; txflow commits it after the handler "
     "returns (session.commit() inside a handler only flushes)"
+)
+ABORTED_IN_HANDLER = (
+    "the transaction was aborted by a failed statement inside the handler (an error it "
+    "caught), so PostgreSQL rolled it back instead of committing; the attempt fails. Wrap "
+    "statements that may fail in a savepoint (`async with conn.transaction():` on the "
+    "driver connection, `session.begin_nested()`) to carry on after their errors"
 )
 ENDED_IN_HANDLER = (
     "txflow's transaction was ended inside the handler (a rollback of the session, or a "
