@@ -187,6 +187,14 @@ def headline(results: dict[str, Any]) -> list[str]:
                     if r["mode"] == mode
                 ]
                 lines.append(f"  {mode:>9}: " + ";  ".join(cells))
+                relay = [
+                    f"{r['side']} {r['publish_p50_ms']['median']:.2f} / "
+                    f"{r['publish_p99_ms']['median']:.2f}"
+                    for r in s["latency"]
+                    if r["mode"] == mode and "publish_p50_ms" in r
+                ]
+                if relay:
+                    lines.append(f"  {'':>9}  commit -> publish: " + ";  ".join(relay))
                 for r in s["latency_ratios"]:
                     if r["mode"] == mode:
                         lines.append(
