@@ -27,6 +27,7 @@ from txflow.config import open_transport
 from txflow.errors import mask_url
 from txflow.messages import CAUSATION_HEADER, decode, encode
 from txflow.retry import Outcome
+from txflow.store.postgres_sql import MAX_ROWS_PER_INSERT, OUTBOX_COLUMNS, commit_statements
 
 
 class Renamed(Event):
@@ -268,3 +269,59 @@ async def test_running_counters_are_logged_every_stats_interval(
         await wait_until(lambda: any("handled=2 " in m for m in running_lines()))
     final = [r.getMessage() for r in caplog.records if r.getMessage().startswith("counting stats:")]
     assert len(final) == 1 and "handled=2 duplicates=0 " in final[0]
+
+
+def _outbox_row(**overrides: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "message_id": "m'1",
+        "event_type": "Ping",
+        "correlation_id": "c",
+        "causation_id": None,
+        "headers": {"x-note": "it's"},
+        "body": b'{"n": 1}',
+        "created_at": datetime(2026, 11, 22, tzinfo=UTC),
+        "lease_until": 1.5,
+        "leased_by": "relay",
+        "publish_attempts": 1,
+    }
+    row.update(overrides)
+    return row
+
+
+def test_outbox_rows_go_with_the_commit_as_literals_when_they_can() -> None:
+    [(sql, params)] = commit_statements([(7, _outbox_row())], "COMMIT", literals=True)
+    assert params == ()
+    assert sql.startswith("INSERT INTO txflow_outbox (seq, message_id,")
+    assert sql.endswith("; COMMIT")
+    assert "(7, 'm''1', 'Ping', 'c', NULL, '{\"x-note\": \"it''s\"}'::json" in sql
+    assert "'\\x7b226e223a20317d'::bytea" in sql
+    assert "'2026-11-22T00:00:00+00:00'::timestamptz, 1.5, 'relay', 1)" in sql
+
+
+@pytest.mark.parametrize(
+    ("staged", "literals"),
+    [
+        ([(1, _outbox_row())], False),  # standard_conforming_strings off
+        ([(1, _outbox_row(correlation_id="nul\x00"))], True),
+        ([(1, _outbox_row(body=b"x" * 40_000))], True),  # over the literal limit as hex
+    ],
+    ids=["quoting-unsafe", "nul-character", "large"],
+)
+def test_outbox_rows_that_cannot_be_literals_are_bound(
+    staged: list[tuple[int, dict[str, object]]], literals: bool
+) -> None:
+    statements = commit_statements(staged, "NOTIFY txflow_outbox; COMMIT", literals=literals)
+    assert [sql for sql, _ in statements][-1] == "NOTIFY txflow_outbox; COMMIT"
+    [(sql, params)] = statements[:-1]
+    assert "$1" in sql and "'" not in sql
+    assert len(params) == len(OUTBOX_COLUMNS) + 1
+    assert params[0] == 1
+
+
+def test_many_bound_outbox_rows_go_in_chunks_in_seq_order() -> None:
+    staged = [(seq, _outbox_row()) for seq in range(1, 2 * MAX_ROWS_PER_INSERT + 2)]
+    statements = commit_statements(staged, "COMMIT", literals=False)
+    assert len(statements) == 4  # three inserts, then the COMMIT
+    width = len(staged[0][1]) + 1
+    seqs = [params[i] for _, params in statements[:-1] for i in range(0, len(params), width)]
+    assert seqs == [seq for seq, _ in staged]

@@ -1,10 +1,11 @@
 """PostgreSQL's unit of work: txflow's statements straight on asyncpg, SQLAlchemy on demand.
 
-Every hop runs BEGIN, the inbox insert, the handler, the outbox insert and COMMIT. Through
-SQLAlchemy's session each of those costs several times the driver's own work (greenlet hops,
-statement and result machinery), so txflow runs its own statements on the asyncpg connection
-of a connection checked out from SQLAlchemy's pool, and builds a session over that same
-connection and transaction only when the handler asks for `session`.
+Every hop runs BEGIN with the inbox insert, the handler, then the outbox insert with COMMIT
+(two round trips of txflow's own; the SQL is in `postgres_sql`). Through SQLAlchemy's session
+each statement costs several times the driver's own work (greenlet hops, statement and result
+machinery), so txflow runs its own statements on the asyncpg connection of a connection
+checked out from SQLAlchemy's pool, and builds a session over that same connection and
+transaction only when the handler asks for `session`.
 
 Who ends the transaction: only txflow, with COMMIT or ROLLBACK on the driver. A session joins
 through a stand-in for SQLAlchemy's asyncpg transaction object: SQLAlchemy asks it to roll
@@ -16,11 +17,7 @@ rollback, a transaction someone else opened) is closed, never pooled again.
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
-import math
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -33,6 +30,12 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from txflow.errors import DatabaseUnavailableError, TransactionEndedError
+from txflow.store.postgres_sql import (
+    INBOX_SQL,
+    NOTIFY_CHANNEL,
+    begin_with_inbox,
+    commit_statements,
+)
 from txflow.store.unit_of_work import (
     ABORTED_IN_HANDLER,
     ENDED_IN_HANDLER,
@@ -45,120 +48,6 @@ if TYPE_CHECKING:
     from txflow.store.postgres import PostgresStore
 
 log = logging.getLogger("txflow.store")
-
-_BEGIN_WITH_INBOX = (
-    "BEGIN; INSERT INTO txflow_inbox (handler, message_id, processed_at) VALUES ({}, {}, now()) "
-    "ON CONFLICT DO NOTHING"
-)
-INBOX_SQL = (
-    "INSERT INTO txflow_inbox (handler, message_id, processed_at) VALUES ($1, $2, $3) "
-    "ON CONFLICT DO NOTHING"
-)
-OUTBOX_COLUMNS = (
-    "message_id",
-    "event_type",
-    "correlation_id",
-    "causation_id",
-    "headers",
-    "body",
-    "created_at",
-    "lease_until",
-    "leased_by",
-    "publish_attempts",
-)
-# Rows per multi-VALUES insert with bound parameters; more go in several statements.
-MAX_ROWS_PER_INSERT = 100
-# The most characters of outbox rows written as literals together with the COMMIT; larger
-# batches (big bodies, many events) are bound parameters in statements of their own.
-MAX_LITERAL_CHARS = 64 * 1024
-# Outbox seqs taken from the sequence at a time (see `OutboxSeqs`).
-SEQ_BLOCK = 100
-NOTIFY_CHANNEL = "txflow_outbox"
-_OUTBOX_INSERT = "INSERT INTO txflow_outbox (seq, " + ", ".join(OUTBOX_COLUMNS) + ") VALUES "
-_NEXT_SEQS_SQL = (
-    "SELECT nextval(pg_get_serial_sequence('txflow_outbox', 'seq')) "
-    "FROM generate_series(1, $1::int)"
-)
-
-
-@functools.cache
-def outbox_sql(rows: int) -> str:
-    """The INSERT of `rows` outbox rows, seq first, as bound parameters."""
-    width = len(OUTBOX_COLUMNS) + 1
-    casts = {"headers": "::json"}
-    values = ", ".join(
-        "("
-        + ", ".join(
-            f"${r * width + c + 1}{casts.get(name, '')}"
-            for c, name in enumerate(("seq", *OUTBOX_COLUMNS))
-        )
-        + ")"
-        for r in range(rows)
-    )
-    return _OUTBOX_INSERT + values
-
-
-def _literal(value: object) -> str | None:
-    """`value` as an SQL literal of an outbox column, or None when it cannot be one."""
-    if value is None:
-        return "NULL"
-    if isinstance(value, str):
-        return _quoted(value)
-    if isinstance(value, bytes):
-        # standard_conforming_strings on: the backslash reaches bytea's hex input as is
-        return "'\\x" + value.hex() + "'::bytea"
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else None
-    if isinstance(value, datetime) and value.tzinfo is not None:
-        return "'" + value.isoformat() + "'::timestamptz"
-    return None
-
-
-def _row_literal(seq: int, row: dict[str, Any]) -> str | None:
-    """One outbox row as `(seq, ...)` literals, or None when a value cannot be a literal."""
-    parts = [str(seq)]
-    for name in OUTBOX_COLUMNS:
-        value = row[name]
-        if name == "headers":
-            text = _quoted(json.dumps(value))
-            literal = None if text is None else text + "::json"
-        else:
-            literal = _literal(value)
-        if literal is None:
-            return None
-        parts.append(literal)
-    return "(" + ", ".join(parts) + ")"
-
-
-class OutboxSeqs:
-    """Outbox seqs taken from the table's sequence a block at a time, for one store.
-
-    A unit of work knows its rows' seqs before it writes them, so the rows can go in the
-    COMMIT's round trip instead of an `INSERT ... RETURNING` of their own. Within one
-    transaction the seqs increase in emit order; across transactions and processes seq
-    order was never commit order (the sequence is not transactional), so nothing relies on it.
-    """
-
-    __slots__ = ("_free",)
-
-    def __init__(self) -> None:
-        self._free: deque[int] = deque()
-
-    async def take(self, count: int, driver: asyncpg.Connection) -> list[int]:
-        while len(self._free) < count:
-            # Other units may take from the block while this one is fetched: loop until enough.
-            fetched = await driver.fetch(_NEXT_SEQS_SQL, max(SEQ_BLOCK, count))
-            self._free.extend(r[0] for r in fetched)
-        # Blocks fetched concurrently may interleave: sorted keeps emit order = seq order.
-        return sorted(self._free.popleft() for _ in range(count))
-
-    def forget(self) -> None:
-        """Drop the seqs taken ahead; the next `take` fetches new ones."""
-        self._free.clear()
 
 
 async def checkout(store: PostgresStore) -> PoolProxiedConnection:
@@ -218,17 +107,6 @@ async def begin(store: PostgresStore, inbox: tuple[str, str] | None) -> Postgres
     raise DatabaseUnavailableError(
         f"no pooled connection to {store.masked_url} could begin a transaction: {error!r}"
     )
-
-
-def _quoted(value: str) -> str | None:
-    """`value` as an SQL string literal, or None when it cannot be one (a NUL character).
-
-    Only valid with standard_conforming_strings on (PostgreSQL's default since 9.1), where a
-    backslash is an ordinary character and a quote is the only one to escape.
-    """
-    if "\x00" in value:
-        return None
-    return "'" + value.replace("'", "''") + "'"
 
 
 def discard(pooled: PoolProxiedConnection) -> None:
@@ -355,12 +233,12 @@ class PostgresUnitOfWork(UnitOfWork):
         """BEGIN, and the inbox row when `inbox` = (handler, message id) is given.
 
         Both go in one round trip when they can: a simple-query "BEGIN; INSERT ...", the
-        values quoted as literals (see `_quoted`), which saves one of the hop's five trips.
+        values quoted as literals (see `postgres_sql`), which saves a round trip.
         """
-        if inbox is not None and self._driver.get_settings().standard_conforming_strings == "on":
-            handler, message_id = (_quoted(v) for v in inbox)
-            if handler is not None and message_id is not None:
-                status = await self._driver.execute(_BEGIN_WITH_INBOX.format(handler, message_id))
+        if inbox is not None and self._literals_allowed():
+            query = begin_with_inbox(*inbox)
+            if query is not None:
+                status = await self._driver.execute(query)
                 self.duplicate = not status.endswith(" 1")
                 return
         await self._driver.execute("BEGIN")
@@ -436,27 +314,15 @@ class PostgresUnitOfWork(UnitOfWork):
 
     async def _commit(self) -> str:
         """Write the staged rows and the NOTIFY, COMMIT; the COMMIT's status."""
-        staged = self._staged
         tail = f"NOTIFY {NOTIFY_CHANNEL}; COMMIT" if self._notify else "COMMIT"
-        if not staged:
-            return str(await self._driver.execute(tail))
-        if self._driver.get_settings().standard_conforming_strings == "on":
-            literals = [
-                literal for seq, row in staged if (literal := _row_literal(seq, row)) is not None
-            ]
-            if len(literals) == len(staged) and sum(map(len, literals)) <= MAX_LITERAL_CHARS:
-                query = _OUTBOX_INSERT + ", ".join(literals) + "; " + tail
-                return str(await self._driver.execute(query))
-        for start in range(0, len(staged), MAX_ROWS_PER_INSERT):
-            chunk = staged[start : start + MAX_ROWS_PER_INSERT]
-            params: list[Any] = []
-            for seq, row in chunk:
-                params.append(seq)
-                for name in OUTBOX_COLUMNS:
-                    value = row[name]
-                    params.append(json.dumps(value) if name == "headers" else value)
-            await self._driver.execute(outbox_sql(len(chunk)), *params)
-        return str(await self._driver.execute(tail))
+        status = ""
+        for sql, params in commit_statements(self._staged, tail, literals=self._literals_allowed()):
+            status = await self._driver.execute(sql, *params)
+        return status
+
+    def _literals_allowed(self) -> bool:
+        """Whether values may be quoted into the SQL (see `txflow.store.postgres_sql`)."""
+        return bool(self._driver.get_settings().standard_conforming_strings == "on")
 
     async def release(self) -> None:
         """Return the connection to the pool, or discard it when its state is in doubt.

@@ -1,0 +1,182 @@
+"""The SQL txflow's PostgreSQL unit of work sends, and how values become part of it.
+
+txflow's own statements of a hop travel in two round trips: `BEGIN; INSERT INTO
+txflow_inbox ...` before the handler, `INSERT INTO txflow_outbox ...; COMMIT` after it. Both
+are simple queries with the values as SQL literals, which is safe only while the connection's
+standard_conforming_strings is on (PostgreSQL's default since 9.1): a backslash is then an
+ordinary character and a quote the only one to escape. Otherwise, and for values that cannot
+be literals, the same rows go as bound parameters in statements of their own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections import deque
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+_BEGIN_WITH_INBOX = (
+    "BEGIN; INSERT INTO txflow_inbox (handler, message_id, processed_at) VALUES ({}, {}, now()) "
+    "ON CONFLICT DO NOTHING"
+)
+INBOX_SQL = (
+    "INSERT INTO txflow_inbox (handler, message_id, processed_at) VALUES ($1, $2, $3) "
+    "ON CONFLICT DO NOTHING"
+)
+OUTBOX_COLUMNS = (
+    "message_id",
+    "event_type",
+    "correlation_id",
+    "causation_id",
+    "headers",
+    "body",
+    "created_at",
+    "lease_until",
+    "leased_by",
+    "publish_attempts",
+)
+# Rows per multi-VALUES insert with bound parameters; more go in several statements.
+MAX_ROWS_PER_INSERT = 100
+# The most characters of outbox rows written as literals together with the COMMIT; larger
+# batches (big bodies, many events) are bound parameters in statements of their own.
+MAX_LITERAL_CHARS = 64 * 1024
+# Outbox seqs taken from the sequence at a time (see `OutboxSeqs`).
+SEQ_BLOCK = 100
+NOTIFY_CHANNEL = "txflow_outbox"
+_OUTBOX_INSERT = "INSERT INTO txflow_outbox (seq, " + ", ".join(OUTBOX_COLUMNS) + ") VALUES "
+_NEXT_SEQS_SQL = (
+    "SELECT nextval(pg_get_serial_sequence('txflow_outbox', 'seq')) "
+    "FROM generate_series(1, $1::int)"
+)
+
+# A statement and its bound parameters; none means a simple query (several statements).
+Statement = tuple[str, Sequence[Any]]
+
+
+def quoted(value: str) -> str | None:
+    """`value` as an SQL string literal, or None when it cannot be one (a NUL character)."""
+    if "\x00" in value:
+        return None
+    return "'" + value.replace("'", "''") + "'"
+
+
+def begin_with_inbox(handler: str, message_id: str) -> str | None:
+    """`BEGIN; INSERT` of the inbox row as one simple query, or None if a value cannot be."""
+    handler_literal, message_id_literal = quoted(handler), quoted(message_id)
+    if handler_literal is None or message_id_literal is None:
+        return None
+    return _BEGIN_WITH_INBOX.format(handler_literal, message_id_literal)
+
+
+@functools.cache
+def outbox_sql(rows: int) -> str:
+    """The INSERT of `rows` outbox rows, seq first, as bound parameters."""
+    width = len(OUTBOX_COLUMNS) + 1
+    casts = {"headers": "::json"}
+    values = ", ".join(
+        "("
+        + ", ".join(
+            f"${r * width + c + 1}{casts.get(name, '')}"
+            for c, name in enumerate(("seq", *OUTBOX_COLUMNS))
+        )
+        + ")"
+        for r in range(rows)
+    )
+    return _OUTBOX_INSERT + values
+
+
+def commit_statements(
+    staged: Sequence[tuple[int, dict[str, Any]]], tail: str, *, literals: bool
+) -> list[Statement]:
+    """What writes the `staged` (seq, row) outbox rows and then runs `tail` (the COMMIT).
+
+    One simple query when `literals` is allowed (standard_conforming_strings on) and every
+    value can be a literal within `MAX_LITERAL_CHARS`; otherwise bound inserts, then `tail`.
+    """
+    if not staged:
+        return [(tail, ())]
+    if literals:
+        rows = [text for seq, row in staged if (text := _row_literal(seq, row)) is not None]
+        if len(rows) == len(staged) and sum(map(len, rows)) <= MAX_LITERAL_CHARS:
+            return [(_OUTBOX_INSERT + ", ".join(rows) + "; " + tail, ())]
+    statements: list[Statement] = []
+    for start in range(0, len(staged), MAX_ROWS_PER_INSERT):
+        chunk = staged[start : start + MAX_ROWS_PER_INSERT]
+        params: list[Any] = []
+        for seq, row in chunk:
+            params.append(seq)
+            for name in OUTBOX_COLUMNS:
+                value = row[name]
+                params.append(json.dumps(value) if name == "headers" else value)
+        statements.append((outbox_sql(len(chunk)), params))
+    statements.append((tail, ()))
+    return statements
+
+
+def _literal(value: object) -> str | None:
+    """`value` as an SQL literal of an outbox column, or None when it cannot be one."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return quoted(value)
+    if isinstance(value, bytes):
+        # standard_conforming_strings on: the backslash reaches bytea's hex input as is
+        return "'\\x" + value.hex() + "'::bytea"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else None
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return "'" + value.isoformat() + "'::timestamptz"
+    return None
+
+
+def _row_literal(seq: int, row: dict[str, Any]) -> str | None:
+    """One outbox row as `(seq, ...)` literals, or None when a value cannot be a literal."""
+    parts = [str(seq)]
+    for name in OUTBOX_COLUMNS:
+        value = row[name]
+        if name == "headers":
+            text = quoted(json.dumps(value))
+            literal = None if text is None else text + "::json"
+        else:
+            literal = _literal(value)
+        if literal is None:
+            return None
+        parts.append(literal)
+    return "(" + ", ".join(parts) + ")"
+
+
+class OutboxSeqs:
+    """Outbox seqs taken from the table's sequence a block at a time, for one store.
+
+    A unit of work knows its rows' seqs before it writes them, so the rows can go in the
+    COMMIT's round trip instead of an `INSERT ... RETURNING` of their own. Within one
+    transaction the seqs increase in emit order; across transactions and processes seq
+    order was never commit order (the sequence is not transactional), so nothing relies on it.
+    """
+
+    __slots__ = ("_free",)
+
+    def __init__(self) -> None:
+        self._free: deque[int] = deque()
+
+    async def take(self, count: int, driver: asyncpg.Connection) -> list[int]:
+        """`count` unused seqs in increasing order, fetched on `driver` when too few are left."""
+        while len(self._free) < count:
+            # Other units may take from the block while this one is fetched: loop until enough.
+            fetched = await driver.fetch(_NEXT_SEQS_SQL, max(SEQ_BLOCK, count))
+            self._free.extend(r[0] for r in fetched)
+        # Blocks fetched concurrently may interleave: sorted keeps emit order = seq order.
+        return sorted(self._free.popleft() for _ in range(count))
+
+    def forget(self) -> None:
+        """Drop the seqs taken ahead; the next `take` fetches new ones."""
+        self._free.clear()
