@@ -483,18 +483,21 @@ class Clock:
         return result
 
 
-# The CPU figures of a run reported per hop, and how the report names them.
-CPU_FIGURES: dict[str, Callable[[RunResult], float]] = {
-    "cpu_ms_per_hop": lambda r: r.cpu_ms_per_hop,
-    "machine_cpu_ms_per_hop": lambda r: r.machine_cpu_ms_per_hop,
-    "postgresql_cpu_ms_per_hop": lambda r: r.service_cpu_ms_per_hop.get("postgresql", 0.0),
-    "rabbitmq_cpu_ms_per_hop": lambda r: r.service_cpu_ms_per_hop.get("rabbitmq", 0.0),
-}
-CPU_TITLES = {
-    "cpu_ms_per_hop": "this Python process",
-    "machine_cpu_ms_per_hop": "the whole machine (this process, PostgreSQL, RabbitMQ)",
-    "postgresql_cpu_ms_per_hop": "PostgreSQL's processes",
-    "rabbitmq_cpu_ms_per_hop": "RabbitMQ's processes",
+# The CPU figures of a run reported per hop: how the report names each, and where it is.
+CPU_FIGURES: dict[str, tuple[str, Callable[[RunResult], float]]] = {
+    "cpu_ms_per_hop": ("this Python process", lambda r: r.cpu_ms_per_hop),
+    "machine_cpu_ms_per_hop": (
+        "the whole machine (this process, PostgreSQL, RabbitMQ)",
+        lambda r: r.machine_cpu_ms_per_hop,
+    ),
+    "postgresql_cpu_ms_per_hop": (
+        "PostgreSQL's processes",
+        lambda r: r.service_cpu_ms_per_hop.get("postgresql", 0.0),
+    ),
+    "rabbitmq_cpu_ms_per_hop": (
+        "RabbitMQ's processes",
+        lambda r: r.service_cpu_ms_per_hop.get("rabbitmq", 0.0),
+    ),
 }
 
 
@@ -1521,7 +1524,7 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
             "hops_per_second": {s: rates[s] and _summary(rates[s]) for s in sides},
             "ratios": {},
         }
-        for key, figure in CPU_FIGURES.items():
+        for key, (_title, figure) in CPU_FIGURES.items():
             figures = {s: [figure(r) for r in at_level if r.side == s] for s in sides}
             row[key] = {s: figures[s] and _summary(figures[s]) for s in sides}
         line = f"{concurrency:>5}  {pool_size_for(concurrency):>4}"
@@ -1533,7 +1536,7 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
         out["throughput"].append(row)
         print(line)
     print()
-    for key, title in CPU_TITLES.items():
+    for key, (title, _figure) in CPU_FIGURES.items():
         print(f"CPU time of {title} per hop while the clock ran (ms, median):")
         for row in out["throughput"]:
             cells = ", ".join(f"{s} {row[key][s]['median']:.2f}" for s in sides if row[key][s])
