@@ -299,6 +299,32 @@ async def test_a_failed_statement_the_handler_caught_fails_the_commit(real: Back
         assert rows == {"kept"}
 
 
+async def test_a_handler_that_swallows_a_failed_statement_is_retried_not_acked(
+    real: Backend,
+) -> None:
+    """Ack after commit: a delivery whose COMMIT PostgreSQL turned into a rollback is retried."""
+    app = await real.app("svc", metadata=md)
+    runs: list[int] = []
+
+    @app.handler(Ping)
+    async def write(event: Ping, ctx: Context) -> None:
+        runs.append(event.n)
+        await _driver_insert(real, ctx, f"m{event.n}")
+        if len(runs) == 1:
+            try:
+                await ctx.driver_connection.execute("SELECT 1 / 0")
+            except asyncpg.DivisionByZeroError:
+                pass  # swallowed: the transaction is aborted all the same
+
+    async with app:
+        await app.publish(Ping(n=1))
+        consumer = app.consumers[0]
+        await wait_until(lambda: consumer.stats.handled == 1, message="handled on retry")
+        assert runs == [1, 1]
+        assert consumer.stats.retried == 1
+        assert await count_rows(app, effects) == 1
+
+
 async def test_an_outbox_row_refused_at_commit_rolls_back_and_frees_the_connection(
     real: Backend,
 ) -> None:

@@ -283,42 +283,44 @@ class PostgresUnitOfWork(UnitOfWork):
             self._check_open()
         self._ended = True
         with self._connection_errors():
-            if not commit:
+            if commit:
+                status = await self._commit()
+            else:
                 # ROLLBACK even outside a transaction (PostgreSQL only warns): its answer
                 # shows the connection still works after whatever went wrong.
-                await self._driver.execute("ROLLBACK")
-                self._settled = True
-                return
-            try:
-                with _aborted_in_handler():
-                    status = await self._commit()
-            except Exception as exc:
-                if self._staged:
-                    # Should the sequence have been reset under us (a TRUNCATE ... RESTART
-                    # IDENTITY), the seqs taken ahead may collide: take fresh ones next time.
-                    self._store.outbox_seqs.forget()
-                if connection_lost(exc):
-                    raise
-                # A staged row was refused (e.g. a value too long), or the transaction was
-                # aborted before: it is still open; end it so the connection can be pooled.
-                try:
-                    await self._driver.execute("ROLLBACK")
-                except Exception as rollback_exc:  # the connection is discarded on release
-                    log.debug("rollback after a failed commit failed: %r", rollback_exc)
-                else:
-                    self._settled = True
-                raise
+                status = await self._driver.execute("ROLLBACK")
         self._settled = True
-        if status != "COMMIT":
+        if commit and status != "COMMIT":
             raise TransactionEndedError(ABORTED_IN_HANDLER)
 
     async def _commit(self) -> str:
         """Write the staged rows and the NOTIFY, COMMIT; the COMMIT's status."""
         tail = f"NOTIFY {NOTIFY_CHANNEL}; COMMIT" if self._notify else "COMMIT"
         status = ""
-        for sql, params in commit_statements(self._staged, tail, literals=self._literals_allowed()):
-            status = await self._driver.execute(sql, *params)
+        try:
+            with _aborted_in_handler():
+                staged = commit_statements(self._staged, tail, literals=self._literals_allowed())
+                for sql, params in staged:
+                    status = await self._driver.execute(sql, *params)
+        except Exception as exc:
+            if isinstance(exc, asyncpg.UniqueViolationError):
+                # Seqs taken ahead clash with rows written after the sequence was reset
+                # under us (TRUNCATE ... RESTART IDENTITY): take fresh ones next time.
+                self._store.outbox_seqs.forget()
+            if not connection_lost(exc):
+                # A staged row was refused, or the handler left the transaction aborted: it
+                # is still open; end it so the connection can be pooled again.
+                await self._roll_back_quietly()
+            raise
         return status
+
+    async def _roll_back_quietly(self) -> None:
+        try:
+            await self._driver.execute("ROLLBACK")
+        except Exception as exc:  # the connection is discarded on release
+            log.debug("rollback after a failed commit failed: %r", exc)
+        else:
+            self._settled = True
 
     def _literals_allowed(self) -> bool:
         """Whether values may be quoted into the SQL (see `txflow.store.postgres_sql`)."""
