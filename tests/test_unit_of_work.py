@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -109,6 +110,16 @@ async def test_driver_statements_commit_and_roll_back_with_the_unit_of_work(
 
 
 async def test_a_handler_writing_through_the_driver_is_effectively_once(backend: Backend) -> None:
+    async def fail(ctx: Context) -> None:
+        raise Boom  # the first attempt's row must roll back
+
+    await _first_attempt_rolls_back_and_is_retried(backend, fail)
+
+
+async def _first_attempt_rolls_back_and_is_retried(
+    backend: Backend, first_attempt: Callable[[Context], Awaitable[None]]
+) -> None:
+    """A handler writes a row, then `first_attempt` spoils its first try: one row in the end."""
     app = await backend.app("svc", metadata=md)
     runs: list[int] = []
 
@@ -117,7 +128,7 @@ async def test_a_handler_writing_through_the_driver_is_effectively_once(backend:
         runs.append(event.n)
         await _driver_insert(backend, ctx, f"m{event.n}")
         if len(runs) == 1:
-            raise Boom  # the first attempt's row must roll back
+            await first_attempt(ctx)
 
     async with app:
         await app.publish(Ping(n=1))
@@ -303,26 +314,14 @@ async def test_a_handler_that_swallows_a_failed_statement_is_retried_not_acked(
     real: Backend,
 ) -> None:
     """Ack after commit: a delivery whose COMMIT PostgreSQL turned into a rollback is retried."""
-    app = await real.app("svc", metadata=md)
-    runs: list[int] = []
 
-    @app.handler(Ping)
-    async def write(event: Ping, ctx: Context) -> None:
-        runs.append(event.n)
-        await _driver_insert(real, ctx, f"m{event.n}")
-        if len(runs) == 1:
-            try:
-                await ctx.driver_connection.execute("SELECT 1 / 0")
-            except asyncpg.DivisionByZeroError:
-                pass  # swallowed: the transaction is aborted all the same
+    async def swallow(ctx: Context) -> None:
+        try:
+            await ctx.driver_connection.execute("SELECT 1 / 0")
+        except asyncpg.DivisionByZeroError:
+            pass  # swallowed: the transaction is aborted all the same
 
-    async with app:
-        await app.publish(Ping(n=1))
-        consumer = app.consumers[0]
-        await wait_until(lambda: consumer.stats.handled == 1, message="handled on retry")
-        assert runs == [1, 1]
-        assert consumer.stats.retried == 1
-        assert await count_rows(app, effects) == 1
+    await _first_attempt_rolls_back_and_is_retried(real, swallow)
 
 
 async def test_an_outbox_row_refused_at_commit_rolls_back_and_frees_the_connection(
