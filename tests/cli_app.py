@@ -23,3 +23,19 @@ async def record(event: Ping, ctx: Context) -> None:
 
 
 not_an_app = 42
+
+
+class _CrashingApp(TxFlow):
+    """An app whose own start-up code fails each time, after txflow connected."""
+
+    async def start(self) -> None:
+        await super().start()
+        raise RuntimeError("the app's own code failed right after starting")
+
+
+def crashing_app() -> TxFlow:
+    return _CrashingApp(
+        "crashapp",
+        exchange=os.environ.get("TEST_EXCHANGE", "txflow.events"),
+        queue_prefix=os.environ.get("TEST_QUEUE_PREFIX", ""),
+    )

@@ -41,13 +41,14 @@ async def txflow(*args: str, env: dict[str, str] | None = None) -> tuple[int, st
         (["run", "tests.cli_app:app", "--database", "mysql://u@h/db"], 2, "unsupported database"),
         (["run", "tests.cli_app:app", "--workers", "2"], 2, "--workers > 1 needs a real broker"),
         (
-            ["run", "tests.cli_app:app", "--broker", "amqp://guest:s3cret@127.0.0.1:1/"],
-            1,
+            ["run", "tests.cli_app:app", "--broker", "amqp://guest:s3cret@127.0.0.1:1/",
+             "--fail-fast"],
+            69,
             "cannot connect to amqp://guest:***@127.0.0.1:1/",
         ),
         (
             ["db", "init", "tests.cli_app:app", "--database", "postgresql://u:s3cret@127.0.0.1:1/x"],
-            1,
+            69,
             "cannot connect to database postgresql+asyncpg://u:***@127.0.0.1:1/x",
         ),
     ],
@@ -61,7 +62,8 @@ async def test_bad_input_gives_one_line_error(
 ) -> None:
     rc, _out, err = await txflow(*args, env={"TXFLOW_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"})
     assert rc == code, err
-    lines = err.strip().splitlines()
+    # `txflow run` logs the URLs it starts on (masked) before it tries them.
+    lines = [line for line in err.strip().splitlines() if " INFO " not in line]
     assert len(lines) == 1, err
     assert lines[0].startswith("txflow: error: ")
     assert expected in lines[0]

@@ -184,9 +184,9 @@ def test_urls_are_checked_and_masked() -> None:
 
 
 def test_empty_tables_print_headers_only(capsys: pytest.CaptureFixture[str]) -> None:
-    from txflow.cli import _print_table
+    from txflow.cli._common import print_table
 
-    _print_table([], ["queue", "messages"])
+    print_table([], ["queue", "messages"])
     assert capsys.readouterr().out.split() == ["QUEUE", "MESSAGES"]
 
 

@@ -19,7 +19,7 @@ from txflow.abc import QueueSpec, Topology, Transport
 from txflow.config import open_transport, resolve_broker_url, resolve_database_url
 from txflow.consumer import ConsumerStats, HandlerConsumer
 from txflow.context import Context
-from txflow.errors import ConfigurationError, TxflowError
+from txflow.errors import ConfigurationError, DatabaseUnavailableError, TxflowError
 from txflow.flow_queries import DEFAULT_LIST_LIMIT, flow_state, list_flows
 from txflow.flow_tracker import FlowHook, FlowTracker
 from txflow.flows import CompensateStep, Flow, FlowInfo, FlowStatus, StepRecord
@@ -466,6 +466,12 @@ class TxFlow:
         try:
             await self._start()
         except BaseException:
+            # Undo a partial start, so that the caller may try again (as `txflow run`
+            # does while the broker or database is unreachable).
+            consumers, self._consumers = self._consumers, []
+            for consumer in consumers:
+                with contextlib.suppress(Exception):
+                    await consumer.stop(0)
             await self._close_resources()
             raise
         self._started = True
@@ -523,7 +529,14 @@ class TxFlow:
         try:
             async with store.engine.connect() as conn:
                 await conn.execute(sa.select(outbox.c.seq).limit(0))
-        except sa.exc.SQLAlchemyError as exc:
+        except (OSError, sa.exc.SQLAlchemyError) as exc:
+            if isinstance(exc, OSError) or store.is_transient_error(exc):
+                # The server went away between connecting and this check: an outage to
+                # wait out, not missing tables (which no restart fixes).
+                reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+                raise DatabaseUnavailableError(
+                    f"lost the database {store.masked_url} while starting: {reason}"
+                ) from exc
             raise ConfigurationError(
                 f"txflow's tables are missing in {store.masked_url}; run "
                 "`txflow db init module:app` or add txflow.metadata to your migrations"

@@ -9,6 +9,7 @@ Topology per handler queue `Q` (all durable):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 from aiormq.abc import ConfirmationFrameType
 from pamqp import commands as spec
 from pamqp.common import FieldValue
@@ -215,9 +217,15 @@ class RabbitTransport(Transport):
     async def connect(self) -> None:
         if self._connection is not None:
             return
+        # Built by hand rather than with `connect_robust`, so that a failed attempt is closed
+        # here: left to the garbage collector it warns "coroutine ... was never awaited",
+        # once per attempt while `txflow run` waits for the broker.
+        connection = aio_pika.RobustConnection(make_url(self.url))
         try:
-            connection = await aio_pika.connect_robust(self.url, timeout=self.connect_timeout)
+            await connection.connect(timeout=self.connect_timeout)
         except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+            with contextlib.suppress(Exception):
+                await connection.close()
             reason = str(exc) or type(exc).__name__
             raise BrokerUnavailableError(
                 f"cannot connect to {self.masked_url}: {reason}; is RabbitMQ running?"
@@ -239,18 +247,32 @@ class RabbitTransport(Transport):
             raise TransportClosedError(f"not connected to {self.masked_url}")
         return self._connection
 
-    async def declare(self, topology: Topology) -> None:
-        channel = await self._conn().channel()
+    @asynccontextmanager
+    async def _lost_is_unavailable(self) -> AsyncIterator[None]:
+        """Raise a connection lost while starting as `BrokerUnavailableError`: an outage."""
         try:
-            await self._declare(channel, topology)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise ConfigurationError(
-                f"the broker refused txflow's topology on {self.masked_url}: {exc}; an exchange "
-                "or queue of that name exists with other settings (e.g. classic vs quorum): "
-                "delete it, or use another queue_prefix or exchange"
+            yield
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            raise
+        except (*_CLOSED_ERRORS, OSError, TimeoutError) as exc:
+            raise BrokerUnavailableError(
+                f"lost the connection to {self.masked_url} while starting: "
+                f"{exc or type(exc).__name__}"
             ) from exc
-        finally:
-            await _close_quietly(channel)
+
+    async def declare(self, topology: Topology) -> None:
+        async with self._lost_is_unavailable():
+            channel = await self._conn().channel()
+            try:
+                await self._declare(channel, topology)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise ConfigurationError(
+                    f"the broker refused txflow's topology on {self.masked_url}: {exc}; an "
+                    "exchange or queue of that name exists with other settings (e.g. classic "
+                    "vs quorum): delete it, or use another queue_prefix or exchange"
+                ) from exc
+            finally:
+                await _close_quietly(channel)
 
     async def _declare(self, channel: AbstractChannel, topology: Topology) -> None:
         exchange = await channel.declare_exchange(
@@ -325,17 +347,18 @@ class RabbitTransport(Transport):
         await self._publish("", spec_.retry_queue(tier), message, expiration=delay)
 
     async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
-        channel = await self._conn().channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        self._consumer_channels.append(channel)
-        amqp_queue = await channel.declare_queue(
-            queue, durable=True, arguments=_main_queue_arguments(self._specs.get(queue))
-        )
+        async with self._lost_is_unavailable():
+            channel = await self._conn().channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            self._consumer_channels.append(channel)
+            amqp_queue = await channel.declare_queue(
+                queue, durable=True, arguments=_main_queue_arguments(self._specs.get(queue))
+            )
 
-        async def on_message(incoming: AbstractIncomingMessage) -> None:
-            await callback(_RabbitDelivery(incoming, queue))
+            async def on_message(incoming: AbstractIncomingMessage) -> None:
+                await callback(_RabbitDelivery(incoming, queue))
 
-        tag = await amqp_queue.consume(on_message)
+            tag = await amqp_queue.consume(on_message)
         return _RabbitConsumer(channel, amqp_queue, tag)
 
     @asynccontextmanager

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from txflow.cli._common import apply_urls, existing_store, load_app, print_table, run_async
 from txflow.config import resolve_database_url
 from txflow.errors import ConfigurationError
 from txflow.flow_queries import count_flows, find_flows, flow_history, list_flows
@@ -53,13 +54,11 @@ def add_commands(sub: Any, add_database: Callable[[argparse.ArgumentParser], Non
 def _on_store(
     args: argparse.Namespace, work: Callable[[Store, dict[str, Flow]], Awaitable[T]]
 ) -> T:
-    from txflow.cli import _apply_urls, _run_async, existing_store, load_app
-
     known: dict[str, Flow] = {}
     url = args.database
     if args.app:
         app = load_app(args.app)
-        _apply_urls(app, args)
+        apply_urls(app, args)
         url = resolve_database_url(app.database_url, app.name)
         known = {name: tracker.flow for name, tracker in app.trackers.items()}
     store = existing_store(url, "--app module:app")
@@ -77,7 +76,7 @@ def _on_store(
         finally:
             await store.aclose()
 
-    return _run_async(main)
+    return run_async(main)
 
 
 def _age(value: datetime | None, now: datetime) -> str:
@@ -110,8 +109,6 @@ def _summary(info: FlowInfo) -> dict[str, Any]:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from txflow.cli import _print_table
-
     async def work(store: Store, known: dict[str, Flow]) -> tuple[dict[str, int], list[FlowInfo]]:
         counts = await count_flows(store, flow=args.flow)
         found = await list_flows(
@@ -137,13 +134,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for i in found
     ]
     print()
-    _print_table(rows, ["flow", "id", "status", "steps", "age", "updated", "reason"])
+    print_table(rows, ["flow", "id", "status", "steps", "age", "updated", "reason"])
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from txflow.cli import _print_table
-
     async def work(store: Store, known: dict[str, Flow]) -> list[dict[str, Any]]:
         shown = []
         for info in await find_flows(store, args.id, known):
@@ -191,8 +186,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
             if value not in (None, ""):
                 print(f"{key:<{width}}  {value}")
         print("\nsteps completed:")
-        _print_table(completed, ["step", "event_type", "at", "message_id"])
+        print_table(completed, ["step", "event_type", "at", "message_id"])
         print("\nhistory:")
-        _print_table(history, ["at", "action", "step", "event", "detail"])
+        print_table(history, ["at", "action", "step", "event", "detail"])
         print()
     return 0

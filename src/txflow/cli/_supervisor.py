@@ -1,0 +1,235 @@
+"""`txflow run --workers N`: worker processes kept running through outages and crashes.
+
+Each worker is `python -m txflow run TARGET --workers 1 ...`. A worker waits for an
+unreachable broker or database by itself, so an outage costs no respawns. A worker that
+dies is started again after a backoff that grows while its slot keeps dying young; healthy
+workers are never touched. The supervisor gives up only on what a restart cannot fix: a
+worker exiting with a configuration error, or workers crashing on the app's own code right
+after starting several times in a row. Workers say they serve through a pipe whose file
+descriptor is in `$TXFLOW_READY_FD`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from txflow.app import TxFlow
+from txflow.cli._common import (
+    EXIT_CRASHING,
+    EXIT_OK,
+    EXIT_STUCK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Backoff,
+    log,
+)
+from txflow.config import BROKER_URL_ENV, open_transport, resolve_broker_url, resolve_database_url
+from txflow.errors import ConfigurationError
+from txflow.store import open_store
+
+READY_FD_ENV = "TXFLOW_READY_FD"
+# Seconds between two looks at the workers.
+POLL_INTERVAL = 0.1
+# Seconds a worker must have served before it counts as healthy: a death after that is
+# respawned at once and resets the crash count; a death before it backs off.
+HEALTHY_AFTER = 30.0
+# Crashes in a row (exit codes other than those below, before HEALTHY_AFTER) that make the
+# supervisor give up: the app's code fails the same way every time.
+MAX_CRASHES = 5
+# Seconds the supervisor adds to twice the shutdown timeout when waiting for workers to stop.
+STOP_GRACE = 5.0
+
+
+def check_urls(app: TxFlow, *, workers: int) -> None:
+    """Fail at once, before anything starts, on URLs no worker could get past.
+
+    Nothing is connected: an unreachable server is waited for by the workers.
+
+    Raises:
+        ConfigurationError: an unsupported URL, or the in-process broker with several
+            workers (it cannot be shared between processes).
+    """
+    broker = resolve_broker_url(app.broker_url)
+    if workers > 1 and broker.startswith("memory:"):
+        raise ConfigurationError(
+            "--workers > 1 needs a real broker: the in-memory broker lives inside one "
+            f"process; pass --broker amqp://... or set {BROKER_URL_ENV}"
+        )
+    open_transport(broker)
+    open_store(resolve_database_url(app.database_url, app.name))
+
+
+def _is_crash(code: int) -> bool:
+    """An exit that says the app's code failed, not the infrastructure or a signal."""
+    return code > 0 and code not in (EXIT_UNAVAILABLE, EXIT_STUCK)
+
+
+@dataclass
+class _Slot:
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    ready_fd: int | None = None
+    ready_at: float | None = None
+    healthy: bool = False
+    restart_at: float = 0.0
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+class Supervisor:
+    """Runs `args.workers` workers of `args.target` until SIGINT/SIGTERM or a fatal exit."""
+
+    def __init__(self, args: argparse.Namespace, shutdown_timeout: float) -> None:
+        self._args = args
+        self._shutdown_timeout = shutdown_timeout
+        self._slots = [_Slot(i) for i in range(args.workers)]
+        self._signals: list[int] = []
+        self._result: int | None = None
+        self._crashes = 0
+        self._ever_ready = False
+
+    def run(self) -> int:
+        """Supervise; returns the exit code (0 after a graceful stop)."""
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        for slot in self._slots:
+            self._spawn(slot)
+        log.info("supervising %d workers of %s", len(self._slots), self._args.target)
+        while self._result is None and not self._signals:
+            time.sleep(POLL_INTERVAL)
+            for slot in self._slots:
+                self._look_at(slot, time.monotonic())
+                if self._result is not None or self._signals:
+                    break
+        self._stop_workers()
+        return EXIT_OK if self._result is None else self._result
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+    def _argv(self) -> list[str]:
+        args = self._args
+        argv = [sys.executable, "-m", "txflow", "run", args.target, "--workers", "1"]
+        argv += ["--log-level", args.log_level]
+        if args.broker:
+            argv += ["--broker", args.broker]
+        if args.database:
+            argv += ["--database", args.database]
+        if args.shutdown_timeout is not None:
+            argv += ["--shutdown-timeout", str(args.shutdown_timeout)]
+        # Only until the service served once: after that a respawned worker waits out an
+        # outage like its running siblings do, rather than fail and be respawned again.
+        if args.start_timeout is not None and not self._ever_ready:
+            argv += ["--start-timeout", str(args.start_timeout)]
+        return argv
+
+    def _spawn(self, slot: _Slot) -> None:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        env = {**os.environ, READY_FD_ENV: str(write_fd)}
+        try:
+            slot.proc = subprocess.Popen(self._argv(), env=env, pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        slot.ready_fd = read_fd
+        slot.ready_at = None
+        slot.healthy = False
+
+    def _look_at(self, slot: _Slot, now: float) -> None:
+        if slot.proc is None:
+            if now >= slot.restart_at:
+                self._spawn(slot)
+            return
+        self._read_ready(slot, now)
+        if slot.ready_at is not None and not slot.healthy and now - slot.ready_at >= HEALTHY_AFTER:
+            slot.healthy = True
+            slot.backoff.reset()
+            self._crashes = 0
+        code = slot.proc.poll()
+        if code is not None:
+            self._exited(slot, code, now)
+
+    def _read_ready(self, slot: _Slot, now: float) -> None:
+        if slot.ready_fd is None:
+            return
+        try:
+            data = os.read(slot.ready_fd, 64)
+        except BlockingIOError:
+            return
+        self._close_ready(slot)
+        if data:  # b"" is the worker gone without saying it was ready
+            slot.ready_at = now
+            self._ever_ready = True
+
+    def _close_ready(self, slot: _Slot) -> None:
+        if slot.ready_fd is not None:
+            os.close(slot.ready_fd)
+            slot.ready_fd = None
+
+    def _exited(self, slot: _Slot, code: int, now: float) -> None:
+        assert slot.proc is not None
+        pid = slot.proc.pid
+        self._read_ready(slot, now)  # a worker that served and died between two looks
+        self._close_ready(slot)
+        slot.proc = None
+        if code == EXIT_USAGE:
+            log.error(
+                "worker %d (pid %d) exited with %d, a configuration error that a restart "
+                "cannot fix; stopping",
+                slot.index,
+                pid,
+                code,
+            )
+            self._result = EXIT_USAGE
+            return
+        if code == EXIT_UNAVAILABLE and not self._ever_ready:
+            log.error(
+                "worker %d (pid %d) could not reach the broker or database within "
+                "--start-timeout; stopping",
+                slot.index,
+                pid,
+            )
+            self._result = EXIT_UNAVAILABLE
+            return
+        if _is_crash(code) and not slot.healthy:
+            self._crashes += 1
+            if self._crashes >= MAX_CRASHES:
+                log.error(
+                    "workers crashed %d times in a row soon after starting (last: worker %d, "
+                    "pid %d, exit code %d); giving up: see the tracebacks above",
+                    self._crashes,
+                    slot.index,
+                    pid,
+                    code,
+                )
+                self._result = EXIT_CRASHING
+                return
+        delay = 0.0 if slot.healthy else slot.backoff.next()
+        slot.restart_at = now + delay
+        log.warning(
+            "worker %d (pid %d) exited with %s; restarting in %.1fs", slot.index, pid, code, delay
+        )
+
+    def _stop_workers(self) -> None:
+        running = [s.proc for s in self._slots if s.proc is not None]
+        for proc in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        # A worker waits up to shutdown_timeout for handlers and again for the relay.
+        deadline = time.monotonic() + self._shutdown_timeout * 2 + STOP_GRACE
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+        for slot in self._slots:
+            self._close_ready(slot)
