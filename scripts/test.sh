@@ -9,6 +9,7 @@ scripts/services.sh
 .venv/bin/ruff format --check src tests examples benchmarks
 .venv/bin/mypy
 # The docs site: a broken link or anchor, or an API reference entry naming nothing, fails.
-# (NO_MKDOCS_2_WARNING silences mkdocs-material's banner about a future MkDocs 2.)
-NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
+# (NO_MKDOCS_2_WARNING silences mkdocs-material's banner about a future MkDocs 2. Not --quiet:
+# it hides the link warnings from --strict, which then passes.)
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
 exec .venv/bin/pytest "$@"
