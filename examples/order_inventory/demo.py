@@ -53,7 +53,15 @@ from examples.order_inventory.settings import (
     database_url_env,
 )
 from examples.order_inventory.workload import OrderRequest, initial_stock, make_orders
-from txflow import DatabaseUnavailableError, DeadLetterInfo, Store, Transport, TxFlow, dlq
+from txflow import (
+    DatabaseUnavailableError,
+    DeadLetterInfo,
+    Store,
+    Transport,
+    TxFlow,
+    dlq,
+    open_transport,
+)
 from txflow.testing import InMemoryBroker, InMemoryTransport
 
 DEFAULT_ORDERS = 200
@@ -712,9 +720,7 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
             await app.init_db()  # what `txflow db init` does
         await inventory.seed_stock(apps["inventory"], run.stock)
         # Declared before any service runs, so nothing emitted early is unroutable.
-        from txflow.rabbit import RabbitTransport
-
-        async with RabbitTransport(args.broker) as transport:
+        async with open_transport(args.broker) as transport:
             for app in apps.values():
                 await transport.declare(app.topology())
             services = await start_services(args, run_id, apps, urls, concurrency, log_dir)

@@ -13,8 +13,10 @@ from examples.order_inventory.flow import order_flow
 from examples.order_inventory.inventory import Deduction, Rejection, Stock
 from examples.order_inventory.orders import TERMINAL, Order, OrderStatus, OrderTransition
 from examples.order_inventory.payment import Payment, PaymentStatus
-from txflow import DeadLetterInfo, FlowStatus, Store
-from txflow.store.tables import flows
+from txflow import DeadLetterInfo, FlowStatus, Store, metadata
+
+# The orders service's flow instances, read in one query per snapshot (TxFlow.list_flows pages).
+flows = metadata.tables["txflow_flows"]
 
 
 @dataclass(slots=True)

@@ -7,6 +7,7 @@ deduplicate deliveries by message id (inbox), and retry on a policy into dead-le
 from txflow import dlq
 from txflow.abc import Delivery, Message, QueueSpec, Topology, Transport
 from txflow.app import TxFlow
+from txflow.config import open_transport
 from txflow.context import Context
 from txflow.dead_letters import DeadLetterInfo
 from txflow.errors import (
@@ -82,4 +83,5 @@ __all__ = [
     "dlq",
     "metadata",
     "open_store",
+    "open_transport",
 ]

@@ -81,6 +81,12 @@ class DeadLetterInfo:
 
     @classmethod
     def from_message(cls, message: Message) -> DeadLetterInfo:
+        """Read the failure record from a dead-lettered `message`'s headers.
+
+        Missing headers read as None (`attempts` as 0). A message that RabbitMQ dead-lettered
+        by itself before txflow recorded a failure (a quorum queue's delivery limit, for
+        example) gets `exception_type` `broker:<reason>` and a reason that says so.
+        """
         h: Mapping[str, Any] = message.headers
         attempts = h.get(ATTEMPTS)
         broker_reason = h.get("x-first-death-reason")  # dead-lettered by RabbitMQ itself

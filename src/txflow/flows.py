@@ -196,6 +196,11 @@ class Flow:
             ) from None
 
     def index(self, name: str) -> int:
+        """The position of the step called `name`, counting from 0.
+
+        Raises:
+            KeyError: if the flow has no such step (`step` raises a `ConfigurationError`).
+        """
         return self._index[name]
 
     def outcome(self, event_type: str) -> tuple[int, bool] | None:

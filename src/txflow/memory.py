@@ -71,7 +71,8 @@ class Clock(abc.ABC):
     """Time for delayed retries: real time by default, or a `ManualClock` in tests."""
 
     @abc.abstractmethod
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback` once, `delay` seconds from now on this clock."""
 
 
 class LoopClock(Clock):
@@ -84,10 +85,12 @@ class LoopClock(Clock):
 class ManualClock(Clock):
     """A clock that moves only when a test calls `advance`, so retry schedules run instantly.
 
+    ```python
     clock = ManualClock()
     broker = InMemoryBroker(clock=clock)
     ...
     clock.advance(30)  # everything due within 30 s is released now, in due order
+    ```
     """
 
     def __init__(self) -> None:
@@ -96,6 +99,7 @@ class ManualClock(Clock):
         self._seq = count()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run `callback` when `advance` has moved the clock `delay` seconds past now."""
         heapq.heappush(self._due, (self.now + delay, next(self._seq), callback))
 
     def advance(self, seconds: float) -> int:
@@ -139,6 +143,10 @@ class InMemoryBroker:
         return _brokers.setdefault(name, cls())
 
     def declare(self, topology: Topology) -> None:
+        """Create `topology`'s queues, their dead-letter and retry queues, and the bindings.
+
+        Declaring again adds only what is new, as on RabbitMQ.
+        """
         bindings = self.bindings.setdefault(topology.exchange, [])
         for spec in topology.queues:
             self._queue(spec.name)
@@ -157,6 +165,12 @@ class InMemoryBroker:
         return queue
 
     def route(self, exchange: str, message: Message) -> None:
+        """Put `message` on every queue bound to `exchange` for its routing key.
+
+        Raises:
+            UnroutableError: no queue is bound for the routing key, as a mandatory publish
+                to RabbitMQ is returned.
+        """
         targets = {q for p, q in self.bindings.get(exchange, ()) if p.match(message.routing_key)}
         if not targets:
             raise UnroutableError(
@@ -177,6 +191,7 @@ class InMemoryBroker:
         self.clock.call_later(delay, release)
 
     def depth(self, queue: str) -> int:
+        """Messages ready on `queue` (0 for an unknown one); unacked and held ones not counted."""
         q = self.queues.get(queue)
         return len(q.ready) if q is not None else 0
 

@@ -112,9 +112,11 @@ class EventRegistry:
             )
 
     def get(self, name: str) -> type[Event] | None:
+        """The event class registered under the wire type name `name`, or None."""
         return self._types.get(name)
 
     def names(self) -> tuple[str, ...]:
+        """The registered wire type names, in registration order."""
         return tuple(self._types)
 
     def __contains__(self, name: object) -> bool:

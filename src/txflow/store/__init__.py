@@ -1,4 +1,4 @@
-"""Storage for txflow: the outbox and inbox tables and the unit of work handlers run in.
+"""Storage for txflow: its tables (outbox, inbox, flow state) and the unit of work handlers run in.
 
 `Store.from_url` picks the backend: PostgreSQL through asyncpg in production, SQLite through
 aiosqlite as the embedded default. Only this package imports SQLAlchemy dialect details.

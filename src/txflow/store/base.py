@@ -123,7 +123,7 @@ def _aware(value: datetime) -> datetime:
 
 
 class Store(abc.ABC):
-    """One database: connection pool, unit of work, and the outbox and inbox operations.
+    """One database: connection pool, unit of work, and the operations on txflow's tables.
 
     Use `open_store(url)` to get the right backend. Lifecycle: `await store.connect()` then
     `await store.aclose()`, or `async with store:`.

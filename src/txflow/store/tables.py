@@ -12,6 +12,25 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 metadata = sa.MetaData()
+"""txflow's tables: for your Alembic `target_metadata`, and for reading them in your own queries.
+
+`txflow.metadata.tables[name]` is the `sqlalchemy.Table` of each:
+
+- `txflow_outbox`: one row per emitted event, written in the emitting transaction;
+  `sent_at` is set once the broker confirmed it, and sent rows are deleted after
+  `RelayConfig.retention`.
+- `txflow_inbox`: one row per handler and handled message id, the key that makes handling
+  effectively-once; deleted after `TxFlow(inbox_retention=...)`.
+- `txflow_flows`: one row per flow instance the app tracks, keyed by `flow` (the flow's
+  name) and `flow_id`, with its `status` (a `FlowStatus` value), the `steps` recorded,
+  the steps `compensated`, and its timestamps.
+- `txflow_flow_log`: what happened to each flow instance, one row per event seen or action
+  taken (`txflow flows show`).
+
+Read them freely, for example to report over many flow instances in one query
+(`TxFlow.flow_state` and `TxFlow.list_flows` return one instance or a page of them), but
+write to them only through txflow.
+"""
 # Longest message id txflow stores; longer incoming ids are rejected as malformed.
 MAX_ID_LENGTH = 255
 
