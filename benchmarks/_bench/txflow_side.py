@@ -7,6 +7,7 @@ its relay publishes the event right after commit and marks rows sent in batches.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AsyncExitStack
 
 import sqlalchemy as sa
@@ -14,7 +15,6 @@ import sqlalchemy as sa
 from _bench.defaults import pool_size_for
 from _bench.events import BenchIn, BenchOut, ChainDone, ChainHop
 from txflow import Context, RelayConfig, TxFlow
-from txflow.app import DEFAULT_DB_POOL_SIZE
 
 user_metadata = sa.MetaData()
 tx_items = sa.Table(
@@ -28,6 +28,9 @@ tx_items = sa.Table(
     ),
 )
 TX_TABLES = ("txflow_inbox", "txflow_outbox", "bench_tx_items")
+# The pool an app gets when it sets none (the relay-only app of scale.py's backlog keeps it).
+# Read from TxFlow's signature: the benchmarks import only public txflow names.
+TXFLOW_DEFAULT_POOL: int = inspect.signature(TxFlow).parameters["db_pool_size"].default
 
 TX_ITEM = "INSERT INTO bench_tx_items (n, message_id) VALUES ($1, $2)"
 
@@ -68,7 +71,7 @@ def build_app(
     relay) keeps txflow's default pool.
     """
     if db_pool_size is None:
-        db_pool_size = pool_size_for(concurrency) if handlers else DEFAULT_DB_POOL_SIZE
+        db_pool_size = pool_size_for(concurrency) if handlers else TXFLOW_DEFAULT_POOL
     app = TxFlow(
         "bench",
         broker_url=amqp_url,
