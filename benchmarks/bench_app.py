@@ -19,15 +19,18 @@ import sys
 from contextlib import AsyncExitStack
 from types import SimpleNamespace
 
-from hop import Baseline, build_app, pool_size_for
+from _bench.baseline import Baseline
+from _bench.defaults import pool_size_for
+from _bench.processes import (
+    ENV_AMQP_URL,
+    ENV_CONCURRENCY,
+    ENV_DB_URL,
+    ENV_EXCHANGE,
+    ENV_INPUT,
+    ENV_QUEUE_PREFIX,
+)
+from _bench.txflow_side import build_app
 from txflow import TxFlow
-
-ENV_AMQP_URL = "BENCH_AMQP_URL"
-ENV_DB_URL = "BENCH_DB_URL"
-ENV_QUEUE_PREFIX = "BENCH_QUEUE_PREFIX"
-ENV_EXCHANGE = "BENCH_EXCHANGE"
-ENV_INPUT = "BENCH_INPUT"
-ENV_CONCURRENCY = "BENCH_CONCURRENCY"
 
 
 def _env(name: str) -> str:
@@ -100,7 +103,7 @@ async def hw_worker() -> None:
 
 
 async def fs_relay() -> None:
-    from faststream_side import PollingRelay, make_broker, open_pool
+    from _bench.faststream_side import PollingRelay, make_broker, open_pool
 
     pool = await open_pool(_env(ENV_DB_URL), pool_size_for(1))
     broker = make_broker(_env(ENV_AMQP_URL))

@@ -42,8 +42,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import hop
-from hop import _fmt, _summary, write_json
+from _bench import stats
+from _bench.defaults import ATTEMPTS, DEFAULT_AMQP_URL, DEFAULT_PG_URL
+from _bench.results import default_json_path, write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the demo prints about itself; informational only (its output may change).
@@ -112,11 +113,11 @@ def run_demo(args: argparse.Namespace, orders: int, workers: int, log_dir: Path)
 def run_counted(
     args: argparse.Namespace, orders: int, workers: int, log_dir: Path, failures: list[DemoRun]
 ) -> DemoRun:
-    """Run the demo until it exits 0, at most hop.ATTEMPTS times (a server may be restarted
+    """Run the demo until it exits 0, at most ATTEMPTS times (a server may be restarted
     by other work on a shared machine); failed runs are kept in `failures`, not counted."""
-    for n in range(1, hop.ATTEMPTS + 1):
+    for n in range(1, ATTEMPTS + 1):
         run = run_demo(args, orders, workers, log_dir)
-        if run.exit_code == 0 or n == hop.ATTEMPTS:
+        if run.exit_code == 0 or n == ATTEMPTS:
             return run
         failures.append(run)
         print(f"  demo --orders {orders} --workers {workers} failed; trying again", flush=True)
@@ -152,10 +153,6 @@ def bench(args: argparse.Namespace, log_dir: Path, failures: list[DemoRun]) -> l
     return results
 
 
-def _cell(values: Sequence[float], digits: int = 0, suffix: str = "") -> str:
-    return _fmt(_summary(values), digits, suffix) if values else "-"
-
-
 def report(args: argparse.Namespace, results: list[FlowResult]) -> dict[str, Any]:
     out: dict[str, Any] = {"flow": [], "ratios": {}}
     print()
@@ -175,14 +172,14 @@ def report(args: argparse.Namespace, results: list[FlowResult]) -> dict[str, Any
         out["flow"].append(
             {
                 "workers": workers,
-                "orders_per_second": rates[workers] and _summary(rates[workers]),
-                "orders_per_second_total": total and _summary(total),
-                "demo_orders_per_second": said and _summary(said),
+                "orders_per_second": rates[workers] and stats.summary(rates[workers]),
+                "orders_per_second_total": total and stats.summary(total),
+                "demo_orders_per_second": said and stats.summary(said),
                 "runs": len(mine),
             }
         )
         print(
-            f"{workers:>7}  {_cell(rates[workers]):>20}  {_cell(total):>20}  "
+            f"{workers:>7}  {stats.cell(rates[workers]):>20}  {stats.cell(total):>20}  "
             f"{(f'{said[len(said) // 2]:.0f}' if said else '-'):>10}"
         )
     if len(args.workers) > 1:
@@ -197,8 +194,8 @@ def report(args: argparse.Namespace, results: list[FlowResult]) -> dict[str, Any
         ]
         ratio = [a / b for a, b in paired if b]
         if ratio:
-            out["ratios"][f"workers {hi}/{lo}"] = _summary(ratio)
-            print(f"  {hi} workers / {lo}: {_cell(ratio, 2, 'x')}")
+            out["ratios"][f"workers {hi}/{lo}"] = stats.summary(ratio)
+            print(f"  {hi} workers / {lo}: {stats.cell(ratio, 2, 'x')}")
     return out
 
 
@@ -229,8 +226,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the JSON here")
     parser.add_argument("--no-json", action="store_true", help="write no JSON")
     args = parser.parse_args(argv)
-    args.amqp_url = args.amqp_url or os.environ.get("TXFLOW_TEST_AMQP_URL", hop.DEFAULT_AMQP_URL)
-    args.pg_url = args.pg_url or os.environ.get("TXFLOW_TEST_PG_URL", hop.DEFAULT_PG_URL)
+    args.amqp_url = args.amqp_url or os.environ.get("TXFLOW_TEST_AMQP_URL", DEFAULT_AMQP_URL)
+    args.pg_url = args.pg_url or os.environ.get("TXFLOW_TEST_PG_URL", DEFAULT_PG_URL)
     if len(args.orders) != 2 or not 0 < args.orders[0] < args.orders[1]:
         parser.error("--orders takes two counts, small,large")
     if args.repeat < 1 or not args.workers or min(args.workers) < 1:
@@ -248,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     if not args.no_json:
         write_json(
-            args.json or hop.default_json_path("flow"),
+            args.json or default_json_path("flow"),
             {
                 "benchmark": "flow",
                 "created_at": datetime.now(UTC).isoformat(),

@@ -33,10 +33,9 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from hop import service_cpu_seconds, service_cpu_since
+from _bench.cpu import service_cpu_seconds, service_cpu_since
+from _bench.defaults import DEFAULT_PG_URL
 from txflow import Context, Event, TxFlow
-
-DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 class Base(DeclarativeBase):

@@ -14,9 +14,9 @@ With `chain_length` the subscriber runs hop.py's chain workload instead: it cons
 ChainHop(chain, n) and writes ChainHop(chain, n + 1) (routing key bound to its own input
 queue) or, at n = chain_length, ChainDone to the outbox, so every next hop waits for a poll.
 
-Its tables `bench_fs_*` have the hand-written baseline's schema (hop.py creates them). Needs
-`faststream[rabbit]` (`pip install -e '.[bench]'`); hop.py and bench_app.py import this module
-only when the FastStream side runs.
+Its tables `bench_fs_*` have the hand-written baseline's schema (`baseline.FS_DDL`, created by
+`env.Env.setup`). Needs `faststream[rabbit]` (`pip install -e '.[bench]'`); the workloads and
+bench_app.py import this module only when the FastStream side runs.
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ from faststream.rabbit import (
 )
 from pydantic import BaseModel
 
+from _bench.defaults import JSON
+
 log = logging.getLogger("bench.faststream")
 
 FS_HANDLER = "bench_fs.on_bench_in"
-JSON = "application/json"
 # The relay of the baseline people write today: poll every 100 ms, up to 500 rows a poll.
 POLL_INTERVAL = 0.1
 POLL_BATCH = 500
 
-FS_TABLES = ("bench_fs_inbox", "bench_fs_items", "bench_fs_outbox")
 FS_INBOX = (
     "INSERT INTO bench_fs_inbox (handler, message_id) VALUES ($1, $2) "
     "ON CONFLICT DO NOTHING RETURNING true"
@@ -79,7 +79,7 @@ class ChainHopBody(BaseModel):
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
-    return None  # every use closes its transaction (see hop.py's baseline)
+    return None  # every use closes its transaction (see baseline.py)
 
 
 async def _prepare(conn: asyncpg.Connection) -> None:
