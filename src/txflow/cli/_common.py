@@ -13,6 +13,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from txflow.app import TxFlow
 from txflow.config import BROKER_URL_ENV, DATABASE_URL_ENV
 from txflow.errors import AppNotFoundError, ConfigurationError
@@ -132,10 +136,25 @@ def existing_store(url: str | None, app_option: str) -> Store:
 
 
 def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    widths = {c: max([len(c), *(len(str(r.get(c, ""))) for r in rows)]) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    """Print `rows` as a plain table under upper-case `columns` headers, never wrapped.
+
+    rich lays it out; with no borders and no colour it stays readable in a pager and
+    greppable in a script (which should use `--json` to parse).
+    """
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column.upper(), no_wrap=True, overflow="ignore")
     for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    console = Console(width=10_000, highlight=False, soft_wrap=True, no_color=True)
+    with console.capture() as captured:
+        console.print(table)
+    for line in captured.get().splitlines():
+        print(line.rstrip())
+
+
+def _cell(value: Any) -> Text:
+    return Text("" if value is None else str(value))  # Text: no markup in operators' data
 
 
 def shorten(text: str, width: int) -> str:
