@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 
+import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Backend
+from tests.conftest import Backend, settle
 from tests.support import Ping
 from txflow import Context, Message, RelayConfig, TxFlow
 from txflow.abc import Transport
@@ -21,16 +23,22 @@ FAST = RelayConfig(lease=LEASE, sweep_interval=0.1, batch_size=20, max_in_flight
 
 
 class SlowPublish:
-    """Wraps a relay's transport: every publish waits `delay` first, or for `gate`."""
+    """Wraps a relay's transport: every publish waits `delay` first, and for `gate`.
+
+    With `hold_after` set, the gate closes once that many messages went out.
+    """
 
     def __init__(self, inner: Transport, delay: float = 0.0) -> None:
         self.inner = inner
         self.delay = delay
         self.gate = asyncio.Event()
         self.gate.set()
+        self.hold_after: int | None = None
         self.published = 0
 
     async def publish(self, exchange: str, message: Message) -> None:
+        if self.hold_after is not None and self.published >= self.hold_after:
+            self.gate.clear()
         await self.gate.wait()
         await asyncio.sleep(self.delay)
         await self.inner.publish(exchange, message)
@@ -94,3 +102,109 @@ async def test_two_relays_drain_a_backlog_longer_than_the_lease_without_republis
         assert relay_a.relay.stats.published >= local
         assert time.monotonic() - started >= local * delay > 3 * LEASE
         assert relay_a.relay.stats.renewed > 0
+
+
+async def outbox_rows(app: TxFlow) -> list[sa.Row[tuple[int, float | None, str | None]]]:
+    """(seq, lease_until, leased_by) of every unsent row, in seq order."""
+    stmt = (
+        sa.select(outbox.c.seq, outbox.c.lease_until, outbox.c.leased_by)
+        .where(outbox.c.sent_at.is_(None))
+        .order_by(outbox.c.seq)
+    )
+    async with app.store.engine.connect() as conn:
+        return list((await conn.execute(stmt)).all())
+
+
+async def test_a_dead_relays_rows_are_taken_over_one_lease_after_its_last_renewal(
+    backend: Backend,
+) -> None:
+    relay_a = await backend.app("relay_a", relay=FAST)
+    relay_b = await backend.app("relay_b", relay=FAST)
+    sink, seen = await counting_sink(backend)
+    async with sink, relay_a, relay_b:
+        slow = slow_down(relay_a)
+        slow.hold_after = 10  # A publishes ten rows, then holds the other forty
+        ids = await emit(relay_a, 50)
+        held = len(ids) - slow.hold_after
+        await wait_until(lambda: relay_a.relay.stats.marked == slow.hold_after, message="ten")
+        # A held its rows past their first lease: renewed at least twice each.
+        await wait_until(
+            lambda: relay_a.relay.stats.renewed >= 2 * held, timeout=30, message="renewals"
+        )
+        assert relay_b.relay.stats.swept == 0  # B left them alone while A lived
+        # A dies: its tasks stop, nothing is drained or marked, no lease is renewed again.
+        await relay_a.relay.aclose()
+        died = time.time()
+        rows = await outbox_rows(relay_a)
+        assert len(rows) == held
+        assert {r.leased_by for r in rows} == {relay_a.relay.relay_id}
+        # Free for any relay one lease after A's death at the latest (then B's next sweep).
+        assert max(r.lease_until or 0.0 for r in rows) <= died + LEASE
+        await wait_until(lambda: set(seen) == set(ids), timeout=30, message="every row")
+        assert max(seen.values()) == 1
+        assert relay_b.relay.stats.swept == held
+
+        async def all_marked() -> bool:
+            return (await relay_b.store.outbox_status()).pending == 0
+
+        await wait_until(all_marked, message="every row marked sent")
+        # Taken twice: leased to A at insert, claimed by B after A's lease ran out.
+        assert (await relay_b.store.outbox_status()).republished == held
+
+
+async def test_rows_another_relay_claimed_are_left_to_it(backend: Backend) -> None:
+    relay_a = await backend.app("relay_a", relay=FAST)
+    sink, seen = await counting_sink(backend)
+    async with sink, relay_a:
+        slow = slow_down(relay_a)
+        slow.gate.clear()  # one row waits in flight, nine in the queue
+        ids = await emit(relay_a, 10, per_transaction=10)
+        seqs = [r.seq for r in await outbox_rows(relay_a)]
+        # As if A had stalled past its lease and another relay's sweep had claimed the last
+        # five rows.
+        async with relay_a.store.engine.begin() as conn:
+            await conn.execute(
+                sa.update(outbox)
+                .where(outbox.c.seq.in_(seqs[5:]))
+                .values(leased_by="thief", lease_until=time.time() + 600)
+            )
+        await wait_until(lambda: relay_a.relay.stats.lease_lost == 5, message="renewal")
+        slow.gate.set()
+        await wait_until(lambda: len(seen) == 5, message="A's own five rows")
+        await settle()
+        assert set(seen) == set(ids[:5])
+        assert relay_a.relay.stats.published == 5
+        status = await relay_a.store.outbox_status()
+        assert status.pending == 5
+        assert [(b.relay, b.pending) for b in status.by_relay] == [("thief", 5)]
+
+
+async def test_renewal_failures_are_logged_once_per_outage(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay_a = await backend.app("relay_a", relay=FAST)
+    sink, seen = await counting_sink(backend)
+    async with sink, relay_a:
+        slow = slow_down(relay_a)
+        slow.gate.clear()
+        ids = await emit(relay_a, 10, per_transaction=10)
+        store = relay_a.relay.store
+        failures = 0
+
+        async def database_down(*args: object) -> list[int]:
+            nonlocal failures
+            failures += 1
+            raise OSError("connection refused")
+
+        with caplog.at_level(logging.WARNING, logger="txflow.outbox"):
+            store.renew = database_down  # type: ignore[method-assign]
+            await wait_until(lambda: failures >= 3, timeout=30, message="failed renewals")
+            del store.renew  # the database is back
+            await wait_until(lambda: relay_a.relay.stats.renewed >= 10, message="renewed")
+        logged = [r.getMessage() for r in caplog.records if "renewing" in r.getMessage()]
+        assert logged == [
+            "renewing outbox leases failed, will retry: connection refused",
+            f"renewing outbox leases resumed after {failures} failures",
+        ]
+        slow.gate.set()
+        await wait_until(lambda: set(seen) == set(ids), message="every row")
