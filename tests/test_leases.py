@@ -208,3 +208,42 @@ async def test_renewal_failures_are_logged_once_per_outage(
         ]
         slow.gate.set()
         await wait_until(lambda: set(seen) == set(ids), message="every row")
+
+
+@pytest.mark.slow
+async def test_two_relays_drain_a_large_backlog_without_republishing(real: Backend) -> None:
+    """The issue's case, scaled to a test: a local backlog that outlasts several leases.
+
+    benchmarks/lease_backlog.py runs it with 100,000 rows and the default 10 s lease.
+    """
+    config = RelayConfig(lease=2.0)
+    relay_a = await real.app("relay_a", relay=config)
+    relay_b = await real.app("relay_b", relay=config)
+    producer = await real.app("producer", relay=None)
+    sink = await real.app("sink", database="sink")
+
+    @sink.handler(Ping, name="sink")
+    async def unused(event: Ping) -> None: ...
+
+    async with sink:  # declares the queue; its messages are counted, not consumed
+        queue = sink.consumers[0].spec.queue
+    local, unleased = 24_000, 6_000  # A's own rows, and rows for either relay's sweep
+    async with relay_a, relay_b, producer:
+        started = time.monotonic()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(emit(relay_a, local, per_transaction=1000))
+            tg.create_task(emit(producer, unleased, per_transaction=1000))
+
+        async def all_marked() -> bool:
+            return (await relay_a.store.outbox_status()).pending == 0
+
+        await wait_until(all_marked, timeout=100, interval=0.2, message="backlog drained")
+        drained = time.monotonic() - started
+        status = await relay_a.store.outbox_status()
+        depth = await relay_a.transport.queue_depth(queue)
+        await relay_a.transport.purge(queue)
+        assert status.republished == 0
+        assert depth == local + unleased
+        assert relay_a.relay.stats.published + relay_b.relay.stats.published == depth
+        if drained > 3 * config.lease:  # what the test is about; a fast machine may beat it
+            assert relay_a.relay.stats.renewed > 0
