@@ -101,8 +101,8 @@ class RelayStats:
     marked: int = 0
     #: Row leases extended because the rows were still held a third of a lease later.
     renewed: int = 0
-    #: Rows another relay claimed while this one held them (its renewals came too late,
-    #: e.g. during a database outage longer than the lease).
+    #: Rows another relay claimed while this one held them: its renewals came too late
+    #: (it was cut off from the database, or stalled, for longer than the lease).
     lease_lost: int = 0
 
 
@@ -238,8 +238,11 @@ class OutboxRelay:
         return True
 
     async def aclose(self) -> None:
-        """Stop all relay tasks, lease renewal included. Rows not yet confirmed stay unsent
-        in the outbox, leased until at most one lease from now, then free for any relay."""
+        """Stop all relay tasks, lease renewal included.
+
+        Rows not yet confirmed stay unsent in the outbox; their leases end within one lease
+        from now, and then any relay's sweep takes them.
+        """
         self._running = False
         if self._retry_timer is not None:
             self._retry_timer.cancel()
