@@ -8,6 +8,11 @@ How rows reach it:
 - a slow safety sweep claims rows whose lease ran out (their relay crashed) or that were
   never leased, with FOR UPDATE SKIP LOCKED so several relays share one table.
 
+While a relay holds rows (queued, in flight, waiting after a failed publish, confirmed but not
+yet marked) a background task renews their leases before they run out, in batched UPDATEs,
+so a backlog longer than the lease is not republished by another relay. A relay that dies
+stops renewing: its rows are free one lease after its last renewal at the latest.
+
 Publishing keeps a bounded window of unconfirmed messages on one channel, in row order, so the
 events one transaction emitted go out in emit order. Confirmed rows are marked sent in batches.
 """
@@ -16,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import os
 import socket
+import time
 import uuid
 from collections import deque
 from collections.abc import Coroutine, Iterable
@@ -47,6 +55,13 @@ DEFAULT_RETENTION = 3600.0
 DEFAULT_CLEANUP_INTERVAL = 60.0
 # Seconds to wait before retrying a publish after the connection dropped.
 RECONNECT_BACKOFF = 0.5
+# Leases are renewed every lease / RENEWALS_PER_LEASE seconds. A round renews the rows whose
+# lease would end before the round after next, so a renewal comes at least one round (a
+# third of the lease) before its lease ends, and rows published within a third of the lease
+# (the normal case, no backlog) are never renewed at all.
+RENEWALS_PER_LEASE = 3
+# Rows per renewal UPDATE: short statements, so a claim by another relay never waits long.
+RENEW_CHUNK = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +70,9 @@ class RelayConfig:
 
     Attributes:
         lease: seconds a relay owns rows it took before other relays may republish them.
+            A running relay renews the leases of rows it still holds every third of the
+            lease, so this is how long its rows wait after it died, not a limit on how long
+            it may take to publish them.
         sweep_interval: seconds between safety sweeps.
         batch_size: rows per claim query.
         max_in_flight: unconfirmed publishes at once.
@@ -81,6 +99,11 @@ class RelayStats:
     unroutable: int = 0
     failed: int = 0
     marked: int = 0
+    #: Row leases extended because the rows were still held a third of a lease later.
+    renewed: int = 0
+    #: Rows another relay claimed while this one held them: its renewals came too late
+    #: (it was cut off from the database, or stalled, for longer than the lease).
+    lease_lost: int = 0
 
 
 class OutboxRelay:
@@ -120,7 +143,12 @@ class OutboxRelay:
         self._queue: deque[OutboxRecord] = deque()
         self._owned: set[int] = set()
         self._confirmed: list[int] = []
-        self._marking = 0  # rows in a mark-sent UPDATE that has not finished yet
+        self._marking: list[int] = []  # rows in a mark-sent UPDATE that has not finished yet
+        # (lease end, tie-breaker, seqs) of every batch of rows taken, earliest end first;
+        # seqs no longer in `_owned` are skipped when their entry comes due.
+        self._leases: list[tuple[float, int, list[int]]] = []
+        self._lease_ids = itertools.count()
+        self._renew_failures = 0  # renewal rounds failed since the last one that succeeded
         self._failed: list[OutboxRecord] = []  # publish failed; back in the queue after a pause
         self._retry_timer: asyncio.TimerHandle | None = None
         self._outage_failures = 0  # publishes failed since the last one that succeeded
@@ -160,10 +188,18 @@ class OutboxRelay:
         """Hand rows over after their transaction committed; they are published right away."""
         if not self._running:
             return  # not leased: a running relay's sweep (or NOTIFY) picks them up
+        taken: list[int] = []
+        lease_until = float("inf")
         for record in records:
             if record.seq not in self._owned:
                 self._owned.add(record.seq)
                 self._queue.append(record)
+                taken.append(record.seq)
+                if record.lease_until is not None:
+                    lease_until = min(lease_until, record.lease_until)
+        if taken:
+            # A row without a known lease end (never leased) is renewed in the next round.
+            self._track_lease(0.0 if lease_until == float("inf") else lease_until, taken)
         self._idle.clear()
         self._wake.set()
 
@@ -179,6 +215,7 @@ class OutboxRelay:
             asyncio.create_task(self._flush_loop(), name="txflow-relay-mark-sent"),
             asyncio.create_task(self._sweep_loop(), name="txflow-relay-sweep"),
             asyncio.create_task(self._cleanup_loop(), name="txflow-relay-cleanup"),
+            asyncio.create_task(self._renew_loop(), name="txflow-relay-renew-leases"),
         ]
 
     async def drain(self, timeout: float) -> bool:
@@ -201,7 +238,11 @@ class OutboxRelay:
         return True
 
     async def aclose(self) -> None:
-        """Stop all relay tasks. Rows not yet confirmed stay unsent in the outbox."""
+        """Stop all relay tasks, lease renewal included.
+
+        Rows not yet confirmed stay unsent in the outbox; their leases end within one lease
+        from now, and then any relay's sweep takes them.
+        """
         self._running = False
         if self._retry_timer is not None:
             self._retry_timer.cancel()
@@ -303,7 +344,7 @@ class OutboxRelay:
             if not seqs:
                 self._maybe_idle()
                 continue
-            self._marking = len(seqs)
+            self._marking = seqs
             try:
                 await self.store.mark_sent(seqs, delete=delete)
             except Exception as exc:
@@ -313,7 +354,7 @@ class OutboxRelay:
                 self._flush_needed.set()
                 continue
             finally:
-                self._marking = 0
+                self._marking = []
             self.stats.marked += len(seqs)
             self._owned.difference_update(seqs)
             self._maybe_idle()
@@ -371,3 +412,76 @@ class OutboxRelay:
                     pass
             except Exception as exc:
                 log.warning("deleting sent outbox rows failed, will retry: %s", exc)
+
+    # -- lease renewal ------------------------------------------------------------------------
+
+    def _track_lease(self, lease_until: float, seqs: list[int]) -> None:
+        heapq.heappush(self._leases, (lease_until, next(self._lease_ids), seqs))
+
+    async def _renew_loop(self) -> None:
+        interval = self.config.lease / RENEWALS_PER_LEASE
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew(horizon=time.time() + 2 * interval)
+            except Exception as exc:
+                # One line per outage: the rows are retried every round until it ends.
+                if not self._renew_failures:
+                    log.warning("renewing outbox leases failed, will retry: %s", exc)
+                self._renew_failures += 1
+                continue
+            if self._renew_failures:
+                log.warning(
+                    "renewing outbox leases resumed after %d failures", self._renew_failures
+                )
+                self._renew_failures = 0
+
+    async def _renew(self, horizon: float) -> None:
+        """Renew the leases of held rows that end before `horizon`, a chunk per UPDATE."""
+        due: list[int] = []
+        while self._leases and self._leases[0][0] < horizon:
+            _, _, seqs = heapq.heappop(self._leases)
+            due += [seq for seq in seqs if seq in self._owned]
+        due.sort()  # index order, and the order in which claims lock rows
+        for start in range(0, len(due), RENEW_CHUNK):
+            chunk = due[start : start + RENEW_CHUNK]
+            lease_until = time.time() + self.config.lease
+            try:
+                held = await self.store.renew(chunk, lease_until, self.relay_id)
+            except BaseException:
+                # Not renewed: due again in the next round (if the relay still holds them).
+                self._track_lease(0.0, due[start:])
+                raise
+            self.stats.renewed += len(held)
+            self._track_lease(lease_until, held)
+            if len(held) < len(chunk):
+                self._drop_lost(set(chunk).difference(held))
+
+    def _drop_lost(self, seqs: set[int]) -> None:
+        """Forget rows another relay claimed, unless they were already published.
+
+        The other relay publishes them; dropping those still queued (or waiting after a
+        failed publish) saves a duplicate. Rows in flight or confirmed go on to be marked.
+        Seqs that were just marked sent, or given up as unroutable, are no loss.
+        """
+        lost = {seq for seq in seqs if seq in self._owned}
+        lost.difference_update(self._marking, self._confirmed)
+        if not lost:
+            return
+        unpublished = {r.seq for r in itertools.chain(self._queue, self._failed) if r.seq in lost}
+        if unpublished:
+            kept = [r for r in self._queue if r.seq not in unpublished]
+            self._queue.clear()
+            self._queue.extend(kept)
+            self._failed[:] = [r for r in self._failed if r.seq not in unpublished]
+            self._owned.difference_update(unpublished)
+            if len(self._queue) < self.config.batch_size:
+                self._room.set()
+        self.stats.lease_lost += len(lost)
+        log.warning(
+            "%d outbox rows were claimed by another relay after their lease ran out; "
+            "%d of them not yet published are left to it",
+            len(lost),
+            len(unpublished),
+        )
+        self._maybe_idle()

@@ -36,10 +36,18 @@ DEFAULT_BATCH = 500
 
 @dataclass(frozen=True, slots=True)
 class OutboxRecord:
-    """A committed outbox row, ready to publish."""
+    """A committed outbox row, ready to publish.
+
+    Attributes:
+        seq: the row's key, in emit order within one transaction.
+        message: what goes to the broker.
+        lease_until: epoch seconds until which the relay that took the row owns it
+            (None: nobody leased it).
+    """
 
     seq: int
     message: Message
+    lease_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +116,7 @@ def make_record(seq: int, values: Mapping[str, Any]) -> OutboxRecord:
             timestamp=_aware(values["created_at"]),
             headers=headers,
         ),
+        lease_until=values.get("lease_until"),
     )
 
 
@@ -274,6 +283,27 @@ class Store(abc.ABC):
         async with self._write() as conn:
             rows = (await conn.execute(stmt)).all()
         return sorted((make_record(r.seq, dict(r._mapping)) for r in rows), key=lambda r: r.seq)
+
+    async def renew(self, seqs: Sequence[int], lease_until: float, owner: str) -> list[int]:
+        """Extend to `lease_until` the leases `owner` still holds among `seqs`; returns those.
+
+        A seq missing from the result was sent, or another relay claimed it after the lease
+        ran out. A lease that ran out but that nobody claimed yet is taken back.
+        """
+        if not seqs:
+            return []
+        stmt = (
+            sa.update(outbox)
+            .where(
+                outbox.c.seq.in_(list(seqs)),
+                outbox.c.leased_by == owner,
+                outbox.c.sent_at.is_(None),
+            )
+            .values(lease_until=lease_until)
+            .returning(outbox.c.seq)
+        )
+        async with self._write() as conn:
+            return list((await conn.execute(stmt)).scalars())
 
     async def mark_sent(self, seqs: Sequence[int], *, delete: bool = False) -> None:
         """Mark rows the broker confirmed as sent (or delete them when nothing is retained)."""

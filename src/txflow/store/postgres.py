@@ -31,6 +31,10 @@ POOL_TIMEOUT = 30.0
 # Mark-sent for any batch size in one prepared statement: `seq = ANY($1)`, not an IN list.
 _MARK_SENT_SQL = "UPDATE txflow_outbox SET sent_at = $2 WHERE seq = ANY($1::bigint[])"
 _DELETE_SENT_SQL = "DELETE FROM txflow_outbox WHERE seq = ANY($1::bigint[])"
+_RENEW_SQL = (
+    "UPDATE txflow_outbox SET lease_until = $2 "
+    "WHERE seq = ANY($1::bigint[]) AND leased_by = $3 AND sent_at IS NULL RETURNING seq"
+)
 
 
 class PostgresStore(Store):
@@ -91,6 +95,21 @@ class PostgresStore(Store):
             discard(pooled)
             raise
         pooled.close()
+
+    async def renew(self, seqs: Sequence[int], lease_until: float, owner: str) -> list[int]:
+        if not seqs:
+            return []
+        # Like mark-sent: one prepared, autocommitted statement for any number of rows. A row
+        # another relay is claiming right now is locked; this waits for it, then skips it.
+        pooled = await checkout(self)
+        driver: asyncpg.Connection = pooled.driver_connection
+        try:
+            rows = await driver.fetch(_RENEW_SQL, list(seqs), lease_until, owner)
+        except BaseException:
+            discard(pooled)
+            raise
+        pooled.close()
+        return [row[0] for row in rows]
 
     def _create_engine(self) -> AsyncEngine:
         return create_async_engine(
