@@ -26,8 +26,7 @@ import aio_pika
 import asyncpg
 import sqlalchemy as sa
 
-from txflow import Event, RelayConfig, TxFlow
-from txflow.store import OutboxStatus
+from txflow import Event, OutboxStatus, RelayConfig, TxFlow
 
 # Events per committing transaction.
 PER_TRANSACTION = 1000
