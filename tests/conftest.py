@@ -12,6 +12,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
@@ -23,6 +24,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
+from tests.servers import PrivatePostgres, PrivateRabbit
 from txflow import RelayConfig, TxFlow
 from txflow.testing import InMemoryBroker, InMemoryTransport
 
@@ -145,6 +147,26 @@ async def real(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     b = Backend("rabbit", tmp_path, f"t{next(_counter)}", amqp_url=amqp)
     async with b.stack:
         yield b
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of this test's own, to stop and restart (tests/servers.py)."""
+    pg = PrivatePostgres(Path(tempfile.mkdtemp(prefix="txflow-pg-"))).init()
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+@pytest.fixture
+def private_rabbit() -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of this test's own, to stop, kill and restart (tests/servers.py)."""
+    node = PrivateRabbit(Path(tempfile.mkdtemp(prefix="txflow-rabbit-"))).init()
+    try:
+        yield node
+    finally:
+        node.close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,26 +11,19 @@ from collections.abc import Awaitable
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import TEST_RELAY, Backend, _rabbitmqctl
+from tests.conftest import TEST_RELAY, Backend
+from tests.servers import PrivateRabbit
 from tests.support import Ping, add_effect_handler, count_rows, effects
 from tests.support import user_metadata as md
 from txflow import DatabaseUnavailableError, RelayConfig
 from txflow.testing import wait_until
 
 
-def _restart_rabbit() -> None:
-    stop = _rabbitmqctl("stop_app")
-    assert stop.returncode == 0, stop.stderr
-
-
-def _ensure_rabbit_running() -> None:
-    _rabbitmqctl("start_app")
-    done = _rabbitmqctl("await_startup", "--timeout", "120")
-    assert done.returncode == 0, done.stderr
-
-
 @pytest.mark.slow
-async def test_broker_restart_while_events_flow_loses_nothing(real: Backend) -> None:
+async def test_broker_restart_while_events_flow_loses_nothing(
+    real: Backend, private_rabbit: PrivateRabbit
+) -> None:
+    real.amqp_url = private_rabbit.url  # a node of this test's own, to stop and start
     producer = await real.app("producer", database="producer")
     consumer = await real.app("consumer", metadata=md)
     calls: list[str] = []
@@ -41,9 +34,9 @@ async def test_broker_restart_while_events_flow_loses_nothing(real: Backend) -> 
             for i in range(total):
                 await producer.publish(Ping(n=i))
                 if i == 100:
-                    await asyncio.to_thread(_restart_rabbit)
+                    await asyncio.to_thread(private_rabbit.stop_app)
                 if i == 200:
-                    await asyncio.to_thread(_ensure_rabbit_running)
+                    await asyncio.to_thread(private_rabbit.start)
                 await asyncio.sleep(0.005)
 
             async def all_handled() -> bool:
@@ -58,7 +51,7 @@ async def test_broker_restart_while_events_flow_loses_nothing(real: Backend) -> 
             # Effects are unique per message; the handler body never ran twice for one id.
             assert len(calls) == len(set(calls)) == total
     finally:
-        await asyncio.to_thread(_ensure_rabbit_running)
+        await asyncio.to_thread(private_rabbit.start)
 
 
 async def test_two_relays_on_one_table_publish_every_row_once(real: Backend) -> None:

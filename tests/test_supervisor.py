@@ -13,9 +13,8 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,24 +30,6 @@ from txflow.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNING = re.compile(r"\[(\d+)\] txflow\.cli: cliapp running; ")
-
-
-@pytest.fixture
-def private_pg() -> Iterator[PrivatePostgres]:
-    pg = PrivatePostgres(Path(tempfile.mkdtemp(prefix="txflow-pg-"))).init()
-    try:
-        yield pg
-    finally:
-        pg.close()
-
-
-@pytest.fixture
-def private_rabbit() -> Iterator[PrivateRabbit]:
-    node = PrivateRabbit(Path(tempfile.mkdtemp(prefix="txflow-rabbit-"))).init()
-    try:
-        yield node
-    finally:
-        node.close()
 
 
 @dataclass

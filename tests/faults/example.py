@@ -19,6 +19,7 @@ async def run_example(
     *,
     expected_dead_letters: list[ExpectedDeadLetter] | None = None,
     killed: bool = False,
+    database: str = PG_URL,
 ) -> tuple[str, demo.Run]:
     """Run the example under `chaos`; return its printed report (which must pass) and run.
 
@@ -26,9 +27,10 @@ async def run_example(
     letters" check by "the dead letters are exactly these". `killed` says workers were
     SIGKILLed: a row a killed relay published but had not marked sent yet stays pending
     until its lease runs out and another relay sends it again, which may be after the run.
+    `database` is the PostgreSQL server the services' databases are created on.
     """
     args = demo.parse_args(
-        ["--orders", str(ORDERS), "--broker", amqp_url, "--database", PG_URL, "--workers", "2",
+        ["--orders", str(ORDERS), "--broker", amqp_url, "--database", database, "--workers", "2",
          "--concurrency", "4", "--timeout", "240"]
     )  # fmt: skip
     run = demo.new_run(args)

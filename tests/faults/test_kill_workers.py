@@ -21,6 +21,7 @@ import pytest
 from examples.order_inventory import demo
 
 from tests.faults.example import report_line, run_example
+from tests.servers import PrivatePostgres, PrivateRabbit
 
 # A run takes 10-40 s, and stopping the services gracefully may take a minute more.
 pytestmark = [
@@ -89,30 +90,30 @@ async def _command(*argv: str) -> None:
     assert proc.returncode == 0, f"{argv}: {err.decode()}"
 
 
-async def test_rabbitmq_restart_mid_run(amqp_url: str) -> None:
+async def test_rabbitmq_restart_mid_run(private_rabbit: PrivateRabbit) -> None:
     restarts = 0
 
     async def restart_broker(services: Sequence[demo.Service]) -> None:
         nonlocal restarts
         await asyncio.sleep(1.5)
         try:
-            await _command("rabbitmqctl", "-q", "stop_app")
+            await asyncio.to_thread(private_rabbit.stop_app)
             restarts += 1  # no order can finish while the broker is down
             await asyncio.sleep(3.0)
         finally:
-            await _command("rabbitmqctl", "-q", "start_app")
-            await _command("rabbitmqctl", "-q", "await_startup")
+            await asyncio.to_thread(private_rabbit.start)
 
-    try:
-        _, run = await run_example(amqp_url, restart_broker)
-    finally:
-        await _command("rabbitmqctl", "-q", "start_app")
+    # A node of this test's own: the shared broker other tests use is never stopped.
+    _, run = await run_example(private_rabbit.url, restart_broker)
     print(report_line("rabbitmq-restart", run, restarts=restarts))
     assert restarts == 1
 
 
-async def test_database_connections_terminated_and_server_restarted(amqp_url: str) -> None:
+async def test_database_connections_terminated_and_server_restarted(
+    amqp_url: str, private_pg: PrivatePostgres
+) -> None:
     cuts: list[str] = []
+    psql = ("psql", "-h", "127.0.0.1", "-p", str(private_pg.port), "-U", "postgres", "-qc")
 
     async def cut_database(services: Sequence[demo.Service]) -> None:
         terminate = (
@@ -122,34 +123,16 @@ async def test_database_connections_terminated_and_server_restarted(amqp_url: st
         # All cuts land in the first seconds, well before 1,000 orders can be through.
         for _ in range(3):
             await asyncio.sleep(1.0)
-            await _command(
-                "psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", terminate
-            )
+            await _command(*psql, terminate)
             cuts.append("terminate")
         await asyncio.sleep(1.0)
         try:
-            await _command(*_pg_ctl("restart"))
+            await asyncio.to_thread(private_pg.stop, "fast")
             cuts.append("restart")
         finally:
-            await _ensure_postgres()
+            await asyncio.to_thread(private_pg.start)
 
-    _, run = await run_example(amqp_url, cut_database)
+    # A server of this test's own: the shared PostgreSQL other tests use is never restarted.
+    _, run = await run_example(amqp_url, cut_database, database=private_pg.url)
     print(report_line("database-cuts", run, cuts=",".join(cuts)))
     assert cuts == ["terminate", "terminate", "terminate", "restart"]
-
-
-PSQL = ("psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc")
-
-
-def _pg_ctl(action: str) -> tuple[str, ...]:
-    version = sorted(os.listdir("/etc/postgresql"))[0]
-    return ("pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action)
-
-
-async def _ensure_postgres() -> None:
-    """Leave PostgreSQL running whatever happened (start fails if it already runs: fine)."""
-    proc = await asyncio.create_subprocess_exec(
-        *_pg_ctl("start"), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
-    await proc.wait()
-    await _command("pg_isready", "-q", "-h", "127.0.0.1", "-t", "60")
