@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 scripts/services.sh
+scripts/browser.sh
 .venv/bin/ruff check src tests examples benchmarks
 .venv/bin/ruff format --check src tests examples benchmarks
 .venv/bin/mypy
