@@ -11,7 +11,12 @@ Stops on Ctrl-C or SIGTERM like `txflow run`.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from txflow.cli._common import EXIT_OK, add_urls, load_app, log, run_async
 from txflow.errors import ConfigurationError
@@ -53,10 +58,33 @@ def _cmd_console(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, access_log=False
     )
-    server = uvicorn.Server(config)
+    server = _server_class(uvicorn.Server)(config)
     mode = " (read-only)" if args.read_only else ""
     host = f"[{args.host}]" if ":" in args.host else args.host
     log.info("txflow console on http://%s:%d/%s", host, args.port, mode)
     print(f"txflow console on http://{host}:{args.port}/{mode}", file=sys.stderr, flush=True)
     run_async(server.serve)
     return EXIT_OK if server.started else 69
+
+
+def _server_class(base: Any) -> Any:
+    """uvicorn's server, stopping on SIGINT or SIGTERM with exit code 0 as `txflow run` does.
+
+    uvicorn re-raises the signal it caught once it has shut down, which would make a clean
+    stop look like a crash to a supervisor.
+    """
+
+    class Server(base):  # type: ignore[misc]
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            stops = (signal.SIGINT, signal.SIGTERM)
+            for sig in stops:
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in stops:
+                    loop.remove_signal_handler(sig)
+
+    return Server
