@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from txflow.errors import ConfigurationError
+from txflow import ConfigurationError
 
 TOKEN_ENV = "TXFLOW_CONSOLE_TOKEN"
 USER_ENV = "TXFLOW_CONSOLE_USER"
