@@ -174,6 +174,10 @@ class Transport(abc.ABC):
     async def queue_depth(self, queue: str) -> int:
         """Number of ready messages in `queue` (for operators and tests)."""
 
+    async def consumer_count(self, queue: str) -> int | None:
+        """Consumers subscribed to `queue` (for operators), or None if the broker cannot tell."""
+        return None
+
     @abc.abstractmethod
     def fetch(self, queue: str, limit: int) -> AbstractAsyncContextManager[list[Delivery]]:
         """Take up to `limit` messages from `queue`, in queue order, without a consumer.

@@ -58,9 +58,15 @@ async def list_flows(
     status: FlowStatus | str | None = None,
     limit: int = DEFAULT_LIST_LIMIT,
     known: Mapping[str, Flow] | None = None,
+    updated_before: datetime | None = None,
 ) -> list[FlowInfo]:
-    """Instances, most recently updated first, optionally of one flow and one status."""
+    """Instances, most recently updated first, optionally of one flow and one status.
+
+    `updated_before` keeps those not updated since then (the stuck ones, for the console).
+    """
     stmt = sa.select(flows).order_by(flows.c.updated_at.desc()).limit(limit)
+    if updated_before is not None:
+        stmt = stmt.where(flows.c.updated_at < updated_before)
     if flow is not None:
         stmt = stmt.where(flows.c.flow == flow)
     if status is not None:

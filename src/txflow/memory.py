@@ -344,6 +344,10 @@ class InMemoryTransport(Transport):
     async def queue_depth(self, queue: str) -> int:
         return self.broker.depth(queue)
 
+    async def consumer_count(self, queue: str) -> int | None:
+        q = self.broker.queues.get(queue)
+        return None if q is None else len(q.consumers)
+
     @asynccontextmanager
     async def fetch(self, queue: str, limit: int) -> AsyncIterator[list[Delivery]]:
         self._check()

@@ -8,6 +8,7 @@
     txflow dlq purge QUEUE --yes
     txflow flows list [--status S] [--flow NAME] | show ID
     txflow graph module:app [module:app ...]
+    txflow console module:app [module:app ...] [--host 127.0.0.1] [--port 8080] [--read-only]
 
 One module per command group; `_common` holds what they share, exit codes included. Errors
 print one line naming the fix; docs/cli.md lists the exit codes.
@@ -21,7 +22,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from txflow.cli import _db, _dlq, _flows, _run
+from txflow.cli import _console, _db, _dlq, _flows, _run
 from txflow.cli._common import (
     EXIT_ERROR,
     EXIT_UNAVAILABLE,
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     graph = sub.add_parser("graph", help="print the event chain of apps as a Mermaid diagram")
     graph.add_argument("targets", nargs="+", help="module:attribute of each app to draw")
     graph.set_defaults(func=_cmd_graph)
+    _console.add_command(sub)
     return parser
 
 

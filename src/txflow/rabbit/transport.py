@@ -385,6 +385,13 @@ class RabbitTransport(Transport):
             result: Any = amqp_queue.declaration_result
             return int(result.message_count or 0)
 
+    async def consumer_count(self, queue: str) -> int | None:
+        async with self._existing(queue) as amqp_queue:
+            if amqp_queue is None:
+                return None
+            result: Any = amqp_queue.declaration_result
+            return int(result.consumer_count or 0)
+
     @asynccontextmanager
     async def fetch(self, queue: str, limit: int) -> AsyncIterator[list[Delivery]]:
         async with self._existing(queue) as amqp_queue:
