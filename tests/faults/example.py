@@ -19,6 +19,8 @@ async def run_example(
     *,
     expected_dead_letters: list[ExpectedDeadLetter] | None = None,
     killed: bool = False,
+    quorum_queues: bool = False,
+    timeout: float = 240,
 ) -> tuple[str, demo.Run]:
     """Run the example under `chaos`; return its printed report (which must pass) and run.
 
@@ -26,10 +28,13 @@ async def run_example(
     letters" check by "the dead letters are exactly these". `killed` says workers were
     SIGKILLed: a row a killed relay published but had not marked sent yet stays pending
     until its lease runs out and another relay sends it again, which may be after the run.
+    `amqp_url` may list a cluster's nodes, comma-separated; `quorum_queues` declares quorum
+    queues; `timeout` is the seconds every order has to end.
     """
     args = demo.parse_args(
         ["--orders", str(ORDERS), "--broker", amqp_url, "--database", PG_URL, "--workers", "2",
-         "--concurrency", "4", "--timeout", "240"]
+         "--concurrency", "4", "--timeout", str(timeout)]
+        + (["--quorum-queues"] if quorum_queues else [])
     )  # fmt: skip
     run = demo.new_run(args)
     run.expected_dead_letters = expected_dead_letters
