@@ -8,13 +8,18 @@ users (PostgreSQL refuses root), from the Debian packages' binaries.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +44,11 @@ def _run(*argv: str, env: dict[str, str] | None = None, check: bool = True) -> s
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
     return done.stdout
+
+
+def _node_name(prefix: str) -> str:
+    # Unique per node: a node left running by a crashed run cannot clash with a new one.
+    return f"{prefix}-{uuid.uuid4().hex[:8]}@localhost"
 
 
 def _own(path: Path, user: str) -> None:
@@ -112,7 +122,7 @@ class PrivateRabbit:
     root: Path
     port: int = field(default_factory=free_port)
     dist_port: int = field(default_factory=free_port)
-    name: str = field(default_factory=lambda: f"txflow-test-{uuid.uuid4().hex[:8]}@localhost")
+    name: str = field(default_factory=lambda: _node_name("txflow-test"))
 
     @property
     def url(self) -> str:
@@ -172,6 +182,27 @@ class PrivateRabbit:
     def stop_app(self) -> None:
         self.ctl("stop_app")
 
+    def stop(self) -> None:
+        """Stop the whole node (its Erlang VM too), as a host shutdown does."""
+        self.ctl("stop")
+        while self._node_up():
+            time.sleep(0.2)
+
+    def join(self, other: PrivateRabbit) -> None:
+        """Make this (running) node a member of `other`'s cluster."""
+        self.ctl("stop_app")
+        self.ctl("join_cluster", other.name)
+        self.start()
+
+    def to_dict(self) -> dict[str, str | int]:
+        return {"root": str(self.root), "port": self.port, "dist_port": self.dist_port,
+                "name": self.name}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str | int]) -> PrivateRabbit:
+        return cls(Path(str(data["root"])), int(data["port"]), int(data["dist_port"]),
+                   str(data["name"]))  # fmt: skip
+
     def kill(self) -> None:
         pid = int((self.root / "pid").read_text().strip())
         os.kill(pid, signal.SIGKILL)
@@ -182,3 +213,126 @@ class PrivateRabbit:
         if self._node_up():
             self.ctl("stop", check=False)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class PrivateCluster:
+    """A RabbitMQ cluster of one test: `size` private nodes joined to the first one.
+
+    Its state (node names, ports, directories) is kept in `root/cluster.json`, so the
+    `scripts/rabbit_cluster.py` rig can start a cluster in one process and stop it in another.
+    """
+
+    root: Path
+    nodes: list[PrivateRabbit] = field(default_factory=list)
+
+    STATE = "cluster.json"
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated: what `--broker` and `broker_url` take."""
+        return ",".join(self.urls)
+
+    def init(self, size: int = 3) -> PrivateCluster:
+        """Start `size` nodes, join them into one cluster, and wait until it is healthy."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)  # the nodes run as rabbitmq and must reach their directories
+        prefix = f"txflow-cluster-{uuid.uuid4().hex[:6]}"
+        try:
+            for i in range(size):
+                node = PrivateRabbit(
+                    self.root / f"node{i + 1}", name=_node_name(f"{prefix}-n{i + 1}")
+                )
+                self.nodes.append(node)
+                self._save()  # before starting it: a failed start is still torn down
+                node.init()
+                if i:
+                    node.join(self.nodes[0])
+            self.wait_healthy()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def running(self) -> list[str]:
+        """The names of the cluster's running nodes, as its first reachable node sees them."""
+        for node in self.nodes:
+            if node._node_up():
+                out = node.ctl("cluster_status", "--formatter", "json", check=False)
+                if out.strip().startswith("{"):
+                    return list(json.loads(out).get("running_nodes", []))
+        return []
+
+    def wait_healthy(self, timeout: float = COMMAND_TIMEOUT) -> None:
+        """Return once every node runs and sees all the others."""
+        deadline = time.monotonic() + timeout
+        wanted = {node.name for node in self.nodes}
+        while set(self.running()) != wanted:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster not healthy: running {self.running()}, want {wanted}")
+            time.sleep(0.5)
+
+    def node_of(self, name: str) -> PrivateRabbit:
+        return next(node for node in self.nodes if node.name == name)
+
+    def leaders(self, vhost: str = "/") -> dict[str, str]:
+        """Queue name -> the node leading it (quorum queues), asked of a running node."""
+        for node in self.nodes:
+            if node._node_up():
+                out = node.ctl("list_queues", "-p", vhost, "-q", "--formatter", "json",
+                               "name", "leader", check=False)  # fmt: skip
+                if out.strip().startswith("["):
+                    return {q["name"]: q["leader"] for q in json.loads(out) if q.get("leader")}
+        return {}
+
+    def _save(self) -> None:
+        state = {"nodes": [node.to_dict() for node in self.nodes]}
+        (self.root / self.STATE).write_text(json.dumps(state, indent=2))
+
+    @classmethod
+    def load(cls, root: Path) -> PrivateCluster:
+        state = json.loads((root / cls.STATE).read_text())
+        return cls(root, [PrivateRabbit.from_dict(node) for node in state["nodes"]])
+
+    def close(self) -> None:
+        """Stop every node (killed if it will not stop) and remove the cluster's directory."""
+        for node in self.nodes:
+            try:
+                node.close()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    node.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+RIG = Path(__file__).resolve().parent.parent / "scripts" / "rabbit_cluster.py"
+
+
+def _rig(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(RIG), *args],
+        capture_output=True, text=True, timeout=COMMAND_TIMEOUT * 3, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbit_cluster.py {' '.join(args)} failed: {done.stderr}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def rigged_cluster(size: int = 3) -> Iterator[PrivateCluster]:
+    """A private cluster started, and torn down even on failure, by scripts/rabbit_cluster.py."""
+    root = Path(tempfile.mkdtemp(prefix="txflow-cluster-"))
+    try:
+        urls = _rig("start", str(root), "--nodes", str(size)).strip()
+        cluster = PrivateCluster.load(root)
+        assert cluster.url == urls, (cluster.url, urls)
+        yield cluster
+    finally:
+        # A start that failed half-way has torn its nodes down itself.
+        if (root / PrivateCluster.STATE).exists():
+            _rig("stop", str(root))
+        shutil.rmtree(root, ignore_errors=True)

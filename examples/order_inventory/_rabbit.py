@@ -6,8 +6,22 @@ Talks to RabbitMQ through aio-pika directly (imported lazily: the in-memory demo
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from txflow import Topology
+
+
+async def _connect(urls: str) -> Any:
+    """A plain aio-pika connection to the first node of `urls` (comma-separated) that answers."""
+    import aio_pika
+
+    nodes = [url.strip() for url in urls.split(",") if url.strip()]
+    for node in nodes[:-1]:
+        try:
+            return await aio_pika.connect(node, timeout=5)
+        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError):
+            continue  # that node is down; the next may be up
+    return await aio_pika.connect(nodes[-1], timeout=5)
 
 
 def retry_queue_names(topology: Topology) -> list[str]:
@@ -28,11 +42,10 @@ def queue_names(topology: Topology) -> list[str]:
 
 async def consumer_counts(url: str, queues: Iterable[str]) -> dict[str, int]:
     """Consumers attached to each queue (0 for a missing queue)."""
-    import aio_pika
     import aiormq
 
     counts: dict[str, int] = {}
-    connection = await aio_pika.connect(url)
+    connection = await _connect(url)
     try:
         for name in queues:
             channel = await connection.channel()
@@ -51,9 +64,7 @@ async def consumer_counts(url: str, queues: Iterable[str]) -> dict[str, int]:
 
 async def delete_topology(url: str, topologies: Iterable[Topology]) -> None:
     """Delete the queues and exchanges of `topologies` (messages in them are lost)."""
-    import aio_pika
-
-    connection = await aio_pika.connect(url)
+    connection = await _connect(url)
     try:
         channel = await connection.channel()
         exchanges = set()

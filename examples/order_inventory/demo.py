@@ -5,9 +5,11 @@
         in a temporary directory. Add --broker amqp://... to use RabbitMQ instead.
 
     python -m examples.order_inventory.demo --broker amqp://... --database postgresql://.../db
-        [--workers N]
+        [--workers N] [--quorum-queues]
         Three services as `txflow run` processes on RabbitMQ, each with a fresh PostgreSQL
-        database created on the server of --database (and dropped at the end).
+        database created on the server of --database (and dropped at the end). For a
+        cluster, repeat --broker (or give the nodes' URLs comma-separated): every worker gets
+        the whole list and fails over between the nodes.
 
 Exits 0 only if every invariant check passes.
 """
@@ -49,6 +51,7 @@ from examples.order_inventory.settings import (
     CONCURRENCY_ENV,
     EXCHANGE_ENV,
     QUEUE_PREFIX_ENV,
+    QUORUM_QUEUES_ENV,
     STATS_INTERVAL_ENV,
     database_url_env,
 )
@@ -151,6 +154,8 @@ class Run:
     expected_dead_letters: list[ExpectedDeadLetter] | None = None
     dead_letter_details: dict[str, list[DeadLetterInfo]] = field(default_factory=dict)
     counts: Counts | None = None
+    # (monotonic time, orders terminal) at each look while waiting: how progress went.
+    progress: list[tuple[float, int]] = field(default_factory=list)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -223,6 +228,7 @@ async def watch(store: Store, run: Run, check_alive: Callable[[], None]) -> bool
             await asyncio.sleep(0.5)  # the database is restarting; look again shortly
             continue
         terminal = sum(counts[s] for s in TERMINAL)
+        run.progress.append((time.monotonic(), terminal))
         # The flow tracker records an order's end right after the order row changes.
         done = terminal == total and len(run.placed) == total and not counts[OPEN_FLOWS]
         if done or run.elapsed() >= next_line:
@@ -354,6 +360,11 @@ def isolation_options(run_id: str) -> dict[str, str]:
     return {"queue_prefix": f"{run_id}.", "exchange": f"{run_id}.events"}
 
 
+def broker_options(args: argparse.Namespace, run_id: str) -> dict[str, Any]:
+    """`TxFlow(...)` options of the run's apps: isolation, and quorum queues if asked."""
+    return {**isolation_options(run_id), "quorum_queues": args.quorum_queues}
+
+
 # -- one process ------------------------------------------------------------------------------
 
 
@@ -365,7 +376,7 @@ async def run_in_process(args: argparse.Namespace, run: Run) -> bool:
     def options() -> dict[str, Any]:
         tuning = {"concurrency": args.concurrency} if args.concurrency else {}
         if args.broker:
-            return {"broker_url": args.broker, **isolation_options(run_id), **tuning}
+            return {"broker_url": args.broker, **broker_options(args, run_id), **tuning}
         return {"transport": InMemoryTransport(broker), **tuning}
 
     with tempfile.TemporaryDirectory(prefix="txflow-order-demo-") as tmp:
@@ -515,6 +526,7 @@ async def start_services(
         QUEUE_PREFIX_ENV: isolation_options(run_id)["queue_prefix"],
         EXCHANGE_ENV: isolation_options(run_id)["exchange"],
         CONCURRENCY_ENV: str(concurrency),
+        QUORUM_QUEUES_ENV: "1" if args.quorum_queues else "",
         # Running counters every second, so a worker killed mid-run still counts what it did.
         STATS_INTERVAL_ENV: "1",
         **{database_url_env(name): url for name, url in urls.items()},
@@ -705,7 +717,7 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
     )
     await _admin(server, [f'CREATE DATABASE "{db}"' for db in names.values()])
     log_dir = Path(tempfile.mkdtemp(prefix=f"txflow-{run_id}-"))
-    options = {"broker_url": args.broker, **isolation_options(run_id)}
+    options = {"broker_url": args.broker, **broker_options(args, run_id)}
     apps = {
         name: factory(database_url=urls[name], **options) for name, factory in FACTORIES.items()
     }
@@ -793,7 +805,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Run the order/inventory/payment example and check its invariants.",
     )
     parser.add_argument("--orders", type=int, default=DEFAULT_ORDERS, help="orders to place")
-    parser.add_argument("--broker", help="amqp://... (default: an in-memory broker)")
+    parser.add_argument(
+        "--broker",
+        action="append",
+        help="amqp://... (default: an in-memory broker); repeat it, or separate URLs with "
+        "commas, for the nodes of a cluster",
+    )
+    parser.add_argument(
+        "--quorum-queues",
+        action="store_true",
+        help="declare quorum queues (replicated across a cluster's nodes)",
+    )
     parser.add_argument(
         "--database",
         help="postgresql://.../db: run the services as separate processes, each with a fresh "
@@ -817,7 +839,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--orders and --workers must be at least 1")
     if args.database and not args.broker:
         parser.error("--database needs --broker amqp://... (separate processes need RabbitMQ)")
-    args.broker_display = sa.make_url(args.broker).render_as_string() if args.broker else None
+    nodes = [url.strip() for urls in args.broker or [] for url in urls.split(",") if url.strip()]
+    args.broker = ",".join(nodes) or None
+    args.broker_display = ",".join(sa.make_url(url).render_as_string() for url in nodes) or None
     return args
 
 

@@ -12,6 +12,8 @@ service gets its own database:
   a database connection, so processes x handlers x concurrency must fit PostgreSQL's
   `max_connections`;
 - `TXFLOW_STATS_INTERVAL`: seconds between the workers' log lines of running counters;
+- `TXFLOW_QUORUM_QUEUES`: `1` to declare quorum queues (replicated across a RabbitMQ
+  cluster) instead of classic ones;
 - `TXFLOW_EXCHANGE`: the events exchange. Queues are bound to the exchange by event type, so a
   prefix alone does not isolate two runs: both would receive each other's events. Give each
   isolated environment its own exchange too (or its own RabbitMQ vhost).
@@ -28,6 +30,7 @@ QUEUE_PREFIX_ENV = "TXFLOW_QUEUE_PREFIX"
 EXCHANGE_ENV = "TXFLOW_EXCHANGE"
 CONCURRENCY_ENV = "TXFLOW_CONCURRENCY"
 STATS_INTERVAL_ENV = "TXFLOW_STATS_INTERVAL"
+QUORUM_QUEUES_ENV = "TXFLOW_QUORUM_QUEUES"
 
 # The handlers are deterministic, so what fails an attempt is the infrastructure (a database
 # restart, a full connection pool): worth a few tries spread over several seconds.
@@ -52,6 +55,8 @@ def service_options(service: str, **overrides: Any) -> dict[str, Any]:
     exchange = os.environ.get(EXCHANGE_ENV)
     if exchange:
         options["exchange"] = exchange
+    if os.environ.get(QUORUM_QUEUES_ENV) == "1":
+        options["quorum_queues"] = True
     stats_interval = os.environ.get(STATS_INTERVAL_ENV)
     if stats_interval:
         options["stats_interval"] = float(stats_interval)

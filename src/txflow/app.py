@@ -71,7 +71,8 @@ class TxFlow:
     Args:
         name: the service name; prefixes its queue names and inbox keys.
         broker_url: `amqp://...` or `memory://name`; default `$TXFLOW_BROKER_URL`, else the
-            in-process broker.
+            in-process broker. For a RabbitMQ cluster, the nodes' URLs comma-separated: the
+            app connects to one (in a random order) and fails over to the next.
         database_url: `postgresql://...` or `sqlite:///path`; default `$TXFLOW_DATABASE_URL`,
             else `sqlite:///txflow-<name>.db`.
         exchange: the topic exchange events are published to.

@@ -29,6 +29,8 @@ def resolve_database_url(explicit: str | None, app_name: str) -> str:
 def open_transport(url: str) -> Transport:
     """A `Transport` for `url` (not yet connected): `amqp://`, `amqps://` or `memory://name`.
 
+    Several comma-separated `amqp://` URLs are the nodes of one cluster, failed over between.
+
     Raises:
         UnsupportedURLError: for any other scheme.
     """

@@ -5,6 +5,8 @@ Messages name the thing that went wrong and the fix. URLs in messages are always
 
 from __future__ import annotations
 
+import re
+
 
 class TxflowError(Exception):
     """Base class of every error txflow raises."""
@@ -102,8 +104,23 @@ class DeadLetter(HandlerControl):
         self.reason = reason
 
 
+# A comma that starts another URL ("...,amqp://..."): one inside a password does not.
+_NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_url_list(urls: str) -> list[str]:
+    """The URLs of a comma-separated list, each stripped (one URL gives a list of one)."""
+    return [part.strip() for part in _NEXT_URL.split(urls)]
+
+
 def mask_url(url: str) -> str:
-    """Return `url` with any password replaced by `***`, safe to log or print."""
+    """Return `url` with any password replaced by `***`, safe to log or print.
+
+    A comma-separated list of URLs (the nodes of a broker cluster) is masked URL by URL.
+    """
+    parts = split_url_list(url)
+    if len(parts) > 1:
+        return ",".join(mask_url(part) for part in parts)
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url

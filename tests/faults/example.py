@@ -20,6 +20,8 @@ async def run_example(
     expected_dead_letters: list[ExpectedDeadLetter] | None = None,
     killed: bool = False,
     database: str = PG_URL,
+    quorum_queues: bool = False,
+    timeout: float = 240,
 ) -> tuple[str, demo.Run]:
     """Run the example under `chaos`; return its printed report (which must pass) and run.
 
@@ -28,10 +30,13 @@ async def run_example(
     SIGKILLed: a row a killed relay published but had not marked sent yet stays pending
     until its lease runs out and another relay sends it again, which may be after the run.
     `database` is the PostgreSQL server the services' databases are created on.
+    `amqp_url` may list a cluster's nodes, comma-separated; `quorum_queues` declares quorum
+    queues; `timeout` is the seconds every order has to end.
     """
     args = demo.parse_args(
         ["--orders", str(ORDERS), "--broker", amqp_url, "--database", database, "--workers", "2",
-         "--concurrency", "4", "--timeout", "240"]
+         "--concurrency", "4", "--timeout", str(timeout)]
+        + (["--quorum-queues"] if quorum_queues else [])
     )  # fmt: skip
     run = demo.new_run(args)
     run.expected_dead_letters = expected_dead_letters

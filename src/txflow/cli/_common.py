@@ -109,9 +109,28 @@ def apply_urls(app: TxFlow, args: argparse.Namespace) -> None:
         app.database_url = args.database
 
 
+class _NodeList(argparse.Action):
+    """A repeated `--broker` adds a node: the value is the comma-separated list of them all."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        earlier = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{earlier},{values}" if earlier else values)
+
+
 def add_urls(p: argparse.ArgumentParser, broker: bool = True) -> None:
     if broker:
-        p.add_argument("--broker", help=f"broker URL (default ${BROKER_URL_ENV} or memory://)")
+        p.add_argument(
+            "--broker",
+            action=_NodeList,
+            help=f"broker URL (default ${BROKER_URL_ENV} or memory://); for a cluster, repeat "
+            "it or give the nodes' URLs comma-separated",
+        )
     p.add_argument(
         "--database", help=f"database URL (default ${DATABASE_URL_ENV} or a SQLite file)"
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +24,6 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.connection import make_url
 from aiormq.abc import ConfirmationFrameType
 from pamqp import commands as spec
 from pamqp.common import FieldValue
@@ -38,6 +37,7 @@ from txflow.errors import (
     UnroutableError,
     mask_url,
 )
+from txflow.rabbit._failover import FailoverConnection, shuffled, split_urls
 from txflow.retry import MAX_HOLD_FACTOR
 
 log = logging.getLogger("txflow.rabbit")
@@ -186,54 +186,91 @@ class RabbitTransport(Transport):
     """The RabbitMQ transport.
 
     Args:
-        url: an `amqp://` or `amqps://` URL.
-        connect_timeout: seconds to wait for the first connection.
+        url: an `amqp://` or `amqps://` URL, or the URLs of several nodes of one cluster
+            (a comma-separated string or a sequence).
+        connect_timeout: seconds to wait for the first connection (per node).
         publish_timeout: seconds a publish may wait for its confirm.
 
-    The connection is robust: after a broker restart it reconnects, re-declares the
-    topology and resumes consuming by itself. Deliveries unacked when it dropped are
-    redelivered by the broker (the inbox makes that harmless).
+    The connection is robust: when it drops (the node stopped, died or was cut off) it
+    reconnects, to the next node of the list if there are several, re-declares the topology
+    and resumes consuming by itself, waiting with backoff while no node answers. The nodes
+    are tried in a random order, so that processes given the same list spread over it.
+    Deliveries unacked when it dropped are redelivered by the broker (the inbox makes that
+    harmless); a publish whose confirm was lost raises `TransportClosedError`, and the
+    outbox publishes the row again.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         connect_timeout: float = CONNECT_TIMEOUT,
         publish_timeout: float = PUBLISH_TIMEOUT,
     ) -> None:
-        self.url = url
+        self.nodes = shuffled(split_urls(url))
+        self.url = ",".join(self.nodes)
         self.connect_timeout = connect_timeout
         self.publish_timeout = publish_timeout
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: FailoverConnection | None = None
+        self._topologies: list[Topology] = []
         self._publish_channel: AbstractChannel | None = None
         self._specs: dict[str, QueueSpec] = {}
         self._consumer_channels: list[AbstractChannel] = []
 
     @property
     def masked_url(self) -> str:
+        """The node connected to (or tried next), else every node; passwords masked."""
+        if self._connection is not None:
+            return self._connection.node
         return mask_url(self.url)
 
     async def connect(self) -> None:
         if self._connection is not None:
             return
-        # Built by hand rather than with `connect_robust`, so that a failed attempt is closed
-        # here: left to the garbage collector it warns "coroutine ... was never awaited",
-        # once per attempt while `txflow run` waits for the broker.
-        connection = aio_pika.RobustConnection(make_url(self.url))
-        try:
-            await connection.connect(timeout=self.connect_timeout)
-        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-            with contextlib.suppress(Exception):
-                await connection.close()
-            reason = str(exc) or type(exc).__name__
-            raise BrokerUnavailableError(
-                f"cannot connect to {self.masked_url}: {reason}; is RabbitMQ running?"
-            ) from exc
-        self._connection = connection
-        self._publish_channel = await connection.channel(
-            publisher_confirms=True, on_return_raises=True
+        failures: list[str] = []
+        for start, node in enumerate(self.nodes):
+            # Built by hand rather than with `connect_robust`, so that a failed attempt is
+            # closed here: left to the garbage collector it warns "coroutine ... was never
+            # awaited", once per attempt while `txflow run` waits for the broker.
+            connection = FailoverConnection(self.nodes, start)
+            try:
+                await connection.connect(timeout=self.connect_timeout)
+            except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                failures.append(f"{mask_url(node)}: {str(exc) or type(exc).__name__}")
+                continue
+            connection.reconnect_callbacks.add(self._redeclare)
+            self._connection = connection
+            self._publish_channel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            return
+        raise BrokerUnavailableError(
+            f"cannot connect to {'; '.join(failures)}; is RabbitMQ running?"
         )
+
+    async def _redeclare(self, connection: AbstractRobustConnection | None, /) -> None:
+        """Declare the topology again on the node just reached (it may never have had it).
+
+        The robust channels have already re-declared the consumed queues; this adds the
+        exchange, bindings, dead-letter and retry queues. A failure is logged, not raised:
+        on a cluster the topology is shared and usually still there.
+        """
+        if connection is None:
+            return
+        try:
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                channel = await connection.channel()
+                try:
+                    for topology in self._topologies:
+                        await self._declare(channel, topology)
+                finally:
+                    await _close_quietly(channel)
+        except (*_CLOSED_ERRORS, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+            log.warning(
+                "could not re-declare the topology on %s: %s", self.masked_url, exc or type(exc)
+            )
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
@@ -265,6 +302,8 @@ class RabbitTransport(Transport):
             channel = await self._conn().channel()
             try:
                 await self._declare(channel, topology)
+                if topology not in self._topologies:
+                    self._topologies.append(topology)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise ConfigurationError(
                     f"the broker refused txflow's topology on {self.masked_url}: {exc}; an "
