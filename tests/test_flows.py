@@ -342,6 +342,42 @@ async def test_on_completed_sees_every_step_even_when_the_last_success_arrives_f
         assert rig.undone == [] and rig.failed == []
 
 
+async def test_a_timeout_waits_for_every_earlier_success(backend: Backend) -> None:
+    """The deadline passes with c's success in and b's on the way: b is undone before start."""
+    rig = await make_rig(backend, make_flow(timeout=1.0), worker_steps=False)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        await publish_and_record(rig, "k1", CDone(key="k1"), steps=2)
+
+        async def timed_out() -> bool:
+            return "timed out" in await history(rig, "k1")
+
+        await wait_until(timed_out, message="deadline passed")
+        info = await rig.state("k1")
+        assert info is not None and info.status is FlowStatus.COMPENSATING
+        assert "compensation requested" not in await history(rig, "k1")
+        await rig.owner.publish(BDone(key="k1"), correlation_id="k1")
+        info = await rig.wait_status("k1", FlowStatus.TIMED_OUT)
+        assert rig.undone == [("c", "k1"), ("b", "k1"), ("start", "k1")]
+        assert info.reason == "flow timed out after 1s"
+
+
+async def test_a_failure_waits_for_the_success_of_a_step_without_compensation(
+    backend: Backend,
+) -> None:
+    rig = await make_rig(backend, make_flow(b_compensation=False), worker_steps=False)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        await steps_recorded(rig, "k1", 1)
+        await rig.owner.publish(CFailed(key="k1", reason="late b"), correlation_id="k1")
+        await rig.wait_status("k1", FlowStatus.COMPENSATING)
+        # b has nothing to undo, but the compensation of start waited for its success.
+        await rig.owner.publish(BDone(key="k1"), correlation_id="k1")
+        info = await rig.wait_status("k1", FlowStatus.FAILED)
+        assert rig.undone == [("start", "k1")]
+        assert info.completed_steps == ("start", "b")
+
+
 async def publish_and_record(rig: Rig, key: str, event: Event, *, steps: int) -> FlowInfo:
     """Publish a step's event and wait until the tracker recorded `steps` steps."""
     await rig.owner.publish(event, correlation_id=key)

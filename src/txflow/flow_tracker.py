@@ -254,11 +254,11 @@ class FlowTracker:
             step.name,
             ", compensating it" if step.compensation else " ignored",
         )
-        if not step.compensation:
-            return
         if inst.status is FlowStatus.COMPENSATING:
-            await self._advance(inst, ctx)  # in turn, newest first
-        elif inst.status in (FlowStatus.FAILED, FlowStatus.TIMED_OUT):
+            # In turn, newest first; and it may be the success the compensations wait for,
+            # whether or not the step has a compensation itself.
+            await self._advance(inst, ctx)
+        elif step.compensation and inst.status in (FlowStatus.FAILED, FlowStatus.TIMED_OUT):
             # Undo it too; the instance keeps its outcome (its hooks ran already).
             record = inst.completed(step.name)
             assert record is not None
@@ -359,15 +359,17 @@ class FlowTracker:
         if inst.compensating is not None:
             return  # one at a time: wait for the outstanding one to answer
         limit = len(self.flow.steps)
+        # The steps known to have succeeded: those before the failed one (it ran after them),
+        # or, on a timeout, those before the newest recorded success.
+        proven = max((self.flow.index(s["step"]) for s in inst.steps), default=0)
         if inst.failure == FlowStatus.FAILED and inst.failed_step is not None:
-            limit = self.flow.index(inst.failed_step)
-            # Every step before the failed one succeeded (the failed one ran after them), but
-            # their success events may still be on the way: compensate nothing until all are
-            # recorded, so each compensation sees every completed step and they run in order.
-            missing = self._missing(inst, limit)
-            if missing:
-                self._note(inst, "waiting", missing[-1], None, "for the step's success event")
-                return
+            limit = proven = self.flow.index(inst.failed_step)
+        # Their success events may still be on the way: compensate nothing until all are
+        # recorded, so each compensation sees every completed step and they run in order.
+        missing = self._missing(inst, proven)
+        if missing:
+            self._note(inst, "waiting", missing[-1], None, "for the step's success event")
+            return
         for index in reversed(range(limit)):
             step = self.flow.steps[index]
             if not step.compensation or step.name in inst.compensated:
