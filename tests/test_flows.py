@@ -551,6 +551,42 @@ async def test_a_step_that_succeeds_after_the_timeout_is_compensated_too(
         assert len(rig.failed) == 1  # the instance ended once; its hook ran once
 
 
+async def test_late_successes_after_the_timeout_are_undone_one_at_a_time(
+    backend: Backend,
+) -> None:
+    rig = await make_rig(backend, make_flow(timeout=1.0), worker_steps=False)
+    rig.held["b"] = hold = asyncio.Event()
+    try:
+        async with rig.owner, rig.worker:
+            await rig.start_flow("k1")
+            await rig.wait_status("k1", FlowStatus.TIMED_OUT)
+            assert rig.undone == [("start", "k1")]
+            await publish_and_record(rig, "k1", BDone(key="k1"), steps=2)
+            # b's compensation is requested and held; c succeeds late too, meanwhile.
+            await publish_and_record(rig, "k1", CDone(key="k1"), steps=3)
+            assert await requested(rig, "k1") == ["start", "b"]  # c waits for b's to finish
+            hold.set()
+
+            async def undone() -> bool:
+                info = await rig.state("k1")
+                return info is not None and set(info.compensated) == {"start", "b", "c"}
+
+            await wait_until(undone, message="late steps undone")
+            assert rig.undone == [("start", "k1"), ("b", "k1"), ("c", "k1")]
+            assert await requested(rig, "k1") == ["start", "b", "c"]
+            info = await rig.state("k1")
+            assert info is not None and info.status is FlowStatus.TIMED_OUT
+            assert len(rig.failed) == 1  # the instance ended once; its hook ran once
+    finally:
+        hold.set()
+
+
+async def requested(rig: Rig, key: str) -> list[str | None]:
+    """The steps whose compensation the tracker requested, in order."""
+    entries = await flow_history(rig.owner.store, rig.flow.name, key)
+    return [e.step for e in entries if e.action == "compensation requested"]
+
+
 async def test_finished_instances_older_than_the_retention_are_deleted(backend: Backend) -> None:
     rig = await make_rig(backend, flow_retention=3600)
     async with rig.owner, rig.worker:

@@ -20,7 +20,7 @@ Compensation: when a step's failure event arrives, the steps before it that decl
 compensation are undone newest first, one at a time: the tracker emits a request for one, and
 the next only after txflow reported that one finished. A deadline that passes does the same
 for every completed step. A success that arrives after the instance failed or timed out is
-compensated too, so no step's effect is left behind.
+compensated too (one at a time as well), so no step's effect is left behind.
 """
 
 from __future__ import annotations
@@ -260,9 +260,7 @@ class FlowTracker:
             await self._advance(inst, ctx)
         elif step.compensation and inst.status in (FlowStatus.FAILED, FlowStatus.TIMED_OUT):
             # Undo it too; the instance keeps its outcome (its hooks ran already).
-            record = inst.completed(step.name)
-            assert record is not None
-            self._request(inst, ctx, record)
+            self._undo_late(inst, ctx)
 
     async def _complete_when_all_recorded(self, inst: _Instance, ctx: Context) -> None:
         """Complete a running instance once the success of every step is recorded.
@@ -331,7 +329,9 @@ class FlowTracker:
             inst.finished_at = None
         if inst.status is FlowStatus.COMPENSATING:
             await self._advance(inst, ctx)
-        # Otherwise it undid a step that succeeded after the instance ended: nothing follows.
+        elif inst.status in (FlowStatus.FAILED, FlowStatus.TIMED_OUT):
+            # It undid a step that succeeded after the instance ended: undo the next such one.
+            self._undo_late(inst, ctx)
 
     async def _on_compensation_failed(
         self, inst: _Instance, ctx: Context, event: CompensationFailed, envelope: Envelope[Event]
@@ -381,6 +381,20 @@ class FlowTracker:
             return
         # `failure` is the status the instance ends in: failed or timed_out.
         await self._finish(inst, ctx, FlowStatus(inst.failure or FlowStatus.FAILED))
+
+    def _undo_late(self, inst: _Instance, ctx: Context) -> None:
+        """In an ended instance, request the compensation of a late success not undone yet.
+
+        One at a time, like any compensation: two steps that succeeded after the instance
+        ended are undone one after the other, the newest recorded first.
+        """
+        if inst.compensating is not None:
+            return  # the outstanding one's reply asks for the next
+        for record in reversed(inst.steps):
+            step = self.flow.step(record["step"])
+            if step.compensation and step.name not in inst.compensated:
+                self._request(inst, ctx, record)
+                return
 
     def _request(self, inst: _Instance, ctx: Context, record: dict[str, Any]) -> None:
         step = record["step"]
