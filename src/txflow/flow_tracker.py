@@ -11,10 +11,11 @@ Ordering: outcome events of one instance arrive in any order (they travel on dif
 paths and the tracker handles several at once), so an outcome never depends on the order of
 arrival. The first decisive event fixes it: the last step's success (completed), a step's
 failure (failed) or a deadline (timed out); later events that contradict it are ignored. The
-last step's success and a failure both prove that the steps before them succeeded, so the
-tracker acts on them only once every one of those successes is recorded: an instance
-completes, and its `on_completed` hooks run, with every step's event in hand; and
-compensations start only when each can see every completed step.
+last step's success and a failure both prove that the steps before them succeeded (on a
+timeout, the newest recorded success does), so the tracker acts on them only once every one
+of those successes is recorded: an instance completes, and its `on_completed` hooks run,
+with every step's event in hand; and compensations start only when each can see every
+completed step.
 
 Compensation: when a step's failure event arrives, the steps before it that declare a
 compensation are undone newest first, one at a time: the tracker emits a request for one, and
@@ -386,7 +387,7 @@ class FlowTracker:
         """In an ended instance, request the compensation of a late success not undone yet.
 
         One at a time, like any compensation: two steps that succeeded after the instance
-        ended are undone one after the other, the newest recorded first.
+        ended are undone one after the other (of those waiting, the latest step first).
         """
         if inst.compensating is not None:
             return  # the outstanding one's reply asks for the next
