@@ -65,12 +65,14 @@ class DFailed(Event):
     reason: str
 
 
-def make_flow(*, timeout: float | None = None, d_timeout: float | None = None) -> Flow:
+def make_flow(
+    *, timeout: float | None = None, d_timeout: float | None = None, b_compensation: bool = True
+) -> Flow:
     return Flow(
         "job",
         [
             Step("start", succeeded=Started, compensation=True),
-            Step("b", succeeded=BDone, compensation=True),
+            Step("b", succeeded=BDone, compensation=b_compensation),
             Step("c", succeeded=CDone, failed=CFailed, compensation=True),
             Step("d", succeeded=DDone, failed=DFailed, timeout=d_timeout),
         ],
@@ -86,13 +88,19 @@ class Rig:
     # (step, flow_id) of every compensation body that ran, in order.
     undone: list[tuple[str, str]] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
+    # `ctx.flow` as each `on_completed` hook saw it.
+    completed_flows: list[FlowInfo | None] = field(default_factory=list)
     failed: list[FlowInfo] = field(default_factory=list)
     # Steps whose compensation raises while listed here.
     broken: set[str] = field(default_factory=set)
+    # Steps whose compensation waits for its event to be set before it does anything.
+    held: dict[str, asyncio.Event] = field(default_factory=dict)
 
-    def undo(self, step: str, key: str) -> None:
+    async def undo(self, step: str, key: str) -> None:
         if step in self.broken:
             raise RuntimeError("warehouse API down")
+        if step in self.held:
+            await self.held[step].wait()
         self.undone.append((step, key))
 
     async def start_flow(self, key: str, fail_at: str = "") -> None:
@@ -130,11 +138,12 @@ async def make_rig(
     @owner.compensation(flow, "start", retry=retry)
     async def undo_start(event: Started, ctx: Context) -> None:
         assert ctx.flow is not None and ctx.flow.flow_id == event.key
-        rig.undo("start", event.key)
+        await rig.undo("start", event.key)
 
     @owner.on_completed(flow)
     async def completed(info: FlowInfo, ctx: Context) -> None:
         rig.completed.append(info.flow_id)
+        rig.completed_flows.append(ctx.flow)
 
     @owner.on_failed(flow)
     async def failed(info: FlowInfo, ctx: Context) -> None:
@@ -158,9 +167,11 @@ async def make_rig(
                 return DFailed(key=event.key, reason="d refused")
             return DDone(key=event.key)
 
-    @worker.compensation(flow, "b", retry=retry)
-    async def undo_b(event: BDone) -> None:
-        rig.undo("b", event.key)
+    if flow.step("b").compensation:
+
+        @worker.compensation(flow, "b", retry=retry)
+        async def undo_b(event: BDone) -> None:
+            await rig.undo("b", event.key)
 
     @worker.compensation(flow, "c", retry=retry)
     async def undo_c(event: CDone, ctx: Context) -> None:
@@ -168,7 +179,7 @@ async def make_rig(
         assert ctx.flow is not None and ctx.flow.status is FlowStatus.COMPENSATING
         assert ctx.flow.completed_steps[:3] == ("start", "b", "c")
         assert ctx.flow.event("b") == BDone(key=event.key, fail_at=event.fail_at)
-        rig.undo("c", event.key)
+        await rig.undo("c", event.key)
 
     return rig
 
@@ -272,23 +283,116 @@ async def test_a_failure_waits_for_every_earlier_success_not_only_the_newest(
 
 
 async def test_late_and_duplicate_events_of_a_finished_flow_are_ignored(backend: Backend) -> None:
-    rig = await make_rig(backend)
+    rig = await make_rig(backend, worker_steps=False)
     async with rig.owner, rig.worker:
         await rig.start_flow("k1")
+        await publish_and_record(rig, "k1", BDone(key="k1"), steps=2)
+        # Forced out of order: d's success is recorded before c's, so d cannot complete it.
+        waiting = await publish_and_record(rig, "k1", DDone(key="k1"), steps=3)
+        assert waiting.status is FlowStatus.RUNNING and rig.completed == []
+        await rig.owner.publish(CDone(key="k1"), correlation_id="k1")
         done = await rig.wait_status("k1", FlowStatus.COMPLETED)
+        assert done.completed_steps == ("start", "b", "c", "d")
+        # Now a failure and a second success of c (a new message id) come in: neither counts.
         await rig.owner.publish(DFailed(key="k1", reason="too late"), correlation_id="k1")
         await rig.owner.publish(CDone(key="k1"), correlation_id="k1")
 
         async def logged() -> bool:
-            actions = [e.action for e in await flow_history(rig.owner.store, "job", "k1")]
+            actions = await history(rig, "k1")
             return actions.count("late event ignored") == 1 and "duplicate ignored" in actions
 
         await wait_until(logged, message="late events logged")
         after = await rig.state("k1")
         assert after is not None
         assert after.status is FlowStatus.COMPLETED and after.reason is None
-        assert after.completed_steps == done.completed_steps
+        assert after.steps == done.steps and after.finished_at == done.finished_at
         assert rig.undone == [] and rig.completed == ["k1"]
+
+
+async def test_on_completed_sees_every_step_even_when_the_last_success_arrives_first(
+    backend: Backend,
+) -> None:
+    rig = await make_rig(backend, make_flow(timeout=600), worker_steps=False)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        started = await steps_recorded(rig, "k1", 1)
+        assert started.deadline is not None
+        # d's success proves b and c succeeded: the instance waits for their events, with no
+        # deadline left (it can only complete), and a failure can no longer change that.
+        decided = await publish_and_record(rig, "k1", DDone(key="k1"), steps=2)
+        assert decided.status is FlowStatus.RUNNING and decided.deadline is None
+        await rig.owner.publish(DFailed(key="k1", reason="contradiction"), correlation_id="k1")
+
+        async def ignored() -> bool:
+            return "late event ignored" in await history(rig, "k1")
+
+        await wait_until(ignored, message="failure ignored")
+        waiting = await publish_and_record(rig, "k1", CDone(key="k1"), steps=3)
+        assert waiting.status is FlowStatus.RUNNING and waiting.reason is None
+        assert rig.completed == []
+        await rig.owner.publish(BDone(key="k1"), correlation_id="k1")
+        done = await rig.wait_status("k1", FlowStatus.COMPLETED)
+        await wait_until(lambda: rig.completed == ["k1"], message="on_completed")
+        seen = rig.completed_flows[0]
+        assert seen is not None and seen.status is FlowStatus.COMPLETED
+        assert seen.completed_steps == ("start", "b", "c", "d")
+        assert seen.event("b") == BDone(key="k1") and seen.event("c") == CDone(key="k1")
+        assert seen.steps == done.steps
+        assert (await history(rig, "k1")).count("waiting") == 2  # after d, after c
+        assert rig.undone == [] and rig.failed == []
+
+
+async def test_a_timeout_waits_for_every_earlier_success(backend: Backend) -> None:
+    """The deadline passes with c's success in and b's on the way: b is undone before start."""
+    rig = await make_rig(backend, make_flow(timeout=1.0), worker_steps=False)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        await publish_and_record(rig, "k1", CDone(key="k1"), steps=2)
+
+        async def timed_out() -> bool:
+            return "timed out" in await history(rig, "k1")
+
+        await wait_until(timed_out, message="deadline passed")
+        info = await rig.state("k1")
+        assert info is not None and info.status is FlowStatus.COMPENSATING
+        assert "compensation requested" not in await history(rig, "k1")
+        await rig.owner.publish(BDone(key="k1"), correlation_id="k1")
+        info = await rig.wait_status("k1", FlowStatus.TIMED_OUT)
+        assert rig.undone == [("c", "k1"), ("b", "k1"), ("start", "k1")]
+        assert info.reason == "flow timed out after 1s"
+
+
+async def test_a_failure_waits_for_the_success_of_a_step_without_compensation(
+    backend: Backend,
+) -> None:
+    rig = await make_rig(backend, make_flow(b_compensation=False), worker_steps=False)
+    async with rig.owner, rig.worker:
+        await rig.start_flow("k1")
+        await steps_recorded(rig, "k1", 1)
+        await rig.owner.publish(CFailed(key="k1", reason="late b"), correlation_id="k1")
+        await rig.wait_status("k1", FlowStatus.COMPENSATING)
+        # b has nothing to undo, but the compensation of start waited for its success.
+        await rig.owner.publish(BDone(key="k1"), correlation_id="k1")
+        info = await rig.wait_status("k1", FlowStatus.FAILED)
+        assert rig.undone == [("start", "k1")]
+        assert info.completed_steps == ("start", "b")
+
+
+async def publish_and_record(rig: Rig, key: str, event: Event, *, steps: int) -> FlowInfo:
+    """Publish a step's event and wait until the tracker recorded `steps` steps."""
+    await rig.owner.publish(event, correlation_id=key)
+    return await steps_recorded(rig, key, steps)
+
+
+async def steps_recorded(rig: Rig, key: str, steps: int) -> FlowInfo:
+    await wait_until(lambda: _has_steps(rig, key, steps), message=f"{steps} steps recorded")
+    info = await rig.state(key)
+    assert info is not None
+    return info
+
+
+async def history(rig: Rig, key: str) -> list[str]:
+    return [e.action for e in await flow_history(rig.owner.store, rig.flow.name, key)]
 
 
 async def test_step_that_exhausts_its_retries_fails_the_flow(backend: Backend) -> None:
@@ -445,6 +549,42 @@ async def test_a_step_that_succeeds_after_the_timeout_is_compensated_too(
         assert info is not None and info.status is FlowStatus.TIMED_OUT
         await settle()
         assert len(rig.failed) == 1  # the instance ended once; its hook ran once
+
+
+async def test_late_successes_after_the_timeout_are_undone_one_at_a_time(
+    backend: Backend,
+) -> None:
+    rig = await make_rig(backend, make_flow(timeout=1.0), worker_steps=False)
+    rig.held["b"] = hold = asyncio.Event()
+    try:
+        async with rig.owner, rig.worker:
+            await rig.start_flow("k1")
+            await rig.wait_status("k1", FlowStatus.TIMED_OUT)
+            assert rig.undone == [("start", "k1")]
+            await publish_and_record(rig, "k1", BDone(key="k1"), steps=2)
+            # b's compensation is requested and held; c succeeds late too, meanwhile.
+            await publish_and_record(rig, "k1", CDone(key="k1"), steps=3)
+            assert await requested(rig, "k1") == ["start", "b"]  # c waits for b's to finish
+            hold.set()
+
+            async def undone() -> bool:
+                info = await rig.state("k1")
+                return info is not None and set(info.compensated) == {"start", "b", "c"}
+
+            await wait_until(undone, message="late steps undone")
+            assert rig.undone == [("start", "k1"), ("b", "k1"), ("c", "k1")]
+            assert await requested(rig, "k1") == ["start", "b", "c"]
+            info = await rig.state("k1")
+            assert info is not None and info.status is FlowStatus.TIMED_OUT
+            assert len(rig.failed) == 1  # the instance ended once; its hook ran once
+    finally:
+        hold.set()
+
+
+async def requested(rig: Rig, key: str) -> list[str | None]:
+    """The steps whose compensation the tracker requested, in order."""
+    entries = await flow_history(rig.owner.store, rig.flow.name, key)
+    return [e.step for e in entries if e.action == "compensation requested"]
 
 
 async def test_finished_instances_older_than_the_retention_are_deleted(backend: Backend) -> None:

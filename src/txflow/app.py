@@ -272,9 +272,10 @@ class TxFlow:
     def on_completed(self, flow: Flow) -> Callable[[F], F]:
         """Register `async def hook(flow: FlowInfo, ctx)` run when an instance completes.
 
-        It runs in the tracker's transaction that records the last step's success (this app
-        tracks the flow from then on); events it returns or emits are published if and only
-        if that transaction commits.
+        It runs once every step's success is recorded (the last step's success and any earlier
+        one it overtook), in the tracker's transaction that records the last of them (this
+        app tracks the flow from then on); `flow` and `ctx.flow` hold every step's event.
+        Events it returns or emits are published if and only if that transaction commits.
         """
         return self._hook(flow, "on_completed")
 

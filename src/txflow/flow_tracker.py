@@ -7,12 +7,21 @@ PostgreSQL; SQLite serialises writers anyway), so concurrent events of one insta
 after another, and its state changes, log rows and the compensation requests it emits commit
 together.
 
+Ordering: outcome events of one instance arrive in any order (they travel on different
+paths and the tracker handles several at once), so an outcome never depends on the order of
+arrival. The first decisive event fixes it: the last step's success (completed), a step's
+failure (failed) or a deadline (timed out); later events that contradict it are ignored. The
+last step's success and a failure both prove that the steps before them succeeded (on a
+timeout, the newest recorded success does), so the tracker acts on them only once every one
+of those successes is recorded: an instance completes, and its `on_completed` hooks run,
+with every step's event in hand; and compensations start only when each can see every
+completed step.
+
 Compensation: when a step's failure event arrives, the steps before it that declare a
 compensation are undone newest first, one at a time: the tracker emits a request for one, and
 the next only after txflow reported that one finished. A deadline that passes does the same
-for every completed step. Steps whose success the tracker has not seen yet are waited for
-(events may arrive out of order), and a success that arrives after the instance failed is
-compensated too, so no step's effect is left behind.
+for every completed step. A success that arrives after the instance failed or timed out is
+compensated too (one at a time as well), so no step's effect is left behind.
 """
 
 from __future__ import annotations
@@ -228,14 +237,14 @@ class FlowTracker:
         inst.started_at = min(inst.started_at, envelope.occurred_at)
         if inst.status is FlowStatus.RUNNING:
             self._note(inst, "step completed", step.name, envelope)
-            if index == len(self.flow.steps) - 1:
-                await self._finish(inst, ctx, FlowStatus.COMPLETED)
+            await self._complete_when_all_recorded(inst, ctx)
             return
         if inst.status is FlowStatus.COMPLETED:
-            # A step's success overtaken by the flow's completion: recorded, nothing to do.
+            # Not reached since instances complete only with every step recorded; kept for
+            # instances that completed under an older txflow without one. Nothing to undo.
             self._note(inst, "step completed", step.name, envelope, "after the flow completed")
             return
-        # Compensating or failed: this step's effect must be undone too.
+        # Compensating or ended unsuccessfully: this step's effect must be undone too.
         self._note(inst, "late step completed", step.name, envelope, f"flow is {inst.status}")
         log.warning(
             "flow %s %s is %s; late %s of step %s%s",
@@ -246,27 +255,51 @@ class FlowTracker:
             step.name,
             ", compensating it" if step.compensation else " ignored",
         )
-        if not step.compensation:
-            return
         if inst.status is FlowStatus.COMPENSATING:
-            await self._advance(inst, ctx)  # in turn, newest first
-        elif inst.status in (FlowStatus.FAILED, FlowStatus.TIMED_OUT):
+            # In turn, newest first; and it may be the success the compensations wait for,
+            # whether or not the step has a compensation itself.
+            await self._advance(inst, ctx)
+        elif step.compensation and inst.status in (FlowStatus.FAILED, FlowStatus.TIMED_OUT):
             # Undo it too; the instance keeps its outcome (its hooks ran already).
-            record = inst.completed(step.name)
-            assert record is not None
-            self._request(inst, ctx, record)
+            self._undo_late(inst, ctx)
+
+    async def _complete_when_all_recorded(self, inst: _Instance, ctx: Context) -> None:
+        """Complete a running instance once the success of every step is recorded.
+
+        The last step's success proves that every step before it succeeded, but their events
+        may still be on the way: the instance completes (and `on_completed` runs) when the
+        last of them arrives, whichever it is.
+        """
+        if not self._decided(inst):
+            return
+        missing = self._missing(inst, len(self.flow.steps))
+        if missing:
+            self._note(inst, "waiting", missing[-1], None, "for the step's success event")
+            return
+        await self._finish(inst, ctx, FlowStatus.COMPLETED)
+
+    def _decided(self, inst: _Instance) -> bool:
+        """Whether the last step's success is recorded: the instance can only complete."""
+        return inst.completed(self.flow.steps[-1].name) is not None
+
+    def _missing(self, inst: _Instance, limit: int) -> list[str]:
+        """The steps before the `limit`th whose success is not recorded, in step order."""
+        return [s.name for s in self.flow.steps[:limit] if inst.completed(s.name) is None]
 
     async def _on_failure(
         self, inst: _Instance, ctx: Context, index: int, event: Event, envelope: Envelope[Event]
     ) -> None:
         step = self.flow.steps[index]
-        if inst.status is not FlowStatus.RUNNING:
-            self._note(inst, "late event ignored", step.name, envelope, f"flow is {inst.status}")
+        if inst.status is not FlowStatus.RUNNING or self._decided(inst):
+            # The outcome is fixed already; a running instance whose last step succeeded only
+            # waits for earlier steps' successes, and completes whatever the order of arrival.
+            state = "waiting to complete" if inst.status is FlowStatus.RUNNING else inst.status
+            self._note(inst, "late event ignored", step.name, envelope, f"flow is {state}")
             log.warning(
                 "flow %s %s is %s; late failure %s %s of step %s ignored",
                 self.flow.name,
                 inst.flow_id,
-                inst.status,
+                state,
                 envelope.event_type,
                 envelope.message_id,
                 step.name,
@@ -297,7 +330,9 @@ class FlowTracker:
             inst.finished_at = None
         if inst.status is FlowStatus.COMPENSATING:
             await self._advance(inst, ctx)
-        # Otherwise it undid a step that succeeded after the instance ended: nothing follows.
+        elif inst.status in (FlowStatus.FAILED, FlowStatus.TIMED_OUT):
+            # It undid a step that succeeded after the instance ended: undo the next such one.
+            self._undo_late(inst, ctx)
 
     async def _on_compensation_failed(
         self, inst: _Instance, ctx: Context, event: CompensationFailed, envelope: Envelope[Event]
@@ -325,15 +360,17 @@ class FlowTracker:
         if inst.compensating is not None:
             return  # one at a time: wait for the outstanding one to answer
         limit = len(self.flow.steps)
+        # The steps known to have succeeded: those before the failed one (it ran after them),
+        # or, on a timeout, those before the newest recorded success.
+        proven = max((self.flow.index(s["step"]) for s in inst.steps), default=0)
         if inst.failure == FlowStatus.FAILED and inst.failed_step is not None:
-            limit = self.flow.index(inst.failed_step)
-            # Every step before the failed one succeeded (the failed one ran after them), but
-            # their success events may still be on the way: compensate nothing until all are
-            # recorded, so each compensation sees every completed step and they run in order.
-            missing = [s.name for s in self.flow.steps[:limit] if inst.completed(s.name) is None]
-            if missing:
-                self._note(inst, "waiting", missing[-1], None, "for the step's success event")
-                return
+            limit = proven = self.flow.index(inst.failed_step)
+        # Their success events may still be on the way: compensate nothing until all are
+        # recorded, so each compensation sees every completed step and they run in order.
+        missing = self._missing(inst, proven)
+        if missing:
+            self._note(inst, "waiting", missing[-1], None, "for the step's success event")
+            return
         for index in reversed(range(limit)):
             step = self.flow.steps[index]
             if not step.compensation or step.name in inst.compensated:
@@ -345,6 +382,20 @@ class FlowTracker:
             return
         # `failure` is the status the instance ends in: failed or timed_out.
         await self._finish(inst, ctx, FlowStatus(inst.failure or FlowStatus.FAILED))
+
+    def _undo_late(self, inst: _Instance, ctx: Context) -> None:
+        """In an ended instance, request the compensation of a late success not undone yet.
+
+        One at a time, like any compensation: two steps that succeeded after the instance
+        ended are undone one after the other (of those waiting, the latest step first).
+        """
+        if inst.compensating is not None:
+            return  # the outstanding one's reply asks for the next
+        for record in reversed(inst.steps):
+            step = self.flow.step(record["step"])
+            if step.compensation and step.name not in inst.compensated:
+                self._request(inst, ctx, record)
+                return
 
     def _request(self, inst: _Instance, ctx: Context, record: dict[str, Any]) -> None:
         step = record["step"]
@@ -375,6 +426,7 @@ class FlowTracker:
         hooks = self.on_completed if status is FlowStatus.COMPLETED else self.on_failed
         if hooks:
             info = _info(self.flow.name, inst, self.flow, now)
+            ctx.flow = info
             for hook in hooks:
                 ctx.emit_all(await hook(info, ctx))
 
@@ -402,8 +454,15 @@ class FlowTracker:
         )
 
     def _schedule(self, inst: _Instance) -> None:
-        """Set the deadline of a running instance: the flow's, or its current step's if sooner."""
+        """Set the deadline of a running instance: the flow's, or its current step's if sooner.
+
+        None once the last step succeeded: the instance can only complete then, and waits
+        for earlier steps' successes without a deadline (as a failure waits for them).
+        """
         if inst.status is not FlowStatus.RUNNING:
+            return
+        if self._decided(inst):
+            inst.deadline = inst.deadline_reason = None
             return
         candidates: list[tuple[float, str]] = []
         if self.flow.timeout is not None:
