@@ -85,8 +85,12 @@ class Rig:
     flow: Flow
     owner: TxFlow
     worker: TxFlow
-    # (step, flow_id) of every compensation body that ran, in order.
+    # (step, flow_id) of every compensation that ran, in order: once per message, as its
+    # database effects would be. This list lives outside the transaction, so an attempt
+    # that ran the body and then failed to commit (a busy database under load) and was
+    # retried must not count twice.
     undone: list[tuple[str, str]] = field(default_factory=list)
+    _undone_ids: set[str] = field(default_factory=set)
     completed: list[str] = field(default_factory=list)
     # `ctx.flow` as each `on_completed` hook saw it.
     completed_flows: list[FlowInfo | None] = field(default_factory=list)
@@ -96,12 +100,15 @@ class Rig:
     # Steps whose compensation waits for its event to be set before it does anything.
     held: dict[str, asyncio.Event] = field(default_factory=dict)
 
-    async def undo(self, step: str, key: str) -> None:
+    async def undo(self, step: str, key: str, ctx: Context) -> None:
         if step in self.broken:
             raise RuntimeError("warehouse API down")
         if step in self.held:
             await self.held[step].wait()
-        self.undone.append((step, key))
+        message_id = ctx.message_id or ""
+        if message_id not in self._undone_ids:
+            self._undone_ids.add(message_id)
+            self.undone.append((step, key))
 
     async def start_flow(self, key: str, fail_at: str = "") -> None:
         async with self.owner.transaction(correlation_id=key) as tx:
@@ -138,7 +145,7 @@ async def make_rig(
     @owner.compensation(flow, "start", retry=retry)
     async def undo_start(event: Started, ctx: Context) -> None:
         assert ctx.flow is not None and ctx.flow.flow_id == event.key
-        await rig.undo("start", event.key)
+        await rig.undo("start", event.key, ctx)
 
     @owner.on_completed(flow)
     async def completed(info: FlowInfo, ctx: Context) -> None:
@@ -170,8 +177,8 @@ async def make_rig(
     if flow.step("b").compensation:
 
         @worker.compensation(flow, "b", retry=retry)
-        async def undo_b(event: BDone) -> None:
-            await rig.undo("b", event.key)
+        async def undo_b(event: BDone, ctx: Context) -> None:
+            await rig.undo("b", event.key, ctx)
 
     @worker.compensation(flow, "c", retry=retry)
     async def undo_c(event: CDone, ctx: Context) -> None:
@@ -179,7 +186,7 @@ async def make_rig(
         assert ctx.flow is not None and ctx.flow.status is FlowStatus.COMPENSATING
         assert ctx.flow.completed_steps[:3] == ("start", "b", "c")
         assert ctx.flow.event("b") == BDone(key=event.key, fail_at=event.fail_at)
-        await rig.undo("c", event.key)
+        await rig.undo("c", event.key, ctx)
 
     return rig
 
