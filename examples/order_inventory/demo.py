@@ -156,9 +156,25 @@ class Run:
     counts: Counts | None = None
     # (monotonic time, orders terminal) at each look while waiting: how progress went.
     progress: list[tuple[float, int]] = field(default_factory=list)
+    # Orders that may be placed so far (None: all). A fault test holds the rest back and
+    # releases them as its faults strike, so that traffic flows during each fault whatever
+    # the machine's speed, rather than hoping the run lasts long enough.
+    released: int | None = None
+    _raised: asyncio.Event = field(default_factory=asyncio.Event)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def release(self, count: int | None = None) -> None:
+        """Let the first `count` orders be placed (every order when None)."""
+        self.released = count
+        self._raised.set()
+
+    async def may_place(self, index: int) -> None:
+        """Wait until the order at `index` is released."""
+        while self.released is not None and index >= self.released:
+            self._raised.clear()
+            await self._raised.wait()
 
 
 # -- the part both modes share ------------------------------------------------------------
@@ -207,14 +223,15 @@ async def order_exists(app: TxFlow, order_id: str) -> bool:
 async def place_all(app: TxFlow, run: Run) -> None:
     gate = asyncio.Semaphore(PLACING_CONCURRENCY)
 
-    async def place(request: OrderRequest) -> None:
+    async def place(index: int, request: OrderRequest) -> None:
+        await run.may_place(index)
         async with gate:
             await place_with_retries(app, request)
             run.placed.append(request.order_id)
 
     async with asyncio.TaskGroup() as tasks:
-        for request in run.requests:
-            tasks.create_task(place(request))
+        for index, request in enumerate(run.requests):
+            tasks.create_task(place(index, request))
 
 
 async def watch(store: Store, run: Run, check_alive: Callable[[], None]) -> bool:

@@ -22,6 +22,8 @@ async def run_example(
     database: str = PG_URL,
     quorum_queues: bool = False,
     timeout: float = 240,
+    released: int | None = None,
+    runs: list[demo.Run] | None = None,
 ) -> tuple[str, demo.Run]:
     """Run the example under `chaos`; return its printed report (which must pass) and run.
 
@@ -31,7 +33,9 @@ async def run_example(
     until its lease runs out and another relay sends it again, which may be after the run.
     `database` is the PostgreSQL server the services' databases are created on.
     `amqp_url` may list a cluster's nodes, comma-separated; `quorum_queues` declares quorum
-    queues; `timeout` is the seconds every order has to end.
+    queues; `timeout` is the seconds every order has to end. `released` places only that
+    many orders until `chaos` calls `run.release(...)`; the run is appended to `runs` before
+    it starts, so that `chaos` can reach it.
     """
     args = demo.parse_args(
         ["--orders", str(ORDERS), "--broker", amqp_url, "--database", database, "--workers", "2",
@@ -39,6 +43,9 @@ async def run_example(
         + (["--quorum-queues"] if quorum_queues else [])
     )  # fmt: skip
     run = demo.new_run(args)
+    run.released = released
+    if runs is not None:
+        runs.append(run)
     run.expected_dead_letters = expected_dead_letters
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):

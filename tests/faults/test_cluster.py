@@ -145,19 +145,27 @@ async def _has_pending(services: Sequence[demo.Service]) -> bool:
 
 async def test_rolling_restart_of_every_node(cluster: PrivateCluster) -> None:
     restarted: list[str] = []
+    runs: list[demo.Run] = []
+    batch = 250  # orders released as each node goes down: traffic during every restart
 
     async def rolling_restart(services: Sequence[demo.Service]) -> None:
-        # Back to back from the first orders on: a node's restart and rejoin take 20-30 s on
-        # a loaded 2-core box, so waiting for progress between them let the run end first.
+        run = runs[0]
         await _until(lambda: _at_least(services, 1))
-        for node in cluster.nodes:
+        for i, node in enumerate(cluster.nodes):
             await asyncio.to_thread(node.stop)
+            run.release(batch * (i + 2))
             await asyncio.to_thread(node.start)
             await asyncio.to_thread(cluster.wait_healthy)
             restarted.append(node.name)
+        run.release()  # the rest, on the healthy cluster
 
     _, run = await run_example(
-        cluster.url, rolling_restart, quorum_queues=True, timeout=RUN_TIMEOUT
+        cluster.url,
+        rolling_restart,
+        quorum_queues=True,
+        timeout=RUN_TIMEOUT,
+        released=batch,
+        runs=runs,
     )
     print(report_line("cluster-rolling-restart", run, restarted=len(restarted)))
-    assert len(restarted) == 3, "every node restarted before the orders ran out"
+    assert restarted == [node.name for node in cluster.nodes]
