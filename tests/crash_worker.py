@@ -14,8 +14,8 @@ import sys
 from tests.conftest import TEST_RELAY
 from tests.support import Ping, add_effect_handler, user_metadata
 from txflow import Event, TxFlow
-from txflow.consumer import HandlerConsumer
-from txflow.messages import Envelope
+from txflow._messages import Envelope
+from txflow.hop._runner import HandlerConsumer
 
 
 def make_app(database: str, broker: str, exchange: str, prefix: str) -> TxFlow:

@@ -22,8 +22,8 @@ from tests.support import (
 )
 from tests.support import user_metadata as md
 from txflow import Context, Message, open_store
-from txflow.consumer import HandlerConsumer
-from txflow.messages import encode, new_message_id
+from txflow._messages import encode, new_message_id
+from txflow.hop._runner import HandlerConsumer
 from txflow.store import inbox, outbox
 from txflow.testing import wait_until
 

@@ -115,7 +115,7 @@ def test_exported_name_is_in_the_api_reference(public: str) -> None:
 
 
 def test_api_reference_names_only_public_paths() -> None:
-    # A private path (txflow.app.TxFlow) would break when the module moves; a public one
+    # A private path (txflow._app.TxFlow) would break when the module moves; a public one
     # keeps working wherever the implementation lives.
     entries = reference_entries()
     public = set(public_ids())
@@ -170,17 +170,17 @@ def test_allowed_private_imports_are_still_there() -> None:
 def test_private_imports_are_found() -> None:
     source = (
         "import txflow, txflow.testing\n"
-        "import txflow.store.tables\n"
+        "import txflow.store._tables\n"
         "from txflow import TxFlow, store\n"
         "from txflow.testing import wait_until, memory\n"
         "from txflow.rabbit import RabbitTransport\n"
         "def late():\n"
-        "    from txflow.app import DEFAULT_DB_POOL_SIZE\n"
+        "    from txflow._app import DEFAULT_DB_POOL_SIZE\n"
     )
     assert private_imports(source) == {
-        "txflow.store.tables",
+        "txflow.store._tables",
         "txflow.store",
         "txflow.testing.memory",
         "txflow.rabbit",
-        "txflow.app",
+        "txflow._app",
     }

@@ -15,7 +15,6 @@ import pytest
 
 from tests.servers import PrivateCluster, free_port, rigged_cluster
 from txflow import Message, QueueSpec, Topology
-from txflow.abc import Delivery
 from txflow.cli._common import add_urls
 from txflow.errors import (
     BrokerUnavailableError,
@@ -24,6 +23,7 @@ from txflow.errors import (
     mask_url,
 )
 from txflow.rabbit import RabbitTransport
+from txflow.transport import Delivery
 
 # Seconds a failed-over consumer may take to see what it waits for (a failure, not a pace).
 WAIT_TIMEOUT = 120

@@ -31,8 +31,8 @@ from txflow import (
     TxFlow,
     dlq,
 )
-from txflow.flow_queries import flow_history
-from txflow.store.tables import flows
+from txflow.flows._queries import flow_history
+from txflow.store._tables import flows
 from txflow.testing import wait_until
 
 

@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from tests.conftest import Backend, settle
 from tests.support import Ping
 from txflow import Context, Message, RelayConfig, TxFlow
-from txflow.abc import Transport
 from txflow.store import outbox
 from txflow.testing import wait_until
+from txflow.transport import Transport
 
 # Short leases so that a backlog of a few hundred rows outlasts several of them.
 LEASE = 1.5

@@ -23,11 +23,11 @@ from txflow import (
     UnsupportedURLError,
     open_store,
 )
-from txflow.config import open_transport
+from txflow._config import open_transport
+from txflow._messages import CAUSATION_HEADER, decode, encode
 from txflow.errors import mask_url
-from txflow.messages import CAUSATION_HEADER, decode, encode
-from txflow.retry import Outcome
-from txflow.store.postgres_sql import MAX_ROWS_PER_INSERT, OUTBOX_COLUMNS, commit_statements
+from txflow.hop._retry import Outcome
+from txflow.store._postgres_sql import MAX_ROWS_PER_INSERT, OUTBOX_COLUMNS, commit_statements
 
 
 class Renamed(Event):
@@ -205,7 +205,7 @@ def test_broker_dead_letters_show_the_brokers_reason() -> None:
 
 
 def test_graph_draws_events_between_handlers() -> None:
-    from txflow.graph import mermaid
+    from txflow._graph import mermaid
 
     a, b = TxFlow("a"), TxFlow("b")
 
@@ -228,7 +228,7 @@ def test_graph_draws_events_between_handlers() -> None:
 
 def test_dead_letter_body_preview_is_text_and_bounded() -> None:
     from txflow import Message
-    from txflow.dead_letters import MAX_BODY_PREVIEW, DeadLetterInfo
+    from txflow._dead_letters import MAX_BODY_PREVIEW, DeadLetterInfo
 
     def info(body: bytes) -> DeadLetterInfo:
         return DeadLetterInfo.from_message(Message(body=body, routing_key="q"))

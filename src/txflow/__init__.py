@@ -5,11 +5,11 @@ deduplicate deliveries by message id (inbox), and retry on a policy into dead-le
 """
 
 from txflow import dlq
-from txflow.abc import Delivery, Message, QueueSpec, Topology, Transport
-from txflow.app import TxFlow
-from txflow.config import open_transport
-from txflow.context import Context
-from txflow.dead_letters import DeadLetterInfo
+from txflow._app import TxFlow
+from txflow._config import open_transport
+from txflow._dead_letters import DeadLetterInfo
+from txflow._messages import Envelope, Event, EventRegistry
+from txflow._outbox import OutboxRelay, RelayConfig
 from txflow.errors import (
     AppNotFoundError,
     BrokerUnavailableError,
@@ -30,12 +30,12 @@ from txflow.errors import (
     UnroutableError,
     UnsupportedURLError,
 )
-from txflow.flow_queries import FlowLogEntry
-from txflow.flows import Flow, FlowInfo, FlowStatus, Step
-from txflow.messages import Envelope, Event, EventRegistry
-from txflow.outbox import OutboxRelay, RelayConfig
-from txflow.retry import RetryPolicy
+from txflow.flows._model import Flow, FlowInfo, FlowStatus, Step
+from txflow.flows._queries import FlowLogEntry
+from txflow.hop._context import Context
+from txflow.hop._retry import RetryPolicy
 from txflow.store import OutboxStatus, Store, metadata, open_store
+from txflow.transport import Delivery, Message, QueueSpec, Topology, Transport
 
 __version__ = "0.1.0"
 

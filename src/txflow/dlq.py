@@ -12,11 +12,11 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from txflow import dead_letters as dl
-from txflow.abc import Message, Topology, Transport
-from txflow.dead_letters import DeadLetterInfo
+from txflow import _dead_letters as dl
+from txflow._dead_letters import DeadLetterInfo
+from txflow._messages import ATTEMPT_HEADER
 from txflow.errors import ConfigurationError
-from txflow.messages import ATTEMPT_HEADER
+from txflow.transport import Message, Topology, Transport
 
 DLQ_SUFFIX = ".dlq"
 # Dead letters taken per round trip when replaying everything.

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from txflow.memory import Clock, InMemoryBroker, InMemoryTransport, ManualClock
+from txflow._memory import Clock, InMemoryBroker, InMemoryTransport, ManualClock
 
 __all__ = ["Clock", "InMemoryBroker", "InMemoryTransport", "ManualClock", "wait_until"]
 

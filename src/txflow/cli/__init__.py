@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    from txflow.graph import mermaid
+    from txflow._graph import mermaid
 
     print(mermaid([load_app(target) for target in args.targets]))
     return 0

@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from txflow.app import TxFlow
-from txflow.config import BROKER_URL_ENV, DATABASE_URL_ENV
+from txflow._app import TxFlow
+from txflow._config import BROKER_URL_ENV, DATABASE_URL_ENV
 from txflow.errors import AppNotFoundError, ConfigurationError
 from txflow.store import Store, open_store
 

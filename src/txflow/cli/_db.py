@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from txflow._config import resolve_database_url
 from txflow.cli._common import (
     add_urls,
     apply_urls,
@@ -17,7 +18,6 @@ from txflow.cli._common import (
     print_table,
     run_async,
 )
-from txflow.config import resolve_database_url
 from txflow.errors import ConfigurationError
 
 

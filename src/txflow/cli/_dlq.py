@@ -10,11 +10,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from txflow import dlq
-from txflow.abc import Transport
-from txflow.app import TxFlow
+from txflow._app import TxFlow
+from txflow._config import BROKER_URL_ENV, open_transport
 from txflow.cli._common import load_app, print_table, run_async, shorten
-from txflow.config import BROKER_URL_ENV, open_transport
 from txflow.errors import ConfigurationError
+from txflow.transport import Transport
 
 T = TypeVar("T")
 

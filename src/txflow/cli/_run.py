@@ -10,7 +10,8 @@ import os
 import signal
 import time
 
-from txflow.app import TxFlow
+from txflow._app import TxFlow
+from txflow._config import resolve_broker_url, resolve_database_url
 from txflow.cli._common import (
     EXIT_STUCK,
     Backoff,
@@ -21,7 +22,6 @@ from txflow.cli._common import (
     run_async,
 )
 from txflow.cli._supervisor import READY_FD_ENV, Supervisor, check_urls
-from txflow.config import resolve_broker_url, resolve_database_url
 from txflow.errors import ConnectionFailedError, mask_url
 
 # Seconds a stopping worker gets beyond twice its shutdown timeout before it exits anyway.

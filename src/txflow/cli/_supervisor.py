@@ -20,7 +20,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from txflow.app import TxFlow
+from txflow._app import TxFlow
+from txflow._config import BROKER_URL_ENV, open_transport, resolve_broker_url, resolve_database_url
 from txflow.cli._common import (
     EXIT_CRASHING,
     EXIT_OK,
@@ -30,7 +31,6 @@ from txflow.cli._common import (
     Backoff,
     log,
 )
-from txflow.config import BROKER_URL_ENV, open_transport, resolve_broker_url, resolve_database_url
 from txflow.errors import ConfigurationError
 from txflow.store import open_store
 

@@ -4,7 +4,7 @@
 aiosqlite as the embedded default. Only this package imports SQLAlchemy dialect details.
 """
 
-from txflow.store.base import (
+from txflow.store._base import (
     OutboxRecord,
     OutboxStatus,
     RelayBacklog,
@@ -12,7 +12,7 @@ from txflow.store.base import (
     make_record,
     open_store,
 )
-from txflow.store.tables import inbox, metadata, outbox
+from txflow.store._tables import inbox, metadata, outbox
 
 __all__ = [
     "OutboxRecord",

@@ -15,12 +15,8 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from txflow.abc import Consumer, Delivery, Transport
-from txflow.context import Context
-from txflow.dead_letters import dead_letter_message, exception_type_name, failure_headers
-from txflow.errors import PoisonMessageError, TxflowError
-from txflow.handlers import HandlerRaised, HandlerSpec
-from txflow.messages import (
+from txflow._dead_letters import dead_letter_message, exception_type_name, failure_headers
+from txflow._messages import (
     ATTEMPT_HEADER,
     DEFAULT_MAX_MESSAGE_BYTES,
     Envelope,
@@ -28,9 +24,13 @@ from txflow.messages import (
     EventRegistry,
     decode,
 )
-from txflow.outbox import OutboxRelay
-from txflow.retry import Outcome
+from txflow._outbox import OutboxRelay
+from txflow.errors import PoisonMessageError, TxflowError
+from txflow.hop._context import Context
+from txflow.hop._handlers import HandlerRaised, HandlerSpec
+from txflow.hop._retry import Outcome
 from txflow.store import OutboxRecord, Store
+from txflow.transport import Consumer, Delivery, Transport
 
 log = logging.getLogger("txflow.consumer")
 

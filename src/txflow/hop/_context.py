@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from txflow._messages import Envelope, Event, new_message_id
 from txflow.errors import ConfigurationError
-from txflow.messages import Envelope, Event, new_message_id
 
 if TYPE_CHECKING:
-    from txflow.flows import FlowInfo
-    from txflow.store.unit_of_work import UnitOfWork
+    from txflow.flows._model import FlowInfo
+    from txflow.store._unit_of_work import UnitOfWork
 
 
 class Context:

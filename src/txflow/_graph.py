@@ -14,10 +14,10 @@ import typing
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
-from txflow.app import TxFlow
-from txflow.flows import Flow, StepCompensated
-from txflow.handlers import HandlerSpec
-from txflow.messages import Event
+from txflow._app import TxFlow
+from txflow._messages import Event
+from txflow.flows._model import Flow, StepCompensated
+from txflow.hop._handlers import HandlerSpec
 
 
 def emitted_events(spec: HandlerSpec) -> tuple[type[Event], ...]:

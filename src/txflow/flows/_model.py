@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
+from txflow._messages import Event, EventRegistry
 from txflow.errors import ConfigurationError
-from txflow.messages import Event, EventRegistry
 
 __all__ = [
     "CompensateStep",

@@ -13,10 +13,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from txflow.store.base import Listener, NotifyCallback, Store
-from txflow.store.postgres_sql import NOTIFY_CHANNEL, OutboxSeqs
-from txflow.store.postgres_unit import begin, checkout, discard
-from txflow.store.unit_of_work import UnitOfWork
+from txflow.store._base import Listener, NotifyCallback, Store
+from txflow.store._postgres_sql import NOTIFY_CHANNEL, OutboxSeqs
+from txflow.store._postgres_unit import begin, checkout, discard
+from txflow.store._unit_of_work import UnitOfWork
 
 log = logging.getLogger("txflow.store")
 

@@ -9,13 +9,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from txflow.context import Context
+from txflow._messages import Event
 from txflow.errors import ConfigurationError
-from txflow.messages import Event
-from txflow.retry import RetryPolicy
+from txflow.hop._context import Context
+from txflow.hop._retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from txflow.flows import Flow
+    from txflow.flows._model import Flow
 
 HandlerResult = Event | Iterable[Event] | None
 HandlerFunc = Callable[..., Awaitable[Any]]

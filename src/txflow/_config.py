@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from txflow.abc import Transport
 from txflow.errors import UnsupportedURLError, mask_url
+from txflow.transport import Transport
 
 BROKER_URL_ENV = "TXFLOW_BROKER_URL"
 DATABASE_URL_ENV = "TXFLOW_DATABASE_URL"
@@ -40,7 +40,7 @@ def open_transport(url: str) -> Transport:
 
         return RabbitTransport(url)
     if sep and scheme == "memory":
-        from txflow.memory import InMemoryBroker, InMemoryTransport
+        from txflow._memory import InMemoryBroker, InMemoryTransport
 
         return InMemoryTransport(InMemoryBroker.named(rest.strip("/") or "default"))
     raise UnsupportedURLError(

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from txflow.flow_tracker import info_from_row
-from txflow.flows import Flow, FlowInfo, FlowStatus
+from txflow.flows._model import Flow, FlowInfo, FlowStatus
+from txflow.flows._tracker import info_from_row
 from txflow.store import Store
-from txflow.store.tables import flow_log, flows
+from txflow.store._tables import flow_log, flows
 
 # Instances listed when no limit is given.
 DEFAULT_LIST_LIMIT = 100

@@ -28,7 +28,6 @@ from aiormq.abc import ConfirmationFrameType
 from pamqp import commands as spec
 from pamqp.common import FieldValue
 
-from txflow.abc import Consumer, Delivery, DeliveryCallback, Message, QueueSpec, Topology, Transport
 from txflow.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -37,8 +36,17 @@ from txflow.errors import (
     UnroutableError,
     mask_url,
 )
+from txflow.hop._retry import MAX_HOLD_FACTOR
 from txflow.rabbit._failover import FailoverConnection, shuffled, split_urls
-from txflow.retry import MAX_HOLD_FACTOR
+from txflow.transport import (
+    Consumer,
+    Delivery,
+    DeliveryCallback,
+    Message,
+    QueueSpec,
+    Topology,
+    Transport,
+)
 
 log = logging.getLogger("txflow.rabbit")
 

@@ -15,7 +15,6 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from txflow.abc import Message
 from txflow.errors import (
     ConfigurationError,
     EventValidationError,
@@ -23,6 +22,7 @@ from txflow.errors import (
     MessageTooLargeError,
     UnknownEventTypeError,
 )
+from txflow.transport import Message
 
 CONTENT_TYPE = "application/json"
 # Header names txflow owns on the wire.

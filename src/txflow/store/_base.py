@@ -15,12 +15,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from txflow.abc import Message
+from txflow._messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
-from txflow.flows import FlowStatus
-from txflow.messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
-from txflow.store.tables import flow_log, flows, inbox, metadata, outbox
-from txflow.store.unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork, guard_commits
+from txflow.flows._model import FlowStatus
+from txflow.store._tables import flow_log, flows, inbox, metadata, outbox
+from txflow.store._unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork, guard_commits
+from txflow.transport import Message
 
 log = logging.getLogger("txflow.store")
 
@@ -450,9 +450,9 @@ async def _discard(conn: AsyncConnection) -> None:
 
 
 _BACKENDS: dict[str, str] = {
-    "postgresql": "txflow.store.postgres:PostgresStore",
-    "postgres": "txflow.store.postgres:PostgresStore",
-    "sqlite": "txflow.store.sqlite:SQLiteStore",
+    "postgresql": "txflow.store._postgres:PostgresStore",
+    "postgres": "txflow.store._postgres:PostgresStore",
+    "sqlite": "txflow.store._sqlite:SQLiteStore",
 }
 
 

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from txflow.context import Context
+from txflow._messages import Envelope, Event
 from txflow.errors import TxflowError
-from txflow.flows import (
+from txflow.flows._model import (
     CompensateStep,
     CompensationFailed,
     Flow,
@@ -49,11 +49,11 @@ from txflow.flows import (
     StepCompensated,
     StepRecord,
 )
-from txflow.messages import Envelope, Event
-from txflow.store.tables import flow_log, flows
+from txflow.hop._context import Context
+from txflow.store._tables import flow_log, flows
 
 if TYPE_CHECKING:
-    from txflow.outbox import OutboxRelay
+    from txflow._outbox import OutboxRelay
     from txflow.store import Store
 
 log = logging.getLogger("txflow.flows")

@@ -30,13 +30,13 @@ from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from txflow.errors import DatabaseUnavailableError, TransactionEndedError
-from txflow.store.postgres_sql import (
+from txflow.store._postgres_sql import (
     INBOX_SQL,
     NOTIFY_CHANNEL,
     begin_with_inbox,
     commit_statements,
 )
-from txflow.store.unit_of_work import (
+from txflow.store._unit_of_work import (
     ABORTED_IN_HANDLER,
     ENDED_IN_HANDLER,
     NO_COMMIT_IN_HANDLER,
@@ -45,7 +45,7 @@ from txflow.store.unit_of_work import (
 )
 
 if TYPE_CHECKING:
-    from txflow.store.postgres import PostgresStore
+    from txflow.store._postgres import PostgresStore
 
 log = logging.getLogger("txflow.store")
 
@@ -323,7 +323,7 @@ class PostgresUnitOfWork(UnitOfWork):
             self._settled = True
 
     def _literals_allowed(self) -> bool:
-        """Whether values may be quoted into the SQL (see `txflow.store.postgres_sql`)."""
+        """Whether values may be quoted into the SQL (see `txflow.store._postgres_sql`)."""
         return bool(self._driver.get_settings().standard_conforming_strings == "on")
 
     async def release(self) -> None:

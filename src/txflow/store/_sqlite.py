@@ -17,8 +17,8 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from txflow.store.base import Store
-from txflow.store.unit_of_work import UnitOfWork
+from txflow.store._base import Store
+from txflow.store._unit_of_work import UnitOfWork
 
 # SQLite OperationalError texts that pass with time: another writer, a full or busy disk.
 TRANSIENT_MESSAGES = ("locked", "busy", "disk i/o error", "unable to open")

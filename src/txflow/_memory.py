@@ -19,8 +19,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from itertools import count
 
-from txflow.abc import Consumer, Delivery, DeliveryCallback, Message, Topology, Transport
 from txflow.errors import TransportClosedError, UnroutableError
+from txflow.transport import Consumer, Delivery, DeliveryCallback, Message, Topology, Transport
 
 log = logging.getLogger("txflow.memory")
 

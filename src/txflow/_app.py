@@ -15,26 +15,26 @@ from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 
-from txflow.abc import QueueSpec, Topology, Transport
-from txflow.config import open_transport, resolve_broker_url, resolve_database_url
-from txflow.consumer import ConsumerStats, HandlerConsumer
-from txflow.context import Context
+from txflow._config import open_transport, resolve_broker_url, resolve_database_url
+from txflow._messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
+from txflow._outbox import OutboxRelay, RelayConfig
 from txflow.errors import ConfigurationError, DatabaseUnavailableError, TxflowError
-from txflow.flow_queries import DEFAULT_LIST_LIMIT, flow_state, list_flows
-from txflow.flow_tracker import FlowHook, FlowTracker
-from txflow.flows import CompensateStep, Flow, FlowInfo, FlowStatus, StepRecord
-from txflow.handlers import (
+from txflow.flows._model import CompensateStep, Flow, FlowInfo, FlowStatus, StepRecord
+from txflow.flows._queries import DEFAULT_LIST_LIMIT, flow_state, list_flows
+from txflow.flows._tracker import FlowHook, FlowTracker
+from txflow.hop._context import Context
+from txflow.hop._handlers import (
     ExhaustedHook,
     HandlerFunc,
     HandlerSpec,
     events_from_annotation,
     takes_context,
 )
-from txflow.messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
-from txflow.outbox import OutboxRelay, RelayConfig
-from txflow.retry import RetryPolicy
+from txflow.hop._retry import RetryPolicy
+from txflow.hop._runner import ConsumerStats, HandlerConsumer
 from txflow.store import Store, open_store
-from txflow.store.tables import outbox
+from txflow.store._tables import outbox
+from txflow.transport import QueueSpec, Topology, Transport
 
 log = logging.getLogger("txflow")
 

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from txflow.abc import Transport
-from txflow.context import Context
 from txflow.errors import PublishError, TransportClosedError, UnroutableError
+from txflow.hop._context import Context
 from txflow.store import OutboxRecord, Store, make_record
-from txflow.store.base import Listener
+from txflow.store._base import Listener
+from txflow.transport import Transport
 
 log = logging.getLogger("txflow.outbox")
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from txflow.abc import Message
-from txflow.messages import ORIGINAL_ROUTING_KEY
+from txflow._messages import ORIGINAL_ROUTING_KEY
+from txflow.transport import Message
 
 # Header names on dead letters and retried messages.
 REASON = "x-txflow-dead-letter-reason"

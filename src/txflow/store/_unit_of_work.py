@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncTransacti
 from txflow.errors import TransactionEndedError
 
 if TYPE_CHECKING:
-    from txflow.store.base import Store
+    from txflow.store._base import Store
 
 
 def bind_session(conn: AsyncConnection) -> AsyncSession:

@@ -1,0 +1,8 @@
+"""The hop: one delivery decoded, handled in one unit of work, and settled.
+
+`_runner` takes deliveries from a handler's queue, decodes and validates them, runs the
+handler inside the unit of work (inbox row, the handler's statements, outbox rows), hands
+the committed rows to the relay and acks, or moves the message to a retry or dead-letter
+queue; `_handlers` reads handler signatures; `_context` is what a handler sees; `_retry`
+decides what a failure becomes.
+"""
