@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from txflow._config import open_transport, resolve_broker_url, resolve_database_url
 from txflow._messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
+from txflow._names import dead_letter_queue, handler_queue_name
 from txflow._outbox import OutboxRelay, RelayConfig
 from txflow.errors import ConfigurationError, DatabaseUnavailableError, TxflowError
 from txflow.flows._model import CompensateStep, Flow, FlowInfo, FlowStatus, StepRecord
@@ -32,7 +33,7 @@ from txflow.hop._handlers import (
 )
 from txflow.hop._retry import RetryPolicy
 from txflow.hop._runner import ConsumerStats, HandlerConsumer
-from txflow.store import Store, open_store
+from txflow.store import DEFAULT_DB_POOL_SIZE, Store, open_store
 from txflow.store._tables import outbox
 from txflow.transport import QueueSpec, Topology, Transport
 
@@ -49,8 +50,6 @@ DEFAULT_CONCURRENCY = 32
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 # Deliveries of one message before a quorum queue dead-letters it by itself.
 DEFAULT_DELIVERY_LIMIT = 50
-# Database connections per process: more rarely helps, and many processes share one server.
-DEFAULT_DB_POOL_SIZE = 10
 # Seconds inbox rows are kept: far longer than any copy of a message can still arrive (queue
 # backlogs, retry delays, republished outbox rows), short enough to bound the table.
 DEFAULT_INBOX_RETENTION = 7 * 24 * 3600.0
@@ -232,7 +231,7 @@ class TxFlow:
             name=name,
             func=func,
             event_types=event_types,
-            queue=f"{self.queue_prefix}{self.name}.{name}",
+            queue=handler_queue_name(self.queue_prefix, self.name, name),
             retry=retry or self.retry,
             concurrency=concurrency or self.concurrency,
             takes_context=takes_context(func),
@@ -402,7 +401,7 @@ class TxFlow:
                 QueueSpec(
                     name=spec.queue,
                     routing_keys=tuple(e.event_type for e in spec.event_types),
-                    dead_letter_queue=f"{spec.queue}.dlq",
+                    dead_letter_queue=dead_letter_queue(spec.queue),
                     retry_delays=spec.retry.tiers(),
                     quorum=self.quorum_queues,
                     delivery_limit=self.delivery_limit,

@@ -8,18 +8,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from txflow._messages import ORIGINAL_ROUTING_KEY
+from txflow._names import (
+    ATTEMPTS,
+    DEAD_LETTERED_AT,
+    EXCEPTION_TYPE,
+    FIRST_FAILURE_AT,
+    HANDLER,
+    LAST_FAILURE_AT,
+    ORIGINAL_ROUTING_KEY,
+    REASON,
+    TRACEBACK,
+)
 from txflow.transport import Message
 
-# Header names on dead letters and retried messages.
-REASON = "x-txflow-dead-letter-reason"
-EXCEPTION_TYPE = "x-txflow-exception-type"
-TRACEBACK = "x-txflow-traceback"
-ATTEMPTS = "x-txflow-attempts"
-HANDLER = "x-txflow-handler"
-FIRST_FAILURE_AT = "x-txflow-first-failure-at"
-LAST_FAILURE_AT = "x-txflow-last-failure-at"
-DEAD_LETTERED_AT = "x-txflow-dead-lettered-at"
 # Tracebacks beyond this are cut: headers live in the broker's memory.
 MAX_TRACEBACK_CHARS = 8000
 

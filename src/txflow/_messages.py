@@ -15,6 +15,14 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from txflow._names import (
+    ATTEMPT_HEADER,
+    CAUSATION_HEADER,
+    CONTENT_TYPE,
+    MAX_ID_LENGTH,
+    OCCURRED_AT_HEADER,
+    ORIGINAL_ROUTING_KEY,
+)
 from txflow.errors import (
     ConfigurationError,
     EventValidationError,
@@ -24,16 +32,6 @@ from txflow.errors import (
 )
 from txflow.transport import Message
 
-CONTENT_TYPE = "application/json"
-# Header names txflow owns on the wire.
-CAUSATION_HEADER = "x-txflow-causation-id"
-ATTEMPT_HEADER = "x-txflow-attempt"
-# The event's routing key, kept when retries and dead letters travel under a queue's name.
-ORIGINAL_ROUTING_KEY = "x-txflow-original-routing-key"
-# AMQP timestamps have whole seconds; this header keeps the microseconds.
-OCCURRED_AT_HEADER = "x-txflow-occurred-at"
-# Longest message id accepted (the inbox column's width).
-MAX_MESSAGE_ID_LENGTH = 255
 # Bodies above this are poison: they would stall the consumer and bloat the dead-letter queue.
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -133,16 +131,41 @@ def encode(
     headers: Mapping[str, Any] | None = None,
 ) -> Message:
     """The wire form of `event`: JSON body, metadata in message properties and headers."""
+    return wire_message(
+        event.model_dump_json().encode(),
+        event_type=event.event_type,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        occurred_at=occurred_at,
+        headers=headers,
+    )
+
+
+def wire_message(
+    body: bytes,
+    *,
+    event_type: str,
+    message_id: str,
+    correlation_id: str,
+    causation_id: str | None,
+    occurred_at: datetime,
+    headers: Mapping[str, Any] | None = None,
+) -> Message:
+    """The message for an encoded event body: the one place the wire layout is written.
+
+    Used for a fresh event and for an outbox row read back, so both look the same.
+    """
     all_headers: dict[str, Any] = dict(headers or {})
     all_headers[OCCURRED_AT_HEADER] = occurred_at.isoformat()
     if causation_id is not None:
         all_headers[CAUSATION_HEADER] = causation_id
     return Message(
-        body=event.model_dump_json().encode(),
-        routing_key=event.event_type,
+        body=body,
+        routing_key=event_type,
         message_id=message_id,
         correlation_id=correlation_id,
-        type=event.event_type,
+        type=event_type,
         content_type=CONTENT_TYPE,
         timestamp=occurred_at,
         headers=all_headers,
@@ -186,10 +209,9 @@ def decode(
             "message has no message_id property, so it cannot be deduplicated; "
             "publishers must set one"
         )
-    if len(message.message_id) > MAX_MESSAGE_ID_LENGTH:
+    if len(message.message_id) > MAX_ID_LENGTH:
         raise MalformedMessageError(
-            f"message_id is {len(message.message_id)} characters, over the limit of "
-            f"{MAX_MESSAGE_ID_LENGTH}"
+            f"message_id is {len(message.message_id)} characters, over the limit of {MAX_ID_LENGTH}"
         )
     # Without a type property the routing key names the event, but a retried or replayed
     # message travels under its queue's name: its original routing key is in a header.

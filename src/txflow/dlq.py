@@ -12,27 +12,47 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from txflow import _dead_letters as dl
 from txflow._dead_letters import DeadLetterInfo
-from txflow._messages import ATTEMPT_HEADER
+from txflow._names import (
+    ATTEMPT_HEADER,
+    ATTEMPTS,
+    DEAD_LETTERED_AT,
+    EXCEPTION_TYPE,
+    FIRST_FAILURE_AT,
+    LAST_FAILURE_AT,
+    REASON,
+    REPLAY_COUNT,
+    REPLAYED_AT,
+    TRACEBACK,
+    dead_letter_queue,
+    handler_queue,
+)
 from txflow.errors import ConfigurationError
 from txflow.transport import Message, Topology, Transport
 
-DLQ_SUFFIX = ".dlq"
+__all__ = [
+    "QueueCount",
+    "counts",
+    "dead_letter_queue",
+    "handler_queue",
+    "purge",
+    "replay",
+    "replayable",
+    "show",
+]
+
 # Dead letters taken per round trip when replaying everything.
 REPLAY_CHUNK = 500
-REPLAYED_AT = "x-txflow-replayed-at"
-REPLAY_COUNT = "x-txflow-replay-count"
 # What a replay forgets: the failure history of the attempts before it.
 _FAILURE_HEADERS = (
     ATTEMPT_HEADER,
-    dl.REASON,
-    dl.EXCEPTION_TYPE,
-    dl.TRACEBACK,
-    dl.ATTEMPTS,
-    dl.FIRST_FAILURE_AT,
-    dl.LAST_FAILURE_AT,
-    dl.DEAD_LETTERED_AT,
+    REASON,
+    EXCEPTION_TYPE,
+    TRACEBACK,
+    ATTEMPTS,
+    FIRST_FAILURE_AT,
+    LAST_FAILURE_AT,
+    DEAD_LETTERED_AT,
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
@@ -50,18 +70,6 @@ class QueueCount:
     queue: str
     handler_queue: str
     messages: int
-
-
-def dead_letter_queue(name: str) -> str:
-    """Accept a handler queue or its dead-letter queue; return the dead-letter queue."""
-    return name if name.endswith(DLQ_SUFFIX) else name + DLQ_SUFFIX
-
-
-def handler_queue(dlq: str) -> str:
-    """The queue a dead letter from `dlq` is replayed to."""
-    if not dlq.endswith(DLQ_SUFFIX):
-        raise ConfigurationError(f"{dlq!r} is not a dead-letter queue (they end in {DLQ_SUFFIX})")
-    return dlq[: -len(DLQ_SUFFIX)]
 
 
 async def counts(transport: Transport, topology: Topology) -> list[QueueCount]:
@@ -137,7 +145,7 @@ def _selected(
         return True
     if ids:
         return message.message_id in ids
-    found = message.headers.get(dl.EXCEPTION_TYPE)
+    found = message.headers.get(EXCEPTION_TYPE)
     return (
         isinstance(found, str)
         and exception_type is not None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Self
 
+from txflow._names import retry_queue_name
+
 HeaderValue = str | int | float | bool | None
 Headers = Mapping[str, HeaderValue]
 
@@ -76,11 +78,6 @@ class QueueSpec:
     def all_queues(self) -> tuple[str, ...]:
         """Every queue this spec declares: main, dead-letter and holding queues."""
         return (self.name, self.dead_letter_queue, *map(self.retry_queue, self.retry_delays))
-
-
-def retry_queue_name(queue: str, delay: float) -> str:
-    """`<queue>.retry.<ms>ms`: the holding queue of `queue`'s `delay`-second tier."""
-    return f"{queue}.retry.{round(delay * 1000)}ms"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
 from pydantic import Field
 
 from txflow._messages import Event, EventRegistry
+from txflow._names import aware
 from txflow.errors import ConfigurationError
 
 __all__ = [
@@ -242,7 +243,7 @@ class StepRecord:
             data["step"],
             data["event_type"],
             data["message_id"],
-            at if at.tzinfo else at.replace(tzinfo=UTC),
+            aware(at),
             data["body"],
         )
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import sqlalchemy as sa
 
+from txflow._names import aware
 from txflow.flows._model import Flow, FlowInfo, FlowStatus
 from txflow.flows._tracker import info_from_row
 from txflow.store import Store
@@ -96,7 +97,7 @@ async def flow_history(store: Store, flow: str, flow_id: str) -> list[FlowLogEnt
         rows = (await conn.execute(stmt)).all()
     return [
         FlowLogEntry(
-            at=r.at if r.at.tzinfo else r.at.replace(tzinfo=UTC),
+            at=aware(r.at),
             action=r.action,
             step=r.step,
             event_type=r.event_type,

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from txflow._messages import Envelope, Event
+from txflow._names import aware
 from txflow.errors import TxflowError
 from txflow.flows._model import (
     CompensateStep,
@@ -135,7 +136,7 @@ def _info(name: str, inst: _Instance, flow: Flow | None, updated_at: datetime) -
 
 def _aware(value: datetime | str) -> datetime:
     value = _parse(value) if isinstance(value, str) else value
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return aware(value)
 
 
 def _parse(value: str) -> datetime:

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from enum import Enum
 
+from txflow._names import MAX_HOLD_FACTOR
 from txflow.errors import ConfigurationError, DeadLetter, Retry
 
 # Attempts before a message is dead-lettered, when neither handler nor app says otherwise.
@@ -141,4 +142,3 @@ class RetryPolicy:
 
 # A tier's queue expires anything it holds after this many times its nominal delay, so a
 # message with a lost or huge expiry cannot sit there forever; jitter stays within it.
-MAX_HOLD_FACTOR = 2.0

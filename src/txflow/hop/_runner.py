@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 from txflow._dead_letters import dead_letter_message, exception_type_name, failure_headers
 from txflow._messages import (
-    ATTEMPT_HEADER,
     DEFAULT_MAX_MESSAGE_BYTES,
     Envelope,
     Event,
     EventRegistry,
     decode,
 )
+from txflow._names import ATTEMPT_HEADER, dead_letter_queue
 from txflow._outbox import OutboxRelay
 from txflow.errors import PoisonMessageError, TxflowError
 from txflow.hop._context import Context
@@ -225,7 +225,7 @@ class HandlerConsumer:
             delivery.message, exc, attempts=attempts, handler=self.spec.name
         )
         try:
-            await self.transport.send(f"{self.spec.queue}.dlq", message)
+            await self.transport.send(dead_letter_queue(self.spec.queue), message)
         except TxflowError as send_exc:
             log.error(
                 "%s: could not dead-letter %s (%s); requeueing it",

@@ -28,6 +28,7 @@ from aiormq.abc import ConfirmationFrameType
 from pamqp import commands as spec
 from pamqp.common import FieldValue
 
+from txflow._names import MAX_HOLD_FACTOR, aware
 from txflow.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -36,7 +37,6 @@ from txflow.errors import (
     UnroutableError,
     mask_url,
 )
-from txflow.hop._retry import MAX_HOLD_FACTOR
 from txflow.rabbit._failover import FailoverConnection, shuffled, split_urls
 from txflow.transport import (
     Consumer,
@@ -101,8 +101,8 @@ def _dead_letter_queue_arguments(spec_: QueueSpec) -> dict[str, FieldValue]:
 
 def _to_message(incoming: AbstractIncomingMessage) -> Message:
     timestamp = incoming.timestamp
-    if timestamp is not None and timestamp.tzinfo is None:
-        timestamp = timestamp.replace(tzinfo=UTC)
+    if timestamp is not None:
+        timestamp = aware(timestamp)
     return Message(
         body=incoming.body,
         routing_key=incoming.routing_key or "",

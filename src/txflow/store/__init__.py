@@ -5,6 +5,7 @@ aiosqlite as the embedded default. Only this package imports SQLAlchemy dialect 
 """
 
 from txflow.store._base import (
+    DEFAULT_DB_POOL_SIZE,
     OutboxRecord,
     OutboxStatus,
     RelayBacklog,
@@ -15,6 +16,7 @@ from txflow.store._base import (
 from txflow.store._tables import inbox, metadata, outbox
 
 __all__ = [
+    "DEFAULT_DB_POOL_SIZE",
     "OutboxRecord",
     "OutboxStatus",
     "RelayBacklog",

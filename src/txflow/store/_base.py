@@ -15,7 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from txflow._messages import CAUSATION_HEADER, CONTENT_TYPE, OCCURRED_AT_HEADER
+from txflow._messages import wire_message
+from txflow._names import aware
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
 from txflow.flows._model import FlowStatus
 from txflow.store._tables import flow_log, flows, inbox, metadata, outbox
@@ -23,6 +24,9 @@ from txflow.store._unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork, guard_c
 from txflow.transport import Message
 
 log = logging.getLogger("txflow.store")
+
+# Database connections per process: more rarely helps, and many processes share one server.
+DEFAULT_DB_POOL_SIZE = 10
 
 # Flow statuses whose instances the retention cleanup may delete: terminal ones, except
 # compensation_failed, which is kept until an operator resolves it.
@@ -100,21 +104,16 @@ class Listener(abc.ABC):
 
 def make_record(seq: int, values: Mapping[str, Any]) -> OutboxRecord:
     """An `OutboxRecord` from an outbox row's column values."""
-    headers = dict(values["headers"])
-    headers[OCCURRED_AT_HEADER] = _aware(values["created_at"]).isoformat()
-    if values["causation_id"] is not None:
-        headers[CAUSATION_HEADER] = values["causation_id"]
     return OutboxRecord(
         seq=seq,
-        message=Message(
-            body=values["body"],
-            routing_key=values["event_type"],
+        message=wire_message(
+            values["body"],
+            event_type=values["event_type"],
             message_id=values["message_id"],
             correlation_id=values["correlation_id"],
-            type=values["event_type"],
-            content_type=CONTENT_TYPE,
-            timestamp=_aware(values["created_at"]),
-            headers=headers,
+            causation_id=values["causation_id"],
+            occurred_at=aware(values["created_at"]),
+            headers=values["headers"],
         ),
         lease_until=values.get("lease_until"),
     )
@@ -123,12 +122,7 @@ def make_record(seq: int, values: Mapping[str, Any]) -> OutboxRecord:
 def _parse_time(value: datetime | str | None) -> datetime | None:
     if isinstance(value, str):  # SQLite returns the raw column text from an aggregate
         value = datetime.fromisoformat(value)
-    return None if value is None else _aware(value)
-
-
-def _aware(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; txflow only ever writes UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return None if value is None else aware(value)
 
 
 class Store(abc.ABC):
@@ -141,7 +135,7 @@ class Store(abc.ABC):
     #: Whether notifications reach relays in other processes (PostgreSQL LISTEN/NOTIFY).
     supports_notify: bool = False
 
-    def __init__(self, url: sa.URL, *, pool_size: int = 10) -> None:
+    def __init__(self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE) -> None:
         self.url = url
         self.pool_size = pool_size
         self._engine: AsyncEngine | None = None
@@ -456,7 +450,7 @@ _BACKENDS: dict[str, str] = {
 }
 
 
-def open_store(url: str, *, pool_size: int = 10) -> Store:
+def open_store(url: str, *, pool_size: int = DEFAULT_DB_POOL_SIZE) -> Store:
     """A `Store` for `url` (not yet connected).
 
     Accepts `postgresql://`, `postgresql+asyncpg://`, `sqlite:///path` and

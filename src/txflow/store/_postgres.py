@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from txflow.store._base import Listener, NotifyCallback, Store
+from txflow.store._base import DEFAULT_DB_POOL_SIZE, Listener, NotifyCallback, Store
 from txflow.store._postgres_sql import NOTIFY_CHANNEL, OutboxSeqs
 from txflow.store._postgres_unit import begin, checkout, discard
 from txflow.store._unit_of_work import UnitOfWork
@@ -44,7 +44,7 @@ class PostgresStore(Store):
     discards_cancelled_connections = True
     _hint = "is PostgreSQL running and does the database exist?"
 
-    def __init__(self, url: sa.URL, *, pool_size: int = 10) -> None:
+    def __init__(self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE) -> None:
         super().__init__(url.set(drivername="postgresql+asyncpg"), pool_size=pool_size)
         self._autocommit: AsyncEngine | None = None
         self.outbox_seqs = OutboxSeqs()

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from txflow.store._base import Store
+from txflow.store._base import DEFAULT_DB_POOL_SIZE, Store
 from txflow.store._unit_of_work import UnitOfWork
 
 # SQLite OperationalError texts that pass with time: another writer, a full or busy disk.
@@ -31,7 +31,7 @@ class SQLiteStore(Store):
 
     _hint = "is the path writable?"
 
-    def __init__(self, url: sa.URL, *, pool_size: int = 10) -> None:
+    def __init__(self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE) -> None:
         super().__init__(url.set(drivername="sqlite+aiosqlite"), pool_size=pool_size)
         self._write_lock = asyncio.Lock()
 

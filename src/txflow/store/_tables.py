@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from txflow._names import MAX_ID_LENGTH
+
 metadata = sa.MetaData()
 """txflow's tables: for your Alembic `target_metadata`, and for reading them in your own queries.
 
@@ -32,7 +34,6 @@ Read them freely, for example to report over many flow instances in one query
 write to them only through txflow.
 """
 # Longest message id txflow stores; longer incoming ids are rejected as malformed.
-MAX_ID_LENGTH = 255
 
 
 # BIGINT identity on PostgreSQL; SQLite only autoincrements an INTEGER primary key.
