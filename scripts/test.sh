@@ -10,6 +10,8 @@ scripts/browser.sh
 .venv/bin/ruff check src tests examples benchmarks
 .venv/bin/ruff format --check src tests examples benchmarks
 .venv/bin/mypy
+# Architecture: layers, which package may import aio-pika or asyncpg, no cycles (pyproject.toml).
+.venv/bin/lint-imports
 # The docs site: a broken link or anchor, or an API reference entry naming nothing, fails.
 # (NO_MKDOCS_2_WARNING silences mkdocs-material's banner about a future MkDocs 2. Not --quiet:
 # it hides the link warnings from --strict, which then passes.)

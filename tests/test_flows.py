@@ -31,7 +31,7 @@ from txflow import (
     TxFlow,
     dlq,
 )
-from txflow.flows._queries import flow_history
+from txflow.flows._repository import flow_history
 from txflow.store._tables import flows
 from txflow.testing import wait_until
 

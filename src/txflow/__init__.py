@@ -30,10 +30,8 @@ from txflow.errors import (
     UnroutableError,
     UnsupportedURLError,
 )
-from txflow.flows._model import Flow, FlowInfo, FlowStatus, Step
-from txflow.flows._queries import FlowLogEntry
-from txflow.hop._context import Context
-from txflow.hop._retry import RetryPolicy
+from txflow.flows import Flow, FlowInfo, FlowLogEntry, FlowStatus, Step
+from txflow.hop import Context, RetryPolicy
 from txflow.store import OutboxStatus, Store, metadata, open_store
 from txflow.transport import Delivery, Message, QueueSpec, Topology, Transport
 

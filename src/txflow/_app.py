@@ -20,21 +20,32 @@ from txflow._messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
 from txflow._names import dead_letter_queue, handler_queue_name
 from txflow._outbox import OutboxRelay, RelayConfig
 from txflow.errors import ConfigurationError, DatabaseUnavailableError, TxflowError
-from txflow.flows._model import CompensateStep, Flow, FlowInfo, FlowStatus, StepRecord
-from txflow.flows._queries import DEFAULT_LIST_LIMIT, flow_state, list_flows
-from txflow.flows._tracker import FlowHook, FlowTracker
-from txflow.hop._context import Context
-from txflow.hop._handlers import (
+from txflow.flows import (
+    DEFAULT_LIST_LIMIT,
+    CompensateStep,
+    Flow,
+    FlowHook,
+    FlowInfo,
+    FlowStatus,
+    FlowTracker,
+    StepRecord,
+    delete_finished_flows,
+    flow_state,
+    list_flows,
+)
+from txflow.hop import (
+    ConsumerStats,
+    Context,
     ExhaustedHook,
+    HandlerConsumer,
     HandlerFunc,
     HandlerSpec,
+    RetryPolicy,
     events_from_annotation,
     takes_context,
+    unit_of_work,
 )
-from txflow.hop._retry import RetryPolicy
-from txflow.hop._runner import ConsumerStats, HandlerConsumer
-from txflow.store import DEFAULT_DB_POOL_SIZE, Store, open_store
-from txflow.store._tables import outbox
+from txflow.store import DEFAULT_DB_POOL_SIZE, Store, open_store, outbox
 from txflow.transport import QueueSpec, Topology, Transport
 
 log = logging.getLogger("txflow")
@@ -572,7 +583,9 @@ class TxFlow:
                         pass
                 if self.trackers and self.flow_retention is not None:
                     cutoff = now - timedelta(seconds=self.flow_retention)
-                    while await store.delete_finished_flows(cutoff) and not self._stopping.is_set():
+                    while (
+                        await delete_finished_flows(store, cutoff) and not self._stopping.is_set()
+                    ):
                         pass
             except (OSError, sa.exc.SQLAlchemyError) as exc:
                 log.warning("%s: cleanup failed, trying again later: %s", self.name, exc)
@@ -656,11 +669,8 @@ class TxFlow:
                 the outcome is unknown: retry idempotently, as the inbox makes consumers do).
             sqlalchemy.exc.DBAPIError: from statements run through `tx.session`.
         """
-        async with self.store.transaction() as unit:
-            ctx = Context(unit, correlation_id=correlation_id)
-            yield ctx
-            records = await self.relay.write(ctx)
-        self.relay.submit(records)
+        async with unit_of_work(self.store, self.relay) as work:
+            yield work.context(correlation_id=correlation_id)
 
     async def publish(self, *events: Event, correlation_id: str | None = None) -> list[str]:
         """Emit `events` in a transaction of their own; returns their message ids."""

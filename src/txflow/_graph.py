@@ -16,8 +16,8 @@ from typing import Union
 
 from txflow._app import TxFlow
 from txflow._messages import Event
-from txflow.flows._model import Flow, StepCompensated
-from txflow.hop._handlers import HandlerSpec
+from txflow.flows import Flow, StepCompensated
+from txflow.hop import HandlerSpec
 
 
 def emitted_events(spec: HandlerSpec) -> tuple[type[Event], ...]:

@@ -35,9 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from txflow.errors import PublishError, TransportClosedError, UnroutableError
-from txflow.hop._context import Context
-from txflow.store import OutboxRecord, Store, make_record
-from txflow.store._base import Listener
+from txflow.store import Listener, OutboxRecord, Store, UnitOfWork, make_record
 from txflow.transport import Transport
 
 log = logging.getLogger("txflow.outbox")
@@ -174,14 +172,25 @@ class OutboxRelay:
     def running(self) -> bool:
         return self._running
 
-    async def write(self, ctx: Context) -> list[OutboxRecord]:
-        """Insert `ctx`'s emitted events into its transaction; call `submit` after commit."""
-        rows = ctx.take_outbox(self.config.lease if self._running else None, self.relay_id)
+    async def write(self, unit: UnitOfWork, rows: list[dict[str, Any]]) -> list[OutboxRecord]:
+        """Insert outbox `rows` in `unit`'s transaction; call `submit` once it committed.
+
+        While this relay runs the rows are leased to it, so that other relays leave them
+        alone while it publishes them straight after the commit; otherwise they are left
+        unleased for any relay's sweep, and on PostgreSQL a NOTIFY wakes relays elsewhere.
+        """
         if not rows:
             return []
-        seqs = await ctx.unit.insert_outbox(rows)
-        if not self._running and self.notify and self.store.supports_notify:
-            await ctx.unit.notify()
+        leased = self._running
+        lease_until = time.time() + self.config.lease if leased else None
+        owner = self.relay_id if leased else None
+        for row in rows:
+            row["lease_until"] = lease_until
+            row["leased_by"] = owner
+            row["publish_attempts"] = 1 if leased else 0
+        seqs = await unit.insert_outbox(rows)
+        if not leased and self.notify and self.store.supports_notify:
+            await unit.notify()
         return [make_record(seq, row) for seq, row in zip(seqs, rows, strict=True)]
 
     def submit(self, records: Iterable[OutboxRecord]) -> None:

@@ -43,9 +43,13 @@ def _cmd_console(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from txflow.console._app import ConsoleSettings, create_app
-        from txflow.console._data import ConsoleData
-        from txflow.console._security import check_bind, load_auth
+        from txflow.console import (
+            ConsoleData,
+            ConsoleSettings,
+            check_bind,
+            create_app,
+            load_auth,
+        )
     except ImportError as exc:
         raise ConfigurationError(
             f"txflow console needs its extra ({exc.name} is missing): pip install 'txflow[console]'"

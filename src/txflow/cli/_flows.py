@@ -20,8 +20,15 @@ import sqlalchemy as sa
 from txflow._config import resolve_database_url
 from txflow.cli._common import apply_urls, existing_store, load_app, print_table, run_async
 from txflow.errors import ConfigurationError
-from txflow.flows._model import Flow, FlowInfo, FlowStatus
-from txflow.flows._queries import count_flows, find_flows, flow_history, list_flows
+from txflow.flows import (
+    Flow,
+    FlowInfo,
+    FlowStatus,
+    count_flows,
+    find_flows,
+    flow_history,
+    list_flows,
+)
 from txflow.store import Store
 
 T = TypeVar("T")

@@ -35,7 +35,7 @@ from txflow import dlq as dlq_tools
 from txflow._config import resolve_broker_url, resolve_database_url
 from txflow._graph import mermaid
 from txflow.errors import ConfigurationError, UnroutableError, mask_url
-from txflow.flows._queries import count_flows, find_flows, flow_history, list_flows
+from txflow.flows import count_flows, find_flows, flow_history, list_flows
 from txflow.store import Store, open_store
 
 log = logging.getLogger("txflow.console")

@@ -50,8 +50,8 @@ from txflow.flows._model import (
     StepCompensated,
     StepRecord,
 )
-from txflow.hop._context import Context
-from txflow.store._tables import flow_log, flows
+from txflow.hop import Context, unit_of_work
+from txflow.store import flow_log, flows
 
 if TYPE_CHECKING:
     from txflow._outbox import OutboxRelay
@@ -535,17 +535,13 @@ class FlowTracker:
             .limit(DEADLINE_BATCH)
             .with_for_update(skip_locked=True)
         )
-        async with store.transaction() as unit:
-            rows = (await unit.session.execute(due)).all()
-            contexts = []
+        async with unit_of_work(store, relay) as work:
+            rows = (await work.unit.session.execute(due)).all()
             for row in rows:
                 inst = instance_from_row(row)
-                ctx = Context(unit, correlation_id=inst.flow_id)
+                ctx = work.context(correlation_id=inst.flow_id)
                 await self.time_out(inst, ctx)
                 await self._save(ctx, inst)
-                contexts.append(ctx)
-            records = [r for ctx in contexts for r in await relay.write(ctx)]
-        relay.submit(records)
         return len(rows)
 
     async def run_deadlines(

@@ -6,3 +6,29 @@ the committed rows to the relay and acks, or moves the message to a retry or dea
 queue; `_handlers` reads handler signatures; `_context` is what a handler sees; `_retry`
 decides what a failure becomes.
 """
+
+from txflow.hop._context import Context
+from txflow.hop._handlers import (
+    ExhaustedHook,
+    HandlerFunc,
+    HandlerSpec,
+    events_from_annotation,
+    takes_context,
+)
+from txflow.hop._retry import RetryPolicy
+from txflow.hop._runner import ConsumerStats, HandlerConsumer
+from txflow.hop._unit import Work, unit_of_work
+
+__all__ = [
+    "ConsumerStats",
+    "Context",
+    "ExhaustedHook",
+    "HandlerConsumer",
+    "HandlerFunc",
+    "HandlerSpec",
+    "RetryPolicy",
+    "Work",
+    "events_from_annotation",
+    "takes_context",
+    "unit_of_work",
+]

@@ -7,7 +7,6 @@ the outbox in the same transaction and published only if that transaction commit
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -18,8 +17,8 @@ from txflow._messages import Envelope, Event, new_message_id
 from txflow.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from txflow.flows._model import FlowInfo
-    from txflow.store._unit_of_work import UnitOfWork
+    from txflow.flows import FlowInfo
+    from txflow.store import UnitOfWork
 
 
 class Context:
@@ -125,13 +124,7 @@ class Context:
         for event in events:
             self.emit(event)
 
-    def take_outbox(self, lease_seconds: float | None, owner: str | None) -> list[dict[str, Any]]:
-        """The rows to insert, leased to the local relay `owner` when one will publish them."""
+    def take_outbox(self) -> list[dict[str, Any]]:
+        """The outbox rows of the events emitted so far; the relay leases and inserts them."""
         rows, self._outbox = self._outbox, []
-        leased = lease_seconds is not None
-        lease_until = time.time() + lease_seconds if lease_seconds is not None else None
-        for row in rows:
-            row["lease_until"] = lease_until
-            row["leased_by"] = owner if leased else None
-            row["publish_attempts"] = 1 if leased else 0
         return rows

@@ -15,7 +15,7 @@ from txflow.hop._context import Context
 from txflow.hop._retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from txflow.flows._model import Flow
+    from txflow.flows import Flow
 
 HandlerResult = Event | Iterable[Event] | None
 HandlerFunc = Callable[..., Awaitable[Any]]

@@ -26,10 +26,10 @@ from txflow._messages import (
 from txflow._names import ATTEMPT_HEADER, dead_letter_queue
 from txflow._outbox import OutboxRelay
 from txflow.errors import PoisonMessageError, TxflowError
-from txflow.hop._context import Context
 from txflow.hop._handlers import HandlerRaised, HandlerSpec
 from txflow.hop._retry import Outcome
-from txflow.store import OutboxRecord, Store
+from txflow.hop._unit import unit_of_work
+from txflow.store import Store
 from txflow.transport import Consumer, Delivery, Transport
 
 log = logging.getLogger("txflow.consumer")
@@ -143,14 +143,12 @@ class HandlerConsumer:
 
     async def _handle(self, envelope: Envelope[Event]) -> bool:
         """Run the handler in one transaction; False when the inbox says it already ran."""
-        records: list[OutboxRecord]
-        async with self.store.transaction(inbox=(self.spec.queue, envelope.message_id)) as unit:
-            if unit.duplicate:
+        inbox = (self.spec.queue, envelope.message_id)
+        async with unit_of_work(self.store, self.relay, inbox=inbox) as work:
+            if work.duplicate:
                 return False
-            ctx = Context(unit, envelope)
+            ctx = work.context(envelope)
             ctx.emit_all(await self.spec.call(envelope.event, ctx))
-            records = await self.relay.write(ctx)
-        self.relay.submit(records)
         return True
 
     async def _after_failure(
@@ -214,11 +212,8 @@ class HandlerConsumer:
         # The same id on every try: should this run twice (a crash before the ack), the
         # consumers' inbox drops the second copy.
         exhausted_id = uuid.uuid5(_EXHAUSTED_NS, f"{self.spec.queue}/{envelope.message_id}").hex
-        async with self.store.transaction() as unit:
-            ctx = Context(unit, envelope)
-            ctx.emit(event, message_id=exhausted_id)
-            records = await self.relay.write(ctx)
-        self.relay.submit(records)
+        async with unit_of_work(self.store, self.relay) as work:
+            work.context(envelope).emit(event, message_id=exhausted_id)
 
     async def _dead_letter(self, delivery: Delivery, exc: BaseException, attempts: int) -> None:
         message = dead_letter_message(

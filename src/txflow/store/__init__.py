@@ -6,6 +6,7 @@ aiosqlite as the embedded default. Only this package imports SQLAlchemy dialect 
 
 from txflow.store._base import (
     DEFAULT_DB_POOL_SIZE,
+    Listener,
     OutboxRecord,
     OutboxStatus,
     RelayBacklog,
@@ -13,14 +14,19 @@ from txflow.store._base import (
     make_record,
     open_store,
 )
-from txflow.store._tables import inbox, metadata, outbox
+from txflow.store._tables import flow_log, flows, inbox, metadata, outbox
+from txflow.store._unit_of_work import UnitOfWork
 
 __all__ = [
     "DEFAULT_DB_POOL_SIZE",
+    "Listener",
     "OutboxRecord",
     "OutboxStatus",
     "RelayBacklog",
     "Store",
+    "UnitOfWork",
+    "flow_log",
+    "flows",
     "inbox",
     "make_record",
     "metadata",

@@ -18,8 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from txflow._messages import wire_message
 from txflow._names import aware
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
-from txflow.flows._model import FlowStatus
-from txflow.store._tables import flow_log, flows, inbox, metadata, outbox
+from txflow.store._tables import inbox, metadata, outbox
 from txflow.store._unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork, guard_commits
 from txflow.transport import Message
 
@@ -28,11 +27,6 @@ log = logging.getLogger("txflow.store")
 # Database connections per process: more rarely helps, and many processes share one server.
 DEFAULT_DB_POOL_SIZE = 10
 
-# Flow statuses whose instances the retention cleanup may delete: terminal ones, except
-# compensation_failed, which is kept until an operator resolves it.
-_EXPIRING_FLOW_STATUSES = tuple(
-    str(s) for s in FlowStatus if s.terminal and s is not FlowStatus.COMPENSATION_FAILED
-)
 
 # Rows the relay claims or deletes in one statement.
 DEFAULT_BATCH = 500
@@ -330,25 +324,6 @@ class Store(abc.ABC):
         async with self._write() as conn:
             result = await conn.execute(stmt)
         return int(result.rowcount)
-
-    async def delete_finished_flows(self, older_than: datetime, limit: int = DEFAULT_BATCH) -> int:
-        """Delete up to `limit` flow instances that ended before `older_than`, with their log."""
-        doomed = (
-            sa.select(flows.c.flow, flows.c.flow_id)
-            .where(flows.c.finished_at < older_than, flows.c.status.in_(_EXPIRING_FLOW_STATUSES))
-            .limit(limit)
-        )
-        # One transaction (not `_write`, which autocommits on PostgreSQL): log and instance go
-        # together.
-        async with self.engine.begin() as conn, self._guard_cancellation(conn):
-            keys = [tuple(row) for row in (await conn.execute(doomed)).all()]
-            if not keys:
-                return 0
-            for table in (flow_log, flows):
-                await conn.execute(
-                    sa.delete(table).where(sa.tuple_(table.c.flow, table.c.flow_id).in_(keys))
-                )
-        return len(keys)
 
     async def outbox_status(self) -> OutboxStatus:
         """Counts and lag of the outbox, for `txflow outbox status` and monitoring."""

@@ -1,4 +1,8 @@
-"""Reading flow state: what `txflow flows list/show` and `TxFlow.flow_state` return."""
+"""Flow SQL outside the tracker's own transitions: reading state and retention.
+
+What `txflow flows list/show`, the console and `TxFlow.flow_state` read, and the cleanup that
+deletes finished instances (the store below knows nothing of flows).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,17 @@ import sqlalchemy as sa
 from txflow._names import aware
 from txflow.flows._model import Flow, FlowInfo, FlowStatus
 from txflow.flows._tracker import info_from_row
-from txflow.store import Store
-from txflow.store._tables import flow_log, flows
+from txflow.store import Store, flow_log, flows
 
 # Instances listed when no limit is given.
 DEFAULT_LIST_LIMIT = 100
+# Finished instances deleted per statement by the retention cleanup.
+DELETE_BATCH = 500
+# Statuses whose instances retention may delete: terminal ones, except compensation_failed,
+# which an operator still has to resolve.
+_EXPIRING_STATUSES = tuple(
+    str(s) for s in FlowStatus if s.terminal and s is not FlowStatus.COMPENSATION_FAILED
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,3 +116,27 @@ async def flow_history(store: Store, flow: str, flow_id: str) -> list[FlowLogEnt
         )
         for r in rows
     ]
+
+
+async def delete_finished_flows(
+    store: Store, older_than: datetime, limit: int = DELETE_BATCH
+) -> int:
+    """Delete up to `limit` instances that ended before `older_than`, with their log.
+
+    Returns how many were deleted; call again while it returns a full batch.
+    """
+    doomed = (
+        sa.select(flows.c.flow, flows.c.flow_id)
+        .where(flows.c.finished_at < older_than, flows.c.status.in_(_EXPIRING_STATUSES))
+        .limit(limit)
+    )
+    # One transaction: an instance and its log go together.
+    async with store.transaction() as unit:
+        keys = [tuple(row) for row in (await unit.session.execute(doomed)).all()]
+        if not keys:
+            return 0
+        for table in (flow_log, flows):
+            await unit.session.execute(
+                sa.delete(table).where(sa.tuple_(table.c.flow, table.c.flow_id).in_(keys))
+            )
+    return len(keys)

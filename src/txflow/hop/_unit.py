@@ -1,0 +1,67 @@
+"""The one unit-of-work path: transaction -> contexts -> outbox rows -> relay after commit.
+
+Every piece of txflow that commits events goes through `unit_of_work`: a handler's attempt,
+the event a handler emits when its retries run out, a flow tracker's deadline sweep, and
+`TxFlow.transaction()`. That keeps guarantee 1 (atomic emit) in one place: the rows are
+written in the transaction that emitted them and handed to the relay only once it committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from txflow._messages import Envelope
+from txflow._outbox import OutboxRelay
+from txflow.hop._context import Context
+from txflow.store import OutboxRecord, Store, UnitOfWork
+
+
+class Work:
+    """One open transaction and the contexts that emit events in it."""
+
+    __slots__ = ("_contexts", "unit")
+
+    def __init__(self, unit: UnitOfWork) -> None:
+        self.unit = unit
+        self._contexts: list[Context] = []
+
+    @property
+    def duplicate(self) -> bool:
+        """Whether the inbox row of this transaction existed already (a redelivery)."""
+        return self.unit.duplicate
+
+    def context(
+        self, envelope: Envelope[Any] | None = None, *, correlation_id: str | None = None
+    ) -> Context:
+        """A `Context` in this transaction whose emitted events commit with it."""
+        ctx = Context(self.unit, envelope, correlation_id=correlation_id)
+        self._contexts.append(ctx)
+        return ctx
+
+    def outbox_rows(self) -> list[dict[str, Any]]:
+        if len(self._contexts) == 1:  # the hop's case: no list to build
+            return self._contexts[0].take_outbox()
+        return [row for ctx in self._contexts for row in ctx.take_outbox()]
+
+
+@asynccontextmanager
+async def unit_of_work(
+    store: Store, relay: OutboxRelay, *, inbox: tuple[str, str] | None = None
+) -> AsyncIterator[Work]:
+    """One transaction; the events its contexts emit are published if and only if it commits.
+
+    With `inbox` = (handler queue, message id) the inbox row is the transaction's first
+    write (`work.duplicate` says it was there already).
+
+    Raises:
+        DatabaseUnavailableError: no connection, or it dropped (also during COMMIT).
+    """
+    records: list[OutboxRecord]
+    async with store.transaction(inbox=inbox) as unit:
+        work = Work(unit)
+        yield work
+        records = await relay.write(unit, work.outbox_rows())
+    if records:
+        relay.submit(records)
