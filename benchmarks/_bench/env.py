@@ -86,6 +86,10 @@ class Env:
         self.db: asyncpg.Connection | None = None
         self.server: dict[str, str] = {}
 
+    def findings(self, **measured: Any) -> dict[str, Any]:
+        """What a script's `bench` returns: this run's id, the servers' versions, `measured`."""
+        return {"run_id": self.run_id, "server": self.server, **measured}
+
     # -- setup and teardown
 
     async def setup(self, stack: AsyncExitStack) -> None:
