@@ -42,7 +42,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from _bench import stats
+from _bench import cli, stats
 from _bench.defaults import ATTEMPTS, DEFAULT_AMQP_URL, DEFAULT_PG_URL
 from _bench.results import default_json_path, write_json
 
@@ -212,13 +212,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--orders",
-        type=lambda s: [int(x) for x in s.split(",") if x],
+        type=cli.int_list,
         default="200,1200",
         help="small,large order counts of the marginal rate (default: 200,1200)",
     )
     parser.add_argument(
         "--workers",
-        type=lambda s: [int(x) for x in s.split(",") if x],
+        type=cli.int_list,
         default="1,2",
         help="comma-separated worker processes per service (default: 1,2)",
     )

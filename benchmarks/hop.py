@@ -51,23 +51,16 @@ workloads, the measuring and the report are in the package `_bench` beside it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import logging
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict
-from datetime import UTC, datetime
-from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
+from _bench import cli
 from _bench.chains import measure_chains
-from _bench.defaults import DEFAULT_AMQP_URL, DEFAULT_PG_URL
 from _bench.env import Env
 from _bench.hop_report import report
 from _bench.latency import measure_latencies
@@ -76,10 +69,8 @@ from _bench.results import (
     ChainResult,
     LatencyResult,
     RunResult,
-    default_json_path,
-    write_json,
 )
-from _bench.runs import SIDES, faststream_installed, pick_loop
+from _bench.runs import SIDES, faststream_installed
 from _bench.txflow_side import WRITES
 
 
@@ -103,50 +94,30 @@ async def bench(args: argparse.Namespace, loop_name: str) -> dict[str, Any]:
             await measure_chains(env, args, chains, disturbed)
         if args.latency_rate > 0:
             await measure_latencies(env, args, stack, latencies, disturbed)
-    return {
-        "run_id": env.run_id,
-        "server": env.server,
-        "runs": runs,
-        "chains": chains,
-        "latencies": latencies,
-        "disturbed": disturbed,
-    }
+    return env.findings(runs=runs, chains=chains, latencies=latencies, disturbed=disturbed)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=(
-            "Measure one hop (consume, inbox+business+outbox in one transaction, confirmed "
-            "publish, mark sent, ack) with txflow, a hand-written aio-pika + asyncpg loop and "
-            "FastStream with a polling outbox relay, on real RabbitMQ and PostgreSQL: with "
-            "preloaded independent messages, and as closed-loop chains (each hop's event is "
-            "the next hop's input); plus commit-to-arrival latency. Creates a fresh database "
-            "and fresh exchanges/queues, removed at the end."
-        ),
-    )
-    parser.add_argument(
-        "--amqp-url",
-        help="RabbitMQ (default: $TXFLOW_TEST_AMQP_URL, else "
-        f"{DEFAULT_AMQP_URL.replace(':guest@', ':***@')})",
-    )
-    parser.add_argument(
-        "--pg-url",
-        help="PostgreSQL server to create the scratch database bench_<random> on, as a user "
-        f"who may CREATE DATABASE (default: $TXFLOW_TEST_PG_URL, else {DEFAULT_PG_URL})",
+    parser = cli.new_parser(
+        "Measure one hop (consume, inbox+business+outbox in one transaction, confirmed "
+        "publish, mark sent, ack) with txflow, a hand-written aio-pika + asyncpg loop and "
+        "FastStream with a polling outbox relay, on real RabbitMQ and PostgreSQL: with "
+        "preloaded independent messages, and as closed-loop chains (each hop's event is "
+        "the next hop's input); plus commit-to-arrival latency."
     )
     parser.add_argument(
         "--messages", type=int, default=2000, help="input messages per run, M (default: 2000)"
     )
     parser.add_argument(
         "--concurrency",
-        type=lambda s: [int(x) for x in s.split(",") if x],
+        type=cli.int_list,
         default="1,10,30,100",
         help="comma-separated handler concurrencies = prefetch (default: 1,10,30,100)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (default: 3)")
     parser.add_argument(
         "--chain-concurrency",
-        type=lambda s: [int(x) for x in s.split(",") if x],
+        type=cli.int_list,
         default="1,10",
         help="comma-separated concurrencies (= chains = prefetch) of the chain workload; "
         "empty skips it (default: 1,10)",
@@ -177,7 +148,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sides",
-        type=lambda s: [x for x in s.split(",") if x],
+        type=cli.name_list,
         default=None,
         help="comma-separated sides to run; txflow alone is handy under a profiler "
         "(default: baseline,txflow,faststream; faststream only when installed)",
@@ -191,23 +162,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(default: driver)",
     )
     parser.add_argument("--seed", type=int, default=7, help="seed of the unloaded pauses")
-    parser.add_argument(
-        "--no-uvloop",
-        action="store_true",
-        help="use the default asyncio loop even if uvloop is installed",
-    )
-    parser.add_argument(
-        "--json",
-        type=Path,
-        help="write the JSON here (default: benchmarks/results/hop-<timestamp>.json)",
-    )
-    parser.add_argument(
-        "--no-json", action="store_true", help="do not write benchmarks/results/*.json"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log txflow at INFO")
+    cli.add_output_arguments(parser, "hop")
     args = parser.parse_args(argv)
-    args.amqp_url = args.amqp_url or os.environ.get("TXFLOW_TEST_AMQP_URL", DEFAULT_AMQP_URL)
-    args.pg_url = args.pg_url or os.environ.get("TXFLOW_TEST_PG_URL", DEFAULT_PG_URL)
+    cli.resolve_urls(args)
     if args.messages < 1 or args.repeat < 1 or not args.concurrency:
         parser.error("--messages, --repeat and --concurrency must be positive")
     if args.chain_length < 1 or any(c < 1 for c in args.chain_concurrency):
@@ -221,51 +178,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 "(pip install -e '.[bench]' adds it)",
                 file=sys.stderr,
             )
-    if not args.sides or set(args.sides) - set(SIDES):
-        parser.error(f"--sides takes a comma-separated subset of {', '.join(SIDES)}")
+    cli.pick_sides(parser, args, SIDES)
     if "faststream" in args.sides and not faststream_installed():
         parser.error("the faststream side needs FastStream: pip install -e '.[bench]'")
-    args.sides = [s for s in SIDES if s in args.sides]
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    loop_factory, loop_name = pick_loop(args.no_uvloop)
     started = time.perf_counter()
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        data = runner.run(bench(args, loop_name))
+    data, loop_name = cli.run(bench, args)
     summary = report(args, loop_name, data)
-    print(f"\ntotal {time.perf_counter() - started:.0f}s")
     incomplete = any(d["what"] == "latency" for d in data["disturbed"])
-    if not args.no_json:
-        names = ["txflow", "aio-pika", "asyncpg", "sqlalchemy"]
-        if "faststream" in args.sides:
-            names.append("faststream")
-        document = {
-            "benchmark": "hop",
-            "created_at": datetime.now(UTC).isoformat(),
-            "argv": sys.argv[1:],
-            "config": {k: v for k, v in vars(args).items() if k not in ("amqp_url", "pg_url")},
-            "loop": loop_name,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "versions": {name: version(name) for name in names},
-            "server": data["server"],
-            "run_id": data["run_id"],
-            "seconds": time.perf_counter() - started,
-            "summary": summary,
-            "runs": [asdict(r) for r in data["runs"]],
-            "chains": [asdict(r) for r in data["chains"]],
-            "latencies": [asdict(r) for r in data["latencies"]],
-            "disturbed": data["disturbed"],
-            "incomplete": incomplete,
-        }
-        write_json(args.json or default_json_path("hop"), document)
+    names = ["txflow", "aio-pika", "asyncpg", "sqlalchemy"]
+    if "faststream" in args.sides:
+        names.append("faststream")
+    cli.save(
+        "hop",
+        args,
+        loop_name,
+        data,
+        started,
+        names,
+        summary=summary,
+        runs=[asdict(r) for r in data["runs"]],
+        chains=[asdict(r) for r in data["chains"]],
+        latencies=[asdict(r) for r in data["latencies"]],
+        disturbed=data["disturbed"],
+        incomplete=incomplete,
+    )
     return 1 if incomplete else 0
 
 

@@ -1,7 +1,7 @@
-"""Every benchmark in one command: hop.py, scale.py and flow.py, then one summary table.
+"""Every benchmark in one command: hop.py, ring.py, scale.py and flow.py, then one summary table.
 
-    .venv/bin/python benchmarks/run_all.py            # defaults: ~12-15 minutes
-    .venv/bin/python benchmarks/run_all.py --quick    # smaller runs, one repeat: ~3-4 minutes
+    .venv/bin/python benchmarks/run_all.py            # defaults: ~20-25 minutes
+    .venv/bin/python benchmarks/run_all.py --quick    # smaller runs, one repeat: ~5 minutes
     .venv/bin/python benchmarks/plot.py               # PNGs from the newest all-*.json
 
 Each script runs as its own process (its own event loop and memory) and writes its JSON into
@@ -30,7 +30,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 RESULTS_DIR = BENCH_DIR / "results"
-SCRIPTS = ("hop", "scale", "flow")
+SCRIPTS = ("hop", "ring", "scale", "flow")
 QUICK = {
     "hop": [
         "--messages",
@@ -46,6 +46,7 @@ QUICK = {
         "--chain-length",
         "50",
     ],
+    "ring": ["--repeat", "1", "--window", "2"],
     "scale": ["--messages", "2000", "--repeat", "1", "--backlog", "20000"],
     "flow": ["--orders", "100,400", "--repeat", "1"],
 }
@@ -201,6 +202,10 @@ def headline(results: dict[str, Any]) -> list[str]:
                             f"  {'':>9}  {r['ratio']}: p50 {_ratio(r['p50_ms'])}, "
                             f"p99 {_ratio(r['p99_ms'])}"
                         )
+    ring = results.get("ring")
+    if ring:
+        lines.append("")
+        lines.extend(ring_headline(ring))
     scale = results.get("scale")
     if scale:
         s = scale["summary"]
@@ -240,13 +245,43 @@ def headline(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def ring_headline(ring: dict[str, Any]) -> list[str]:
+    """The ring's rows: hops/s and ratios to the hand-written loop by W; commit -> consume."""
+    s = ring["summary"]
+    sides = ring["config"]["sides"]
+    lines = [
+        "Ring A -> B -> A, W events in flight, prefetch 100, pool 10 (hops/s; ratios per "
+        "repeat) " + _repeats(ring),
+        f"{'W':>4}" + "".join(f"  {side:>18}" for side in sides),
+    ]
+    for row in s["ring"]:
+        hps, ratios = row["hops_per_second"], row["ratios"]
+        lines.append(f"{row['ring']:>4}" + "".join(f"  {_m(hps.get(x)):>18}" for x in sides))
+        lines.append(
+            f"{'':>4}  {'/ baseline':>18}"
+            + "".join(f"  {_ratio(ratios.get(f'{x}/baseline')):>18}" for x in sides[1:])
+        )
+    for side, delay in s["commit_to_consume"].items():
+        lines.append(
+            f"  commit -> next consume at W=1, {side}: p50 "
+            f"{_m(delay['commit_to_consume_p50_ms'], 2)}, "
+            f"p99 {_m(delay['commit_to_consume_p99_ms'], 2)} ms"
+        )
+    return lines
+
+
 def headline_figures(results: dict[str, Any]) -> dict[str, Any]:
     """The headline ratios, for the JSON: preloaded hop and chain, by concurrency."""
+    figures: dict[str, Any] = {}
+    ring = results.get("ring")
+    if ring:
+        figures["ring"] = {str(row["ring"]): row for row in ring["summary"]["ring"]}
     hop = results.get("hop")
     if not hop:
-        return {}
+        return figures
     s = hop["summary"]
     return {
+        **figures,
         "preloaded_hop": {
             str(row["concurrency"]): {
                 "hops_per_second": row["hops_per_second"],

@@ -37,30 +37,22 @@ this script (`workers`, `backlog`, `processes`, `scale_report`).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict
-from datetime import UTC, datetime
-from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
+from _bench import cli
 from _bench.backlog import DrainResult, measure_backlog
-from _bench.defaults import DEFAULT_AMQP_URL, DEFAULT_PG_URL
 from _bench.env import Env
-from _bench.results import default_json_path, write_json
-from _bench.runs import pick_loop
 from _bench.scale_report import report
 from _bench.workers import WorkersResult, measure_workers
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, loop_name: str) -> dict[str, Any]:
     """The worker counts, then the backlog, in one scratch environment."""
     env = Env(args)
     workers_runs: list[WorkersResult] = []
@@ -68,32 +60,23 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     disturbed: list[dict[str, str]] = []
     async with AsyncExitStack() as stack:
         await env.setup(stack)
-        print(f"run {env.run_id}: database {env.db_name}", flush=True)
+        print(f"run {env.run_id}: database {env.db_name}; loop {loop_name}", flush=True)
         if args.workers:
             await measure_workers(env, args, workers_runs, disturbed)
         if args.backlog:
             await measure_backlog(env, args, drains, disturbed)
-    return {
-        "run_id": env.run_id,
-        "server": env.server,
-        "workers": workers_runs,
-        "drains": drains,
-        "disturbed": disturbed,
-    }
+    return env.findings(workers=workers_runs, drains=drains, disturbed=disturbed)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="The hop in 1 and 2 worker processes (txflow run --workers N against the "
+    parser = cli.new_parser(
+        "The hop in 1 and 2 worker processes (txflow run --workers N against the "
         "hand-written loop in N processes), and a backlog of outbox rows drained by the txflow "
-        "relay (against a polling relay), with the relay's memory sampled. Creates a fresh "
-        "database and fresh exchanges/queues, removed at the end."
+        "relay (against a polling relay), with the relay's memory sampled."
     )
-    parser.add_argument("--amqp-url", help="RabbitMQ (default as hop.py)")
-    parser.add_argument("--pg-url", help="PostgreSQL server (default as hop.py)")
     parser.add_argument(
         "--workers",
-        type=lambda s: [int(x) for x in s.split(",") if x],
+        type=cli.int_list,
         default="1,2",
         help="comma-separated worker process counts; empty skips (default: 1,2)",
     )
@@ -113,11 +96,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backlog-repeat", type=int, default=1, help="drains per relay (default: 1)"
     )
-    parser.add_argument("--json", type=Path, help="write the JSON here")
-    parser.add_argument("--no-json", action="store_true", help="write no JSON")
+    cli.add_output_arguments(parser, "scale")
     args = parser.parse_args(argv)
-    args.amqp_url = args.amqp_url or os.environ.get("TXFLOW_TEST_AMQP_URL", DEFAULT_AMQP_URL)
-    args.pg_url = args.pg_url or os.environ.get("TXFLOW_TEST_PG_URL", DEFAULT_PG_URL)
+    cli.resolve_urls(args)
     if args.messages < 1 or args.repeat < 1 or args.concurrency < 1 or args.backlog < 0:
         parser.error("--messages, --repeat and --concurrency must be positive")
     return args
@@ -125,33 +106,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    loop_factory, loop_name = pick_loop(False)
     started = time.perf_counter()
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        data = runner.run(bench(args))
+    data, loop_name = cli.run(bench, args)
     summary = report(args, data)
-    print(f"\ntotal {time.perf_counter() - started:.0f}s")
-    if not args.no_json:
-        write_json(
-            args.json or default_json_path("scale"),
-            {
-                "benchmark": "scale",
-                "created_at": datetime.now(UTC).isoformat(),
-                "argv": sys.argv[1:],
-                "config": {k: v for k, v in vars(args).items() if k not in ("amqp_url", "pg_url")},
-                "loop": loop_name,
-                "python": platform.python_version(),
-                "cpus": os.cpu_count(),
-                "versions": {"txflow": version("txflow")},
-                "server": data["server"],
-                "run_id": data["run_id"],
-                "seconds": time.perf_counter() - started,
-                "summary": summary,
-                "workers": [asdict(r) for r in data["workers"]],
-                "drains": [asdict(d) for d in data["drains"]],
-                "disturbed": data["disturbed"],
-            },
-        )
+    cli.save(
+        "scale",
+        args,
+        loop_name,
+        data,
+        started,
+        ["txflow"],
+        summary=summary,
+        workers=[asdict(r) for r in data["workers"]],
+        drains=[asdict(d) for d in data["drains"]],
+        disturbed=data["disturbed"],
+    )
     return 0
 
 

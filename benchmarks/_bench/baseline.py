@@ -108,11 +108,16 @@ class Baseline:
     """The hand-written hop: one asyncpg pool, one consumer channel, one confirm channel."""
 
     def __init__(
-        self, pool: asyncpg.Pool, exchange: AbstractExchange, route: Route = hop_route
+        self,
+        pool: asyncpg.Pool,
+        exchange: AbstractExchange,
+        route: Route = hop_route,
+        handler: str = HW_HANDLER,
     ) -> None:
         self.pool = pool
         self.exchange = exchange
         self.route = route
+        self.handler = handler  # the inbox rows' handler column
         self.handled = 0
         self.duplicates = 0
         self.failed = 0
@@ -121,12 +126,22 @@ class Baseline:
         # emit(): when each event's publish started and was confirmed, by message id
         self.published: dict[str, float] = {}
         self.confirmed: dict[str, float] = {}
+        # When each hop's transaction had committed and given its connection back (the
+        # ring's commit -> next consume at W=1), if a list is set here.
+        self.commits: list[float] | None = None
 
     @classmethod
     async def open(
-        cls, stack: AsyncExitStack, env: Env, concurrency: int, route: Route = hop_route
+        cls,
+        stack: AsyncExitStack,
+        env: Env,
+        concurrency: int,
+        route: Route = hop_route,
+        pool_size: int | None = None,
     ) -> tuple[Baseline, AbstractRobustConnection]:
-        size = pool_size_for(concurrency)
+        """A baseline with its pool (`pool_size`, else `pool_size_for(concurrency)`) and its
+        broker connection (its confirm channel open), both closed by `stack`."""
+        size = pool_size or pool_size_for(concurrency)
         pool = await asyncpg.create_pool(
             env.db_url, min_size=size, max_size=size, init=_prepare, reset=_no_reset
         )
@@ -171,11 +186,13 @@ class Baseline:
         correlation = message.correlation_id or message_id
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                if await conn.fetchval(HW_INBOX, HW_HANDLER, message_id) is None:
+                if await conn.fetchval(HW_INBOX, self.handler, message_id) is None:
                     seq = None  # duplicate: already handled, commit nothing new
                 else:
                     await conn.execute(HW_ITEM, n, message_id)
                     seq = await conn.fetchval(HW_OUTBOX, out_id, routing_key, correlation, body)
+        if self.commits is not None:
+            self.commits.append(time.perf_counter())
         if seq is None:
             self.duplicates += 1
             await message.ack()

@@ -7,9 +7,11 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from _bench.results import RunResult, run_result
+
+R = TypeVar("R", bound=RunResult)
 
 # Process names whose CPU counts as the database's and as the broker's.
 SERVICE_PROCESSES = {"postgresql": ("postgres",), "rabbitmq": ("beam.smp", "erl_child_setup")}
@@ -84,6 +86,11 @@ class Clock:
         """The `RunResult` of `messages` hops measured between start and `stop`."""
         spent = self.spent
         result = run_result(side, concurrency, messages, spent["seconds"], spent["cpu"], checks)
+        return self.per_hop(result)
+
+    def per_hop(self, result: R) -> R:
+        """`result` with the machine's and each service's CPU per hop of its `messages`."""
+        spent, messages = self.spent, result.messages
         result.machine_cpu_ms_per_hop = spent["machine"] * 1000 / messages
         result.service_cpu_ms_per_hop = {
             name: spent[name] * 1000 / messages for name in SERVICE_PROCESSES

@@ -79,12 +79,19 @@ class Env:
         self.hw_chain_sink = f"{ns}.hw.chain.sink"
         self.fs_chain = f"{ns}.fs.chain"
         self.fs_chain_sink = f"{ns}.fs.chain.sink"
+        # The ring: the baseline's two queues (txflow's are its handlers' queues).
+        self.hw_ring_a = f"{ns}.hw.ring.a"
+        self.hw_ring_b = f"{ns}.hw.ring.b"
         self.queues: list[str] = []
         self.exchanges: list[str] = []
         self.connection: AbstractConnection | None = None
         self.channel: AbstractChannel | None = None
         self.db: asyncpg.Connection | None = None
         self.server: dict[str, str] = {}
+
+    def findings(self, **measured: Any) -> dict[str, Any]:
+        """What a script's `bench` returns: this run's id, the servers' versions, `measured`."""
+        return {"run_id": self.run_id, "server": self.server, **measured}
 
     # -- setup and teardown
 
@@ -127,6 +134,8 @@ class Env:
             bound = [(sink, "BenchOut"), (latency, "BenchPing"), (chain_sink, "ChainDone")]
             if chain is not None:
                 bound.append((chain, "ChainHop"))
+            if exchange == self.hw_exchange:
+                bound += [(self.hw_ring_a, "RingA"), (self.hw_ring_b, "RingB")]
             for queue, key in bound:
                 q = await self.channel.declare_queue(queue, durable=True)
                 if queue not in self.queues:
@@ -288,8 +297,11 @@ class Env:
 
     # -- txflow apps
 
-    def make_app(self, concurrency: int, chain_length: int | None = None) -> TxFlow:
-        """The txflow side, its pool sized as the other sides' (`pool_size_for`)."""
+    def make_app(self, concurrency: int, chain_length: int | None = None, **options: Any) -> TxFlow:
+        """The txflow side, its pool sized as the other sides' (`pool_size_for`); `options`
+        go to `build_app` (the ring's `ring`, `write`, `db_pool_size`, `transport`)."""
+        options.setdefault("db_pool_size", pool_size_for(concurrency))
+        options.setdefault("write", getattr(self.args, "txflow_write", "driver"))
         app = build_app(
             amqp_url=self.amqp_url,
             db_url=self.db_url,
@@ -297,8 +309,7 @@ class Env:
             exchange=self.tx_exchange,
             concurrency=concurrency,
             chain_length=chain_length,
-            db_pool_size=pool_size_for(concurrency),
-            write=getattr(self.args, "txflow_write", "driver"),
+            **options,
         )
         for spec in app.topology().queues:
             if spec.retry_delays:

@@ -1,5 +1,5 @@
-"""The events of the hop and of the chain workload (the txflow side's types; the other sides
-send the same type names and JSON bodies)."""
+"""The events of the hop, of the chain workload and of the ring (the txflow side's types; the
+other sides send the same type names and JSON bodies)."""
 
 from __future__ import annotations
 
@@ -30,3 +30,17 @@ class ChainDone(Event):
 
     chain: int
     n: int
+
+
+class RingA(Event):
+    """An event of the ring, on its way to queue A (whose handler sends it on to B)."""
+
+    n: int
+    pad: str
+
+
+class RingB(Event):
+    """An event of the ring, on its way to queue B (whose handler sends it back to A)."""
+
+    n: int
+    pad: str

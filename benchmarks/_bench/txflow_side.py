@@ -1,6 +1,7 @@
-"""The txflow side: the app whose handler does the hop, and what a run reads from it.
+"""The txflow side: the apps whose handlers do the hop, the chain or the ring, and what a run
+reads from them.
 
-Its handler writes one business row (as `--txflow-write` says, see WRITES) and returns the
+Each handler writes one business row (as `--txflow-write` says, see WRITES) and returns the
 hop's event; txflow commits the inbox row, the business row and the outbox row together, and
 its relay publishes the event right after commit and marks rows sent in batches.
 """
@@ -8,13 +9,16 @@ its relay publishes the event right after commit and marks rows sent in batches.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import registry
 
 from _bench.defaults import pool_size_for
-from _bench.events import BenchIn, BenchOut, ChainDone, ChainHop
-from txflow import Context, RelayConfig, TxFlow
+from _bench.events import BenchIn, BenchOut, ChainDone, ChainHop, RingA, RingB
+from txflow import Context, OutboxRelay, RelayConfig, Transport, TxFlow
 
 user_metadata = sa.MetaData()
 tx_items = sa.Table(
@@ -35,6 +39,17 @@ TXFLOW_DEFAULT_POOL: int = inspect.signature(TxFlow).parameters["db_pool_size"].
 TX_ITEM = "INSERT INTO bench_tx_items (n, message_id) VALUES ($1, $2)"
 
 
+class TxItem:
+    """bench_tx_items as an ORM class, for the handler that writes with `ctx.session.add`."""
+
+    def __init__(self, n: int, message_id: str) -> None:
+        self.n = n
+        self.message_id = message_id
+
+
+registry().map_imperatively(TxItem, tx_items)
+
+
 async def _write_driver(ctx: Context, n: int) -> None:
     await ctx.driver_connection.execute(TX_ITEM, n, ctx.message_id)
 
@@ -43,10 +58,15 @@ async def _write_core(ctx: Context, n: int) -> None:
     await ctx.session.execute(sa.insert(tx_items).values(n=n, message_id=ctx.message_id))
 
 
+async def _write_orm(ctx: Context, n: int) -> None:
+    ctx.session.add(TxItem(n=n, message_id=ctx.message_id))  # flushed by txflow before COMMIT
+
+
 # How the txflow handler writes its business row (--txflow-write): "driver" is the same
 # prepared asyncpg statement the baseline runs (ctx.driver_connection); "session" is an
-# SQLAlchemy Core insert through ctx.session, what most handlers would write.
-WRITES = {"driver": _write_driver, "session": _write_core}
+# SQLAlchemy Core insert through ctx.session, what most handlers would write; "orm" adds an
+# ORM object to ctx.session.
+WRITES = {"driver": _write_driver, "session": _write_core, "orm": _write_orm}
 
 
 def build_app(
@@ -61,14 +81,18 @@ def build_app(
     chain_length: int | None = None,
     db_pool_size: int | None = None,
     write: str = "driver",
+    ring: bool = False,
+    transport: Transport | None = None,
 ) -> TxFlow:
     """The txflow side's app (also run by `txflow run bench_app:app` in scale.py).
 
     Its handler is the hop's `on_bench_in`, or with `chain_length` the chain's `on_chain_hop`
-    instead. The handler writes its business row as `write` says (see WRITES). Its database
+    instead, or with `ring` the ring's two, `on_ring_a` (A -> B) and `on_ring_b` (B -> A).
+    Each handler writes its business row as `write` says (see WRITES). Its database
     pool has `pool_size_for(concurrency)` connections, as the other
     sides' pools, unless `db_pool_size` says otherwise; an app without handlers (only a
-    relay) keeps txflow's default pool.
+    relay) keeps txflow's default pool. `transport` is passed to `TxFlow` (the ring times
+    deliveries on it; the app then leaves closing it to the caller).
     """
     if db_pool_size is None:
         db_pool_size = pool_size_for(concurrency) if handlers else TXFLOW_DEFAULT_POOL
@@ -83,6 +107,7 @@ def build_app(
         create_tables=True,
         relay=relay,
         db_pool_size=db_pool_size,
+        transport=transport,
     )
     write_item = WRITES[write]
     if handlers and chain_length is not None:
@@ -95,6 +120,18 @@ def build_app(
                 return ChainHop(chain=event.chain, n=event.n + 1)
             return ChainDone(chain=event.chain, n=event.n)
 
+    elif handlers and ring:
+
+        @app.handler(RingA)
+        async def on_ring_a(event: RingA, ctx: Context) -> RingB:
+            await write_item(ctx, event.n)
+            return RingB(n=event.n + 1, pad=event.pad)
+
+        @app.handler(RingB)
+        async def on_ring_b(event: RingB, ctx: Context) -> RingA:
+            await write_item(ctx, event.n)
+            return RingA(n=event.n + 1, pad=event.pad)
+
     elif handlers:
 
         @app.handler(BenchIn)
@@ -105,17 +142,27 @@ def build_app(
     return app
 
 
+def handled(app: TxFlow) -> int:
+    """Messages the app's handlers have handled so far (the ring reads it as its hop count)."""
+    return sum(consumer.stats.handled for consumer in app.consumers)
+
+
 def txflow_stats(app: TxFlow) -> dict[str, int]:
-    """The counters of the app's only handler and of its relay, for a run's checks."""
-    consumer = app.consumers[0].stats
-    relay = app.relay.stats
+    """The counters of the app's handlers (summed) and of its relay, for a run's checks."""
+    return counters(app.consumers, app.relay)
+
+
+def counters(consumers: Sequence[Any], relay: OutboxRelay) -> dict[str, int]:
+    """`txflow_stats` of these consumers and relay (kept from a running app, read after its
+    stop: a stopped app has no consumers left to ask)."""
+    stats = [consumer.stats for consumer in consumers]
     return {
-        "handled": consumer.handled,
-        "duplicates": consumer.duplicates,
-        "retried": consumer.retried,
-        "dead_lettered": consumer.dead_lettered,
-        "relay_published": relay.published,
-        "relay_swept": relay.swept,
+        "handled": sum(s.handled for s in stats),
+        "duplicates": sum(s.duplicates for s in stats),
+        "retried": sum(s.retried for s in stats),
+        "dead_lettered": sum(s.dead_lettered for s in stats),
+        "relay_published": relay.stats.published,
+        "relay_swept": relay.stats.swept,
     }
 
 
