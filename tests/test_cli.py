@@ -219,7 +219,8 @@ async def test_dlq_commands_list_show_replay_purge(real: Backend) -> None:
 
 
 async def test_flows_list_and_show(tmp_path: Path) -> None:
-    from tests.test_flows import FlowStatus, make_rig
+    from tests.test_flows import make_rig
+    from txflow import FlowStatus
     from txflow.testing import InMemoryBroker
 
     backend = Backend("memory", tmp_path, "cli", broker=InMemoryBroker())

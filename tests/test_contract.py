@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,7 +22,7 @@ from tests.support import (
     take_one,
 )
 from tests.support import user_metadata as md
-from txflow import Context, Message, open_store
+from txflow import Context, Message, TxFlow, open_store
 from txflow._messages import encode, new_message_id
 from txflow.hop._runner import HandlerConsumer
 from txflow.store import inbox, outbox
@@ -47,9 +48,10 @@ async def test_one_hop_commits_effects_and_emits(backend: Backend) -> None:
         await wait_until(_all_sent(svc), message="outbox drained")
 
 
-def _all_sent(app):  # type: ignore[no-untyped-def]
+def _all_sent(app: TxFlow) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return (await app.store.outbox_status()).pending == 0
+        status = await app.store.outbox_status()
+        return status.pending == 0
 
     return check
 
@@ -315,8 +317,8 @@ async def test_handler_cancelled_at_shutdown_is_not_acked(backend: Backend) -> N
     # Not acked, so the next run gets it again and finishes it.
     again = await backend.app("svc", metadata=md)
 
-    @again.handler(Ping)
-    async def stuck(event: Ping, ctx: Context) -> None:  # noqa: F811 - same handler, new run
+    @again.handler(Ping, name="stuck")
+    async def stuck_again(event: Ping, ctx: Context) -> None:
         calls.append(event.n)
         await ctx.session.execute(sa.insert(effects).values(message_id=ctx.message_id, value=1))
 

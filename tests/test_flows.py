@@ -9,6 +9,7 @@ does the rest:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -136,7 +137,7 @@ async def make_rig(
     **owner_kwargs: object,
 ) -> Rig:
     flow = flow or make_flow()
-    owner = await backend.app("owner", database="owner", **owner_kwargs)  # type: ignore[arg-type]
+    owner = await backend.app("owner", database="owner", **owner_kwargs)
     worker = await backend.app("worker", database="worker")
     rig = Rig(flow, owner, worker)
     owner.track(flow)
@@ -463,8 +464,9 @@ async def test_timeout_survives_a_restart_and_compensates(backend: Backend) -> N
             await wait_until(
                 lambda: _has_steps(rig, "k1", 2), message="b recorded"
             )  # the tracker saw start and b
-            info = await rig.state("k1")
-            assert info is not None and info.deadline is not None
+            seen = await rig.state("k1")
+            assert seen is not None and seen.deadline is not None
+            info = seen
         # No owner process runs while the deadline passes.
         await asyncio.sleep(2.0)
         assert rig.undone == []
@@ -476,7 +478,7 @@ async def test_timeout_survives_a_restart_and_compensates(backend: Backend) -> N
         assert [s for s, _ in rig.undone + restarted.undone] == ["b", "start"]
 
 
-def _has_steps(rig: Rig, key: str, n: int) -> object:
+def _has_steps(rig: Rig, key: str, n: int) -> Awaitable[bool]:
     async def check() -> bool:
         info = await rig.state(key)
         return info is not None and len(info.steps) == n

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -104,7 +105,7 @@ async def test_two_relays_drain_a_backlog_longer_than_the_lease_without_republis
         assert relay_a.relay.stats.renewed > 0
 
 
-async def outbox_rows(app: TxFlow) -> list[sa.Row[tuple[int, float | None, str | None]]]:
+async def outbox_rows(app: TxFlow) -> list[Any]:  # rows of (seq, lease_until, leased_by)
     """(seq, lease_until, leased_by) of every unsent row, in seq order."""
     stmt = (
         sa.select(outbox.c.seq, outbox.c.lease_until, outbox.c.leased_by)
@@ -197,7 +198,7 @@ async def test_renewal_failures_are_logged_once_per_outage(
             raise OSError("connection refused")
 
         with caplog.at_level(logging.WARNING, logger="txflow.outbox"):
-            store.renew = database_down  # type: ignore[method-assign]
+            store.renew = database_down  # type: ignore[method-assign,assignment]
             await wait_until(lambda: failures >= 3, timeout=30, message="failed renewals")
             del store.renew  # the database is back
             await wait_until(lambda: relay_a.relay.stats.renewed >= 10, message="renewed")

@@ -24,7 +24,8 @@ from txflow import (
     open_store,
 )
 from txflow._config import open_transport
-from txflow._messages import CAUSATION_HEADER, decode, encode
+from txflow._messages import decode, encode
+from txflow._names import CAUSATION_HEADER
 from txflow.errors import mask_url
 from txflow.hop._retry import Outcome
 from txflow.store._postgres_sql import MAX_ROWS_PER_INSERT, OUTBOX_COLUMNS, commit_statements
@@ -155,7 +156,7 @@ def test_handler_registration_errors_name_the_fix() -> None:
 
     with pytest.raises(ConfigurationError, match="must be `async def`"):
 
-        @app.handler(Ping)
+        @app.handler(Ping)  # type: ignore[type-var]
         def sync(event: Ping) -> None: ...
 
     @app.handler(Ping)

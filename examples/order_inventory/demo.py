@@ -758,7 +758,7 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
                 handlers=False, relay=None, database_url=urls["orders"], **options
             )
             async with client:
-                harm = asyncio.create_task(chaos(services)) if chaos else None
+                harm = asyncio.ensure_future(chaos(services)) if chaos else None
                 try:
                     finished = await drive(client, run, lambda: ensure_alive(services))
                 finally:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import pytest
 from examples.order_inventory import demo
+from examples.order_inventory.orders import TERMINAL
 from examples.order_inventory.report import count_by_status
 
 from tests.faults.example import report_line, run_example
@@ -52,7 +53,7 @@ def healthy(cluster: PrivateCluster) -> Iterator[None]:
 async def _terminal(services: Sequence[demo.Service]) -> int:
     orders = next(s for s in services if s.name == "orders")
     counts = await demo.read_through_blips(lambda: count_by_status(orders.app.store))
-    return sum(counts[s] for s in demo.TERMINAL)
+    return sum(counts[s] for s in TERMINAL)
 
 
 async def _until(check: Callable[[], Awaitable[bool]]) -> None:
