@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import Backend
+from txflow.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "getting-started.md"
@@ -123,14 +124,31 @@ async def test_tutorial_on_rabbitmq_and_postgresql(real: Backend, tmp_path: Path
         cwd=tmp_path, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    lines: list[str] = []
+
+    async def read_log() -> None:
+        assert workers.stderr is not None
+        async for raw in workers.stderr:
+            lines.append(raw.decode())
+
+    reader = asyncio.create_task(read_log())
     try:
         code, out, err = await python("place_orders.py")
         assert code == 0, err
         assert out == documented_output("place_orders.py")
+        # One worker may have handled every order while the other was still starting (a
+        # loaded machine): wait until both serve, so that both have a graceful stop to log.
+        await wait_until(
+            lambda: sum("shop running" in line for line in lines) == 2,
+            timeout=60,
+            message="both workers running",
+        )
         workers.send_signal(signal.SIGTERM)
-        _, log = await asyncio.wait_for(workers.communicate(), 60)
-        assert workers.returncode == 0, log.decode()[-2000:]
-        assert log.decode().count("shop stopped") == 2
+        await asyncio.wait_for(workers.wait(), 60)
+        await reader
+        log = "".join(lines)
+        assert workers.returncode == 0, log[-2000:]
+        assert log.count("shop stopped") == 2
         code, out, err = await python("-m", "txflow", "outbox", "status", "--json")
         assert code == 0, err
         assert '"pending": 0' in out
@@ -138,3 +156,4 @@ async def test_tutorial_on_rabbitmq_and_postgresql(real: Backend, tmp_path: Path
         if workers.returncode is None:
             workers.kill()
             await workers.wait()
+        reader.cancel()

@@ -19,7 +19,9 @@ from txflow.testing import wait_until
 from txflow.transport import Transport
 
 # Short leases so that a backlog of a few hundred rows outlasts several of them.
-LEASE = 1.5
+# Long enough that a renewal round late by a second (a loaded 2-core machine, SQLite's one
+# writer) still comes before the lease ends: renewal leaves a third of the lease in hand.
+LEASE = 3.0
 FAST = RelayConfig(lease=LEASE, sweep_interval=0.1, batch_size=20, max_in_flight=1)
 
 
@@ -78,13 +80,13 @@ async def test_two_relays_drain_a_backlog_longer_than_the_lease_without_republis
     relay_a = await backend.app("relay_a", relay=FAST)
     relay_b = await backend.app("relay_b", relay=FAST)
     sink, seen = await counting_sink(backend)
-    local, swept, delay = 200, 100, 0.03
+    local, swept, delay = 200, 100, 0.05
     async with sink, relay_a, relay_b:
         slow_down(relay_a, delay)
         slow_down(relay_b, delay)
         started = time.monotonic()
         # A's own rows are handed to it in memory, leased to it; one publish at a time they
-        # take local * delay = 6 s, four leases.
+        # take local * delay = 10 s, over three leases.
         ids = await emit(relay_a, local)
         async with producer:
             ids += await emit(producer, swept)

@@ -92,6 +92,7 @@ async def _serve(app: TxFlow, start_timeout: float | None) -> None:
     if _early_signals:
         stop.set()
     if not await _start_when_reachable(app, stop, start_timeout):
+        log.info("%s stopped before it started serving", app.name)
         return
     _tell_supervisor_ready()
     log.info("%s running; SIGINT or SIGTERM stops it gracefully", app.name)
