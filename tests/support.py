@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
@@ -75,3 +76,14 @@ async def take_one(app: TxFlow, queue: str) -> Message:
 async def count_rows(app: TxFlow, table: sa.Table) -> int:
     async with app.store.engine.connect() as conn:
         return int((await conn.execute(sa.select(sa.func.count()).select_from(table))).scalar_one())
+
+
+def collect_stderr(process: asyncio.subprocess.Process, lines: list[str]) -> asyncio.Task[None]:
+    """Append `process`'s stderr lines to `lines` as they come, in a task the caller cancels."""
+
+    async def read() -> None:
+        assert process.stderr is not None
+        async for raw in process.stderr:
+            lines.append(raw.decode())
+
+    return asyncio.create_task(read())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Backend
-from tests.support import Ping, count_rows, effects
+from tests.support import Ping, collect_stderr, count_rows, effects
 from tests.support import user_metadata as md
 from txflow.testing import wait_until
 
@@ -98,13 +98,7 @@ async def test_sigterm_stops_gracefully_and_loses_nothing(real: Backend) -> None
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     lines: list[str] = []
-
-    async def read_log() -> None:
-        assert worker.stderr is not None
-        async for raw in worker.stderr:
-            lines.append(raw.decode())
-
-    reader = asyncio.create_task(read_log())
+    reader = collect_stderr(worker, lines)
     try:
         await wait_until(
             lambda: sum("cliapp running" in line for line in lines) == 2,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import Backend
+from tests.support import collect_stderr
 from txflow.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,13 +126,7 @@ async def test_tutorial_on_rabbitmq_and_postgresql(real: Backend, tmp_path: Path
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     lines: list[str] = []
-
-    async def read_log() -> None:
-        assert workers.stderr is not None
-        async for raw in workers.stderr:
-            lines.append(raw.decode())
-
-    reader = asyncio.create_task(read_log())
+    reader = collect_stderr(workers, lines)
     try:
         code, out, err = await python("place_orders.py")
         assert code == 0, err
