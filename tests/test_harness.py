@@ -107,6 +107,17 @@ async def test_settle_waits_for_the_compensations_in_order() -> None:
         assert carl.status is FlowStatus.FAILED
         assert set(carl.compensated) == {"hotel", "book"}
         assert (await h.flow(trip, "bob")).status is FlowStatus.FAILED
+        history = [(e.action, e.step) for e in await h.flow_history(trip, "broke-carl")]
+        assert history == [
+            ("step completed", "book"),
+            ("step completed", "hotel"),
+            ("step failed", "pay"),
+            ("compensation requested", "hotel"),
+            ("step compensated", "hotel"),
+            ("compensation requested", "book"),
+            ("step compensated", "book"),
+            ("failed", None),
+        ]
         # hotel was undone before book, and each compensation ran once
         assert undone.index("room 101 of broke-carl") < undone.index("trip broke-carl")
         assert sorted(undone) == ["room 101 of broke-carl", "trip bob", "trip broke-carl"]

@@ -27,7 +27,7 @@ from txflow._memory import InMemoryBroker, InMemoryTransport
 from txflow._messages import Envelope, Event, EventRegistry, decode
 from txflow._outbox import RelayConfig
 from txflow.errors import ConfigurationError, HandlerControl, TxflowError
-from txflow.flows import Flow, FlowInfo
+from txflow.flows import Flow, FlowInfo, FlowLogEntry, flow_history
 from txflow.hop import HandlerSpec
 from txflow.transport import Consumer, Delivery, DeliveryCallback, Message
 
@@ -436,13 +436,27 @@ class Harness:
             ConfigurationError: no app of the harness tracks `flow`.
             AssertionError: the instance does not exist (it never started).
         """
-        for app in self.apps:
+        info = await self._tracker_of(flow).flow_state(flow, flow_id)
+        if info is None:
+            raise AssertionError(f"flow {flow.name!r} has no instance {flow_id!r}")
+        return info
+
+    async def flow_history(self, flow: Flow, flow_id: str) -> list[FlowLogEntry]:
+        """Every transition of the instance, oldest first: events seen and actions taken.
+
+        The tracker writes each entry in the transaction that made the transition, so the
+        history holds only what committed.
+
+        Raises:
+            ConfigurationError: no app of the harness tracks `flow`.
+        """
+        return await flow_history(self._tracker_of(flow).store, flow.name, flow_id)
+
+    def _tracker_of(self, flow: Flow) -> TxFlow:
+        for app in self._started:
             if flow.name in app.trackers:
-                info = await app.flow_state(flow, flow_id)
-                if info is None:
-                    raise AssertionError(f"flow {flow.name!r} has no instance {flow_id!r}")
-                return info
-        raise ConfigurationError(f"no app in this harness tracks flow {flow.name!r}")
+                return app
+        raise ConfigurationError(f"no running app in this harness tracks flow {flow.name!r}")
 
     # -- settling ------------------------------------------------------------------------------
 
