@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from txflow import Context, DeadLetter, Event, Flow, FlowStatus, RetryPolicy, Step, TxFlow
-from txflow.testing import Harness, NotSettledError
+from txflow.testing import Harness, InMemoryBroker, InMemoryTransport, NotSettledError
 
 
 class TripBooked(Event):
@@ -194,7 +194,7 @@ async def test_retries_after_a_delay_are_waited_for_and_duplicates_recorded() ->
         if len(calls) == 1:
             raise ConnectionError("hotel API down")
 
-    async with Harness(app, raise_errors=False) as h:
+    async with Harness(app) as h:  # the retry succeeded: no error to raise
         async with app.transaction() as tx:
             tx.emit(TripBooked(trip_id="t1", nights=1), message_id="m-1")
         await h.settle()
@@ -234,3 +234,18 @@ async def test_the_pytest_fixture_runs_the_apps(txflow_harness: Harness) -> None
     await book(travel, "ann", 3)
     await txflow_harness.settle()
     assert (await txflow_harness.flow(trip, "ann")).status is FlowStatus.COMPLETED
+
+
+async def test_without_a_harness_nothing_observes_the_hop() -> None:
+    app = TxFlow(
+        "alone", transport=InMemoryTransport(InMemoryBroker()), database_url="sqlite:///:memory:"
+    )
+
+    @app.handler()
+    async def reserve_hotel(event: TripBooked) -> None:
+        pass
+
+    async with app:
+        assert [c.observer for c in app.consumers] == [None]
+    async with Harness(app):
+        assert [c.observer is not None for c in app.consumers] == [True]

@@ -158,7 +158,6 @@ class _Recorder:
 
     def retried(self, spec: HandlerSpec, envelope: Envelope[Event], error: Exception) -> None:
         self.harness._record(Delivered(self.app, spec.name, "retried", envelope, error))
-        self.harness._failed(self.app, spec, error)
 
     def dead_lettered(
         self, spec: HandlerSpec, message: Message, error: BaseException, attempts: int
@@ -227,8 +226,10 @@ class Harness:
     Args:
         *apps: the apps to run; not started yet.
         settle_timeout: seconds `settle()` waits by default before failing.
-        raise_errors: whether `settle()` raises the first exception a handler raised
-            unexpectedly (anything but `Retry` and `DeadLetter`), after the apps settled.
+        raise_errors: whether `settle()` raises, once the apps settled, the exception of the
+            first delivery a handler failed unexpectedly: dead-lettered because of an
+            exception other than `DeadLetter` (an attempt that failed and then succeeded on
+            a retry is not a failure).
     """
 
     def __init__(
@@ -475,8 +476,8 @@ class Harness:
 
         Raises:
             NotSettledError: still busy after `timeout` seconds; the message names what.
-            Exception: the first exception a handler raised unexpectedly since the last
-                `settle` (with `raise_errors`), once the apps settled.
+            Exception: the exception of the first delivery dead-lettered unexpectedly since
+                the last `settle` (with `raise_errors`), once the apps settled.
         """
         timeout = self.settle_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
