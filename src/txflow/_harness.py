@@ -5,9 +5,10 @@ broker shared by the apps, one SQLite file per app in a temporary directory), re
 the apps publish and what becomes of every delivery, and `settle()` waits, on events rather
 than timers, until nothing is left to do.
 
-Knowing when the work is done: every delivery passes through a callback the harness wraps,
-so the harness is woken whenever one ends; in between it looks at the broker (messages ready
-for a consumer, unacked deliveries, held retries) and asks each relay to drain.
+Knowing when the work is done: every delivery passes through a callback the harness wraps
+and every publish through its transport, so the harness is woken whenever a delivery ends or
+an event is published; in between it looks at the broker (messages ready for a consumer,
+unacked deliveries, held retries), asks each relay to drain and counts unsent outbox rows.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class _HarnessTransport(InMemoryTransport):
     async def publish(self, exchange: str, message: Message) -> None:
         await super().publish(exchange, message)
         self._harness._published_message(self._app, message)
+        self._harness._changed.set()
 
     async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
         wake = self._harness._changed
@@ -510,16 +512,13 @@ class Harness:
                 raise NotSettledError(
                     f"the apps did not settle within {timeout}s: " + "; ".join(busy)
                 )
-            if self._busy():  # a delivery's end will wake us
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._changed.wait()
-                except TimeoutError:
-                    continue  # the next round names what is busy
-            else:
-                # Only the outbox is behind (rows the relays do not hold): their sweep takes
-                # them; wait a little for it rather than spin.
-                await asyncio.sleep(min(remaining, 0.05))
+            # Woken by the end of a delivery, or by a publish (a relay's sweep taking rows
+            # that no relay held).
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+            except TimeoutError:
+                continue  # the next round names what is busy
 
     def _busy(self) -> list[str]:
         names = {c.spec.queue: c.spec.name for app in self._started for c in app.consumers}
