@@ -24,6 +24,7 @@ from txflow.testing import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "getting-started.md"
 FLOWS_PAGE = ROOT / "docs" / "concepts" / "flows.md"
+TESTING_PAGE = ROOT / "docs" / "testing.md"
 FILE_BLOCK = re.compile(r"<!-- test: (\S+) -->\n```\w+\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 OUTPUT_BLOCK = re.compile(r"<!-- output: (\S+) -->\n```text\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 
@@ -98,6 +99,16 @@ def test_tutorial_tests_pass(tmp_path: Path) -> None:
     result = run(tmp_path, "-m", "pytest", "-q", "-W", "error", "-p", "no:cacheprovider")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+def test_testing_page_tests_pass(tmp_path: Path) -> None:
+    files = tutorial_files(TESTING_PAGE)
+    assert set(files) == {"travel.py", "pyproject.toml", "conftest.py", "test_travel.py"}
+    write_tutorial(tmp_path, TESTING_PAGE)
+    # The harness's fixture comes from txflow's pytest plugin, found by its entry point.
+    result = run(tmp_path, "-m", "pytest", "-q", "-W", "error", "-p", "no:cacheprovider")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 passed" in result.stdout
 
 
 async def test_tutorial_on_rabbitmq_and_postgresql(real: Backend, tmp_path: Path) -> None:

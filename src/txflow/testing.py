@@ -1,6 +1,13 @@
-"""Helpers for testing flows in-process: the in-memory broker and a wait helper.
+"""Helpers for testing flows in-process: the recording harness, the in-memory broker, a clock.
 
-from txflow.testing import InMemoryBroker, InMemoryTransport
+from txflow.testing import Harness
+
+async with Harness(app) as h:
+    await app.publish(OrderPlaced(order_id="o1"))
+    await h.settle()
+    h.published(OrderConfirmed, order_id="o1").one()
+
+The lower-level pieces the harness is made of are here too:
 
 broker = InMemoryBroker()
 app = TxFlow("orders", transport=InMemoryTransport(broker), database_url="sqlite:///:memory:")
@@ -12,9 +19,21 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from txflow._harness import Delivered, Harness, NotSettledError, Published, Records
 from txflow._memory import Clock, InMemoryBroker, InMemoryTransport, ManualClock
 
-__all__ = ["Clock", "InMemoryBroker", "InMemoryTransport", "ManualClock", "wait_until"]
+__all__ = [
+    "Clock",
+    "Delivered",
+    "Harness",
+    "InMemoryBroker",
+    "InMemoryTransport",
+    "ManualClock",
+    "NotSettledError",
+    "Published",
+    "Records",
+    "wait_until",
+]
 
 
 async def wait_until(

@@ -16,7 +16,7 @@ from txflow.hop._handlers import (
     takes_context,
 )
 from txflow.hop._retry import RetryPolicy
-from txflow.hop._runner import ConsumerStats, HandlerConsumer
+from txflow.hop._runner import ConsumerStats, HandlerConsumer, HopObserver
 from txflow.hop._unit import Work, unit_of_work
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "HandlerConsumer",
     "HandlerFunc",
     "HandlerSpec",
+    "HopObserver",
     "RetryPolicy",
     "Work",
     "events_from_annotation",

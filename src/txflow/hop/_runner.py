@@ -14,6 +14,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 from txflow._dead_letters import dead_letter_message, exception_type_name, failure_headers
 from txflow._messages import (
@@ -30,7 +31,7 @@ from txflow.hop._handlers import HandlerRaised, HandlerSpec
 from txflow.hop._retry import Outcome
 from txflow.hop._unit import unit_of_work
 from txflow.store import Store
-from txflow.transport import Consumer, Delivery, Transport
+from txflow.transport import Consumer, Delivery, Message, Transport
 
 log = logging.getLogger("txflow.consumer")
 
@@ -49,6 +50,21 @@ class ConsumerStats:
     retried: int = 0
     dead_lettered: int = 0
     requeued: int = 0
+
+
+class HopObserver(Protocol):
+    """Told what became of each delivery (the test harness records it); None in production."""
+
+    def handled(self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool) -> None:
+        """The handler's transaction committed, or the inbox said it had already."""
+
+    def retried(self, spec: HandlerSpec, envelope: Envelope[Event], error: Exception) -> None:
+        """The attempt failed with `error` and a retry was scheduled."""
+
+    def dead_lettered(
+        self, spec: HandlerSpec, message: Message, error: BaseException, attempts: int
+    ) -> None:
+        """The message went to the dead-letter queue because of `error`."""
 
 
 class HandlerConsumer:
@@ -72,6 +88,8 @@ class HandlerConsumer:
         self.stats = ConsumerStats()
         self._consumer: Consumer | None = None
         self._active: set[asyncio.Task[object]] = set()
+        #: Told what became of each delivery; None (the default) costs one check per delivery.
+        self.observer: HopObserver | None = None
 
     async def start(self) -> None:
         self._consumer = await self.transport.consume(
@@ -139,6 +157,8 @@ class HandlerConsumer:
         else:
             self.stats.duplicates += 1
             log.debug("%s: duplicate %s skipped", self.spec.name, envelope.message_id)
+        if self.observer is not None:
+            self.observer.handled(self.spec, envelope, duplicate=not handled)
         await delivery.ack()
 
     async def _handle(self, envelope: Envelope[Event]) -> bool:
@@ -188,6 +208,8 @@ class HandlerConsumer:
             await delivery.reject(requeue=True)
             return
         self.stats.retried += 1
+        if self.observer is not None:
+            self.observer.retried(self.spec, envelope, exc)
         await delivery.ack()
 
     async def _emit_exhausted(self, envelope: Envelope[Event], exc: Exception) -> None:
@@ -231,6 +253,8 @@ class HandlerConsumer:
             await delivery.reject(requeue=True)
             return
         self.stats.dead_lettered += 1
+        if self.observer is not None:
+            self.observer.dead_lettered(self.spec, delivery.message, exc, attempts)
         log.error(
             "%s: dead-lettered %s after %d attempt(s): %s: %s",
             self.spec.name,

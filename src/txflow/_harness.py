@@ -1,0 +1,553 @@
+"""The test harness: apps in-process on one in-memory broker, recorded, and settled on demand.
+
+`Harness` swaps each app's broker and database for the embedded default (one in-memory
+broker shared by the apps, one SQLite file per app in a temporary directory), records what
+the apps publish and what becomes of every delivery, and `settle()` waits, on events rather
+than timers, until nothing is left to do.
+
+Knowing when the work is done: every delivery passes through a callback the harness wraps
+and every publish through its transport, so the harness is woken whenever a delivery ends or
+an event is published; in between it looks at the broker (messages ready for a consumer,
+unacked deliveries, held retries), asks each relay to drain and counts unsent outbox rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar, overload
+
+from txflow._app import TxFlow
+from txflow._memory import InMemoryBroker, InMemoryTransport
+from txflow._messages import Envelope, Event, EventRegistry, decode
+from txflow._outbox import RelayConfig
+from txflow.errors import ConfigurationError, HandlerControl, TxflowError
+from txflow.flows import Flow, FlowInfo, FlowLogEntry, flow_history
+from txflow.hop import HandlerSpec
+from txflow.transport import Consumer, Delivery, DeliveryCallback, Message
+
+log = logging.getLogger("txflow.testing")
+
+#: Seconds `settle()` waits for the apps to go quiet before it fails, naming what is busy.
+DEFAULT_SETTLE_TIMEOUT = 10.0
+
+T = TypeVar("T")
+E = TypeVar("E", bound=Event)
+Outcome = Literal["handled", "duplicate", "retried", "dead_lettered"]
+
+
+class NotSettledError(TxflowError, TimeoutError):
+    """`Harness.settle()` ran out of time; the message names what was still busy."""
+
+
+class Records(Sequence[T]):
+    """What a harness query found, in the order it happened; `one()` asserts there is one."""
+
+    def __init__(self, items: Sequence[T], description: str) -> None:
+        self._items = list(items)
+        self._description = description
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[T]: ...
+    def __getitem__(self, index: int | slice) -> T | Sequence[T]:
+        return self._items[index]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items)
+
+    def __repr__(self) -> str:
+        return f"Records({self._description}: {self._items!r})"
+
+    def one(self) -> T:
+        """The only record found.
+
+        Raises:
+            AssertionError: naming the query and what it found, when there are none or several.
+        """
+        if len(self._items) != 1:
+            raise AssertionError(
+                f"expected exactly one {self._description}, found {len(self._items)}: "
+                f"{self._items!r}"
+            )
+        return self._items[0]
+
+
+@dataclass(frozen=True)
+class Published:
+    """An event an app's relay published and the broker routed.
+
+    Attributes:
+        app: the name of the app whose relay published it.
+        envelope: the event with its message id, correlation (flow) id and headers.
+    """
+
+    app: str
+    envelope: Envelope[Event]
+
+    @property
+    def event(self) -> Event:
+        """The event itself."""
+        return self.envelope.event
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What became of one delivery to one handler.
+
+    Attributes:
+        app: the handler's app.
+        handler: the handler's name (as in `@app.handler(name=...)`, the function name by default).
+        outcome: "handled" (committed), "duplicate" (the inbox had it), "retried" or
+            "dead_lettered".
+        envelope: the delivered event; None for a message that could not be decoded.
+        error: the exception of a retried or dead-lettered attempt.
+        attempts: attempts made when it was dead-lettered.
+    """
+
+    app: str
+    handler: str
+    outcome: Outcome
+    envelope: Envelope[Event] | None
+    error: BaseException | None = None
+    attempts: int = 1
+
+    @property
+    def event(self) -> Event | None:
+        """The delivered event; None when it could not be decoded."""
+        return self.envelope.event if self.envelope is not None else None
+
+    @property
+    def reason(self) -> str | None:
+        """The error as `ExceptionType: message`, or None."""
+        if self.error is None:
+            return None
+        return f"{type(self.error).__name__}: {self.error}"
+
+
+def _matches(event: Event | None, event_type: type[Event] | None, fields: dict[str, Any]) -> bool:
+    if event_type is not None and not isinstance(event, event_type):
+        return False
+    if fields and event is None:
+        return False
+    return all(getattr(event, key, _MISSING) == value for key, value in fields.items())
+
+
+_MISSING = object()
+
+
+class _Recorder:
+    """The hop observer of every consumer of one app; wakes the harness on each outcome."""
+
+    def __init__(self, harness: Harness, app: TxFlow) -> None:
+        self.harness = harness
+        self.app = app.name
+
+    def handled(self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool) -> None:
+        outcome: Outcome = "duplicate" if duplicate else "handled"
+        self.harness._record(Delivered(self.app, spec.name, outcome, envelope))
+
+    def retried(self, spec: HandlerSpec, envelope: Envelope[Event], error: Exception) -> None:
+        self.harness._record(Delivered(self.app, spec.name, "retried", envelope, error))
+
+    def dead_lettered(
+        self, spec: HandlerSpec, message: Message, error: BaseException, attempts: int
+    ) -> None:
+        envelope = self.harness._decode(message)
+        self.harness._record(
+            Delivered(self.app, spec.name, "dead_lettered", envelope, error, attempts)
+        )
+        self.harness._failed(self.app, spec, error)
+
+
+class _HarnessTransport(InMemoryTransport):
+    """An in-memory transport that records what its app publishes and reports ended callbacks."""
+
+    def __init__(self, broker: InMemoryBroker, harness: Harness, app: str) -> None:
+        super().__init__(broker)
+        self._harness = harness
+        self._app = app
+
+    async def publish(self, exchange: str, message: Message) -> None:
+        await super().publish(exchange, message)
+        self._harness._published_message(self._app, message)
+        self._harness._changed.set()
+
+    async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
+        wake = self._harness._changed
+
+        async def observed(delivery: Delivery) -> None:
+            try:
+                await callback(delivery)
+            finally:
+                wake.set()
+
+        return await super().consume(queue, observed, prefetch=prefetch)
+
+    def busy(self, names: dict[str, str]) -> list[str]:
+        """What this transport's consumers still have to do, each named."""
+        busy = []
+        for consumer in self._consumers:
+            queue = consumer.queue
+            name = names.get(queue.name, queue.name)
+            if consumer.unacked:
+                ids = ", ".join(sorted(str(d.message.message_id) for d in consumer.unacked))
+                busy.append(
+                    f"handler {name!r} has {len(consumer.unacked)} delivery(ies) in flight ({ids})"
+                )
+            if queue.ready and consumer.active:
+                busy.append(f"queue {queue.name!r} has {len(queue.ready)} message(s) ready")
+        return sorted(set(busy))
+
+
+class Harness:
+    """Runs apps in-process on the embedded default, records their work, knows when it is done.
+
+    ```python
+    async with Harness(orders_app, inventory_app) as h:
+        await orders_app.publish(OrderPlaced(order_id="o1", quantity=2))
+        await h.settle()
+        h.published(StockReserved, order_id="o1").one()
+        assert not h.dead_lettered()
+    ```
+
+    Each app gets a transport on one in-memory broker the harness owns (so the apps talk to
+    each other, and to nothing else) and a SQLite database in a temporary file (its tables
+    created at start). The apps' own settings are restored when the harness exits.
+
+    Args:
+        *apps: the apps to run; not started yet.
+        settle_timeout: seconds `settle()` waits by default before failing.
+        raise_errors: whether `settle()` raises, once the apps settled, the exception of the
+            first delivery a handler failed unexpectedly: dead-lettered because of an
+            exception other than `DeadLetter` (an attempt that failed and then succeeded on
+            a retry is not a failure).
+    """
+
+    def __init__(
+        self,
+        *apps: TxFlow,
+        settle_timeout: float = DEFAULT_SETTLE_TIMEOUT,
+        raise_errors: bool = True,
+    ) -> None:
+        if not apps:
+            raise ConfigurationError("Harness needs at least one app: Harness(app, ...)")
+        names = [app.name for app in apps]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"Harness got two apps of one name: {names}")
+        self.apps = apps
+        self.settle_timeout = settle_timeout
+        self.raise_errors = raise_errors
+        self.broker = InMemoryBroker()
+        self._changed = asyncio.Event()
+        self._published: list[Published] = []
+        self._delivered: list[Delivered] = []
+        self._errors: list[tuple[str, str, BaseException]] = []
+        self._registry = EventRegistry()
+        self._transports: list[_HarnessTransport] = []
+        self._restore: list[Callable[[], None]] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._started: list[TxFlow] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._tmp = tempfile.TemporaryDirectory(prefix="txflow-harness-")
+        try:
+            for app in self.apps:
+                self._embed(app, Path(self._tmp.name))
+            for app in self.apps:
+                await app.start()
+                self._started.append(app)
+                recorder = _Recorder(self, app)
+                for consumer in app.consumers:
+                    consumer.observer = recorder
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop the apps, restore their settings and delete the databases; safe to call twice."""
+        started, self._started = self._started, []
+        try:
+            for app in reversed(started):
+                await app.stop()
+        finally:
+            restore, self._restore = self._restore, []
+            for undo in reversed(restore):
+                undo()
+            tmp, self._tmp = self._tmp, None
+            if tmp is not None:
+                tmp.cleanup()
+
+    def _embed(self, app: TxFlow, directory: Path) -> None:
+        if app.consumers:
+            raise ConfigurationError(f"app {app.name!r} is already started; pass it unstarted")
+        for spec in app.handlers.values():
+            for event_type in spec.event_types:
+                self._registry.add(event_type)
+        transport = _HarnessTransport(self.broker, self, app.name)
+        self._transports.append(transport)
+        saved = (
+            app._transport,
+            app._owns_transport,
+            app.database_url,
+            app.create_tables,
+            app.relay_config,
+        )
+
+        def undo() -> None:
+            (
+                app._transport,
+                app._owns_transport,
+                app.database_url,
+                app.create_tables,
+                app.relay_config,
+            ) = saved
+
+        self._restore.append(undo)
+        # The harness owns the transport: the app must not drop it when it stops.
+        app._transport = transport
+        app._owns_transport = False
+        app.database_url = f"sqlite:///{directory / app.name}.db"
+        app.create_tables = True
+        if app.relay_config is None:
+            app.relay_config = RelayConfig()  # someone has to publish the apps' events
+
+    # -- recording (called by the transports and the hop observers) ----------------------------
+
+    def _decode(self, message: Message) -> Envelope[Event] | None:
+        try:
+            return decode(message, self._registry)
+        except TxflowError:
+            return None
+
+    def _published_message(self, app: str, message: Message) -> None:
+        envelope = self._decode(message)
+        if envelope is None:  # routed, so some app handles it; not one of ours then
+            log.debug("published %s of unknown type %s", message.message_id, message.routing_key)
+            return
+        self._published.append(Published(app, envelope))
+
+    def _record(self, delivered: Delivered) -> None:
+        self._delivered.append(delivered)
+
+    def _failed(self, app: str, spec: HandlerSpec, error: BaseException) -> None:
+        if not isinstance(error, (HandlerControl, TxflowError)):
+            self._errors.append((app, spec.name, error))
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def published(self, event_type: type[E] | None = None, /, **fields: Any) -> Records[Published]:
+        """Events published so far, optionally of `event_type` and with these field values.
+
+        `h.published(OrderCreated, order_id="o1").one().event` is the one `OrderCreated` of
+        order o1. A relay may publish an event twice (at-least-once); each is a record.
+        """
+        found = [p for p in self._published if _matches(p.event, event_type, fields)]
+        return Records(found, _describe("published", event_type, fields))
+
+    def handled(
+        self,
+        event_type: type[Event] | None = None,
+        /,
+        *,
+        handler: str | None = None,
+        **fields: Any,
+    ) -> Records[Delivered]:
+        """Deliveries whose handler's transaction committed (filters as in `published`)."""
+        return self._query("handled", event_type, handler, fields)
+
+    def duplicates(
+        self,
+        event_type: type[Event] | None = None,
+        /,
+        *,
+        handler: str | None = None,
+        **fields: Any,
+    ) -> Records[Delivered]:
+        """Deliveries the inbox skipped because the handler had already handled the message."""
+        return self._query("duplicate", event_type, handler, fields)
+
+    def retried(
+        self,
+        event_type: type[Event] | None = None,
+        /,
+        *,
+        handler: str | None = None,
+        **fields: Any,
+    ) -> Records[Delivered]:
+        """Failed attempts for which a retry was scheduled, each with its `error`."""
+        return self._query("retried", event_type, handler, fields)
+
+    def dead_lettered(
+        self,
+        event_type: type[Event] | None = None,
+        /,
+        *,
+        handler: str | None = None,
+        **fields: Any,
+    ) -> Records[Delivered]:
+        """Deliveries moved to a dead-letter queue, each with its `error` and `reason`."""
+        return self._query("dead_lettered", event_type, handler, fields)
+
+    def deliveries(self, *, handler: str | None = None) -> Records[Delivered]:
+        """Every recorded delivery outcome, in order, optionally of one handler."""
+        found = [d for d in self._delivered if handler is None or d.handler == handler]
+        return Records(found, f"delivery to {handler or 'any handler'}")
+
+    def _query(
+        self,
+        outcome: Outcome,
+        event_type: type[Event] | None,
+        handler: str | None,
+        fields: dict[str, Any],
+    ) -> Records[Delivered]:
+        found = [
+            d
+            for d in self._delivered
+            if d.outcome == outcome
+            and (handler is None or d.handler == handler)
+            and _matches(d.event, event_type, fields)
+        ]
+        where = f" by {handler!r}" if handler is not None else ""
+        return Records(found, _describe(outcome.replace("_", "-") + where, event_type, fields))
+
+    async def flow(self, flow: Flow, flow_id: str) -> FlowInfo:
+        """The flow instance `flow_id` as its tracking app stores it now.
+
+        Raises:
+            ConfigurationError: no app of the harness tracks `flow`.
+            AssertionError: the instance does not exist (it never started).
+        """
+        info = await self._tracker_of(flow).flow_state(flow, flow_id)
+        if info is None:
+            raise AssertionError(f"flow {flow.name!r} has no instance {flow_id!r}")
+        return info
+
+    async def flow_history(self, flow: Flow, flow_id: str) -> list[FlowLogEntry]:
+        """Every transition of the instance, oldest first: events seen and actions taken.
+
+        The tracker writes each entry in the transaction that made the transition, so the
+        history holds only what committed.
+
+        Raises:
+            ConfigurationError: no app of the harness tracks `flow`.
+        """
+        return await flow_history(self._tracker_of(flow).store, flow.name, flow_id)
+
+    def _tracker_of(self, flow: Flow) -> TxFlow:
+        for app in self._started:
+            if flow.name in app.trackers:
+                return app
+        raise ConfigurationError(f"no running app in this harness tracks flow {flow.name!r}")
+
+    # -- settling ------------------------------------------------------------------------------
+
+    async def settle(
+        self, *, timeout: float | None = None, raise_errors: bool | None = None
+    ) -> None:
+        """Return once no delivery is in flight, no message waits, and every outbox is empty.
+
+        Flow trackers are handlers, so an idle tracker is covered. Messages held for a
+        delayed retry count as work: `settle` waits for them on the broker's clock.
+
+        Args:
+            timeout: seconds to wait; the harness's `settle_timeout` by default.
+            raise_errors: whether to raise a handler's unexpected exception; the harness's
+                `raise_errors` by default.
+
+        Raises:
+            NotSettledError: still busy after `timeout` seconds; the message names what.
+            Exception: the exception of the first delivery dead-lettered unexpectedly since
+                the last `settle` (with `raise_errors`), once the apps settled.
+        """
+        timeout = self.settle_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        try:
+            await self._settle(deadline, timeout)
+        except NotSettledError as exc:
+            if self._errors:
+                raise exc from self._errors[0][2]
+            raise
+        errors, self._errors = self._errors, []
+        if errors and (self.raise_errors if raise_errors is None else raise_errors):
+            app, handler, error = errors[0]
+            error.add_note(f"raised by handler {handler!r} of app {app!r} (txflow harness)")
+            raise error
+
+    async def _settle(self, deadline: float, timeout: float) -> None:
+        while True:
+            self._changed.clear()
+            busy = self._busy()
+            if not busy:
+                # A relay may wait on a handler (SQLite has one writer): name both then.
+                busy = await self._drain_relays(deadline)
+                busy = [*self._busy(), *busy] if busy else busy
+            if not busy and not self._busy():
+                busy = await self._unsent_rows()
+                if not busy:
+                    return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NotSettledError(
+                    f"the apps did not settle within {timeout}s: " + "; ".join(busy)
+                )
+            # Woken by the end of a delivery, or by a publish (a relay's sweep taking rows
+            # that no relay held).
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+            except TimeoutError:
+                continue  # the next round names what is busy
+
+    def _busy(self) -> list[str]:
+        names = {c.spec.queue: c.spec.name for app in self._started for c in app.consumers}
+        busy = [item for transport in self._transports for item in transport.busy(names)]
+        if self.broker.held:
+            busy.append(f"{self.broker.held} message(s) held for a delayed retry")
+        return busy
+
+    async def _drain_relays(self, deadline: float) -> list[str]:
+        busy = []
+        for app in self._started:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            if not await app.relay.drain(remaining):
+                busy.append(f"the outbox relay of app {app.name!r} has rows to publish")
+        return busy
+
+    async def _unsent_rows(self) -> list[str]:
+        busy = []
+        for app in self._started:
+            status = await app.store.outbox_status()
+            if status.pending:
+                busy.append(f"the outbox of app {app.name!r} has {status.pending} unsent row(s)")
+        return busy
+
+
+def _describe(what: str, event_type: type[Event] | None, fields: dict[str, Any]) -> str:
+    name = event_type.__name__ if event_type is not None else "event"
+    where = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    return f"{what} {name}" + (f" with {where}" if where else "")
+
+
+__all__ = ["Delivered", "Harness", "NotSettledError", "Published", "Records"]
