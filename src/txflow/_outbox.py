@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from txflow import _telemetry
 from txflow.errors import PublishError, TransportClosedError, UnroutableError
 from txflow.store import Listener, OutboxRecord, Store, UnitOfWork, make_record
 from txflow.transport import Transport
@@ -301,7 +302,8 @@ class OutboxRelay:
 
     async def _publish_one(self, record: OutboxRecord) -> None:
         try:
-            await self.transport.publish(self.exchange, record.message)
+            with _telemetry.publishing(self.exchange, record.message):
+                await self.transport.publish(self.exchange, record.message)
         except TransportClosedError as exc:
             # One line per outage, not per row: an outage fails every publish in flight.
             if not self._outage_failures:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from txflow import _telemetry
 from txflow._messages import Envelope, Event, new_message_id
 from txflow.errors import ConfigurationError
 
@@ -101,13 +102,16 @@ class Context:
             )
         msg_id = message_id or new_message_id()
         correlation = self._correlation_id or msg_id
+        row_headers: dict[str, Any] = dict(headers or {})
+        # The trace context of the emitting code, stored with the row and sent with it.
+        _telemetry.inject(row_headers)
         self._outbox.append(
             {
                 "message_id": msg_id,
                 "event_type": event.event_type,
                 "correlation_id": correlation,
                 "causation_id": self.message_id,
-                "headers": dict(headers or {}),
+                "headers": row_headers,
                 "body": event.model_dump_json().encode(),
                 "created_at": datetime.now(UTC),
             }

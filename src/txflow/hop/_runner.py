@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
+from txflow import _telemetry
 from txflow._dead_letters import dead_letter_message, exception_type_name, failure_headers
 from txflow._messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -122,7 +123,11 @@ class HandlerConsumer:
         if task is not None:
             self._active.add(task)
         try:
-            await self._process(delivery)
+            message = delivery.message
+            with _telemetry.processing(
+                self.spec.name, self.spec.queue, message, message.headers.get(ATTEMPT_HEADER, 1)
+            ):
+                await self._process(delivery)
         except TxflowError as exc:
             # Settling failed because the channel went away; the broker redelivers.
             log.warning("%s: %s", self.spec.name, exc)
@@ -154,8 +159,10 @@ class HandlerConsumer:
             return
         if handled:
             self.stats.handled += 1
+            _telemetry.outcome("handled")
         else:
             self.stats.duplicates += 1
+            _telemetry.duplicate_skipped()
             log.debug("%s: duplicate %s skipped", self.spec.name, envelope.message_id)
         if self.observer is not None:
             self.observer.handled(self.spec, envelope, duplicate=not handled)
@@ -208,6 +215,9 @@ class HandlerConsumer:
             await delivery.reject(requeue=True)
             return
         self.stats.retried += 1
+        _telemetry.retry_scheduled(
+            exception_type_name(exc), str(exc), decision.delay, decision.tier
+        )
         if self.observer is not None:
             self.observer.retried(self.spec, envelope, exc)
         await delivery.ack()
@@ -253,6 +263,7 @@ class HandlerConsumer:
             await delivery.reject(requeue=True)
             return
         self.stats.dead_lettered += 1
+        _telemetry.dead_lettered(exception_type_name(exc), str(exc))
         if self.observer is not None:
             self.observer.dead_lettered(self.spec, delivery.message, exc, attempts)
         log.error(
@@ -268,6 +279,7 @@ class HandlerConsumer:
     async def _requeue(self, delivery: Delivery, exc: Exception) -> None:
         # The database is unreachable: not the message's fault, so no attempt is counted.
         self.stats.requeued += 1
+        _telemetry.outcome("requeued")
         log.warning(
             "%s: database error, handing %s back: %s",
             self.spec.name,

@@ -1,0 +1,192 @@
+"""Tracing: OpenTelemetry spans whose context travels with each event through the outbox.
+
+The only module that imports OpenTelemetry. txflow depends on the API alone: until the
+application configures an SDK (`opentelemetry-sdk`, the `txflow[otel]` extra), every call
+here is the API's no-op and costs next to nothing, and a hop that receives no trace context
+starts no span at all.
+
+Where the context travels: `Context.emit` injects the active context (the span around
+`app.transaction()` in user code, or the handler's own `process` span) into the outbox row's
+`headers` column as W3C `traceparent`/`tracestate` and `baggage`; the relay puts those headers
+on the wire, so the trace survives the commit, a relay in another process and a republish.
+
+Spans (attribute names from the OpenTelemetry messaging semantic conventions, version
+`SEMCONV_VERSION`):
+- `publish` (PRODUCER): the relay's publish of one row, from hand-over to confirm; a child
+  of the emitting context.
+- `process` (CONSUMER): one handler attempt, a child of the producer's context; events
+  `duplicate skipped`, `retry scheduled`, `dead-lettered`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from txflow.transport import Message
+
+# The semantic-conventions release whose attribute names are used below (messaging spans,
+# RabbitMQ). They are written out here rather than imported from
+# opentelemetry-semantic-conventions, whose messaging names are still "incubating".
+SEMCONV_VERSION = "1.27.0"
+SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
+
+MESSAGING_SYSTEM = "messaging.system"
+MESSAGING_OPERATION_NAME = "messaging.operation.name"
+MESSAGING_OPERATION_TYPE = "messaging.operation.type"
+MESSAGING_DESTINATION = "messaging.destination.name"
+MESSAGING_ROUTING_KEY = "messaging.rabbitmq.destination.routing_key"
+MESSAGING_MESSAGE_ID = "messaging.message.id"
+MESSAGING_CONVERSATION_ID = "messaging.message.conversation_id"
+EXCEPTION_TYPE = "exception.type"
+ERROR_TYPE = "error.type"
+# txflow's own attributes.
+HANDLER = "txflow.handler"
+ATTEMPT = "txflow.attempt"
+OUTCOME = "txflow.outcome"
+RETRY_DELAY = "txflow.retry.delay"
+RETRY_TIER = "txflow.retry.tier"
+
+PUBLISH = "publish"
+PROCESS = "process"
+# The headers a W3C trace context may arrive in; without one, an unconfigured API has no
+# context to carry on and the hop skips the span.
+_CONTEXT_HEADERS = ("traceparent", "baggage")
+
+_UNCONFIGURED = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+# The tracer of the provider it came from, replaced when the global provider changes (the
+# API's proxy tracer would keep the first SDK's tracer for ever).
+_tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
+
+
+def _sdk_configured() -> bool:
+    """Whether an application set a tracer provider (else the API's proxy is in place)."""
+    return not isinstance(trace.get_tracer_provider(), _UNCONFIGURED)
+
+
+def _tracer() -> trace.Tracer:
+    provider = trace.get_tracer_provider()
+    cached = _tracers.get(0)
+    if cached is None or cached[0] is not provider:
+        cached = (provider, provider.get_tracer("txflow", schema_url=SCHEMA_URL))
+        _tracers[0] = cached
+    return cached[1]
+
+
+def _carries_context(headers: Mapping[str, Any]) -> bool:
+    return any(name in headers for name in _CONTEXT_HEADERS)
+
+
+def inject(headers: MutableMapping[str, Any]) -> None:
+    """Write the active trace context (and baggage) into an emitted event's `headers`.
+
+    Nothing is written when no span context is active (and no baggage set).
+    """
+    propagate.inject(headers)
+
+
+@contextmanager
+def publishing(exchange: str, message: Message) -> Iterator[None]:
+    """The `publish` span of one outbox row, a child of the context stored with it."""
+    if not _sdk_configured():
+        yield
+        return
+    parent = propagate.extract(message.headers) if _carries_context(message.headers) else None
+    with _tracer().start_as_current_span(
+        PUBLISH,
+        context=parent,
+        kind=SpanKind.PRODUCER,
+        attributes={
+            MESSAGING_SYSTEM: "rabbitmq",
+            MESSAGING_OPERATION_NAME: PUBLISH,
+            MESSAGING_OPERATION_TYPE: "send",
+            MESSAGING_DESTINATION: exchange,
+            MESSAGING_ROUTING_KEY: message.routing_key,
+            MESSAGING_MESSAGE_ID: message.message_id or "",
+            MESSAGING_CONVERSATION_ID: message.correlation_id or "",
+        },
+    ):
+        yield
+
+
+@contextmanager
+def processing(handler: str, queue: str, message: Message, attempt: object) -> Iterator[None]:
+    """The `process` span of one handler attempt, a child of the producer's context.
+
+    Current while the attempt runs, so that the events the handler emits carry it.
+    """
+    carried = _carries_context(message.headers)
+    if not carried and not _sdk_configured():
+        yield  # the fast path: nothing to trace, nothing to pass on
+        return
+    parent = propagate.extract(message.headers) if carried else None
+    with _tracer().start_as_current_span(
+        PROCESS,
+        context=parent,
+        kind=SpanKind.CONSUMER,
+        record_exception=False,
+        set_status_on_exception=False,
+        attributes={
+            MESSAGING_SYSTEM: "rabbitmq",
+            MESSAGING_OPERATION_NAME: PROCESS,
+            MESSAGING_OPERATION_TYPE: "process",
+            MESSAGING_DESTINATION: queue,
+            MESSAGING_ROUTING_KEY: message.type or message.routing_key,
+            MESSAGING_MESSAGE_ID: message.message_id or "",
+            MESSAGING_CONVERSATION_ID: message.correlation_id or "",
+            HANDLER: handler,
+            ATTEMPT: attempt if isinstance(attempt, int) else 1,
+        },
+    ):
+        yield
+
+
+def _current() -> Span | None:
+    span = trace.get_current_span()
+    return span if span.is_recording() else None
+
+
+def outcome(value: str) -> None:
+    """Record how the current `process` span's attempt ended (handled, duplicate, ...)."""
+    span = _current()
+    if span is not None:
+        span.set_attribute(OUTCOME, value)
+
+
+def duplicate_skipped() -> None:
+    """The inbox already held this message for this handler: nothing ran."""
+    span = _current()
+    if span is not None:
+        span.set_attribute(OUTCOME, "duplicate")
+        span.add_event("duplicate skipped")
+
+
+def retry_scheduled(
+    exception_type: str, message: str, delay: float, tier: float | None = None
+) -> None:
+    """The attempt failed with `exception_type` and goes to a retry queue for `delay` s."""
+    span = _current()
+    if span is not None:
+        span.set_attribute(OUTCOME, "retry")
+        span.set_status(Status(StatusCode.ERROR, message))
+        attributes: dict[str, Any] = {
+            EXCEPTION_TYPE: exception_type,
+            RETRY_DELAY: delay,
+        }
+        if tier is not None:
+            attributes[RETRY_TIER] = tier
+        span.add_event("retry scheduled", attributes)
+
+
+def dead_lettered(exception_type: str, message: str) -> None:
+    """The message went to the dead-letter queue because of an `exception_type` error."""
+    span = _current()
+    if span is not None:
+        span.set_attribute(OUTCOME, "dead_letter")
+        span.set_attribute(ERROR_TYPE, exception_type)
+        span.set_status(Status(StatusCode.ERROR, message))
+        span.add_event("dead-lettered", {EXCEPTION_TYPE: exception_type})

@@ -1,0 +1,262 @@
+"""Tracing through the outbox: one trace from the emitting code to the handlers, both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+
+import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from tests.conftest import Backend
+from tests.support import Ping, Pong, add_sink, queue_depth_is
+from txflow import Context, Event, RetryPolicy
+from txflow._messages import encode, new_message_id
+from txflow.testing import wait_until
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """An SDK with an in-memory exporter as the global tracer provider, for one test.
+
+    `trace.set_tracer_provider` may be called once per process; the test sets (and the
+    monkeypatch restores) the global itself, so other tests still run with no SDK.
+    """
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    yield exporter
+    provider.shutdown()
+
+
+def named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+def handler_spans(exporter: InMemorySpanExporter, handler: str) -> list[ReadableSpan]:
+    return [
+        s
+        for s in named(exporter, "process")
+        if s.attributes is not None and s.attributes.get("txflow.handler") == handler
+    ]
+
+
+def span_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return int(span.context.span_id)
+
+
+def trace_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return int(span.context.trace_id)
+
+
+def parent_id(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def event_names(span: ReadableSpan) -> list[str]:
+    return [e.name for e in span.events]
+
+
+async def test_transaction_span_is_parent_of_process_through_the_outbox(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    app = await backend.app("svc")
+    received = add_sink(app, Ping)
+    tracer = trace.get_tracer("tests")
+    async with app:
+        with tracer.start_as_current_span("place order"):
+            async with app.transaction() as tx:
+                message_id = tx.emit(Ping(n=1))
+        queue = app.consumers[0].spec.queue
+        await wait_until(lambda: len(handler_spans(spans, "sink")) == 1, message="process span")
+        await wait_until(lambda: len(named(spans, "publish")) == 1, message="publish span")
+    assert len(received) == 1
+    (root,) = named(spans, "place order")
+    (process,) = handler_spans(spans, "sink")
+    (publish,) = named(spans, "publish")
+    assert trace_id(process) == trace_id(root) == trace_id(publish)
+    assert parent_id(process) == span_id(root)
+    assert parent_id(publish) == span_id(root)
+    assert process.kind is trace.SpanKind.CONSUMER
+    assert publish.kind is trace.SpanKind.PRODUCER
+    assert dict(process.attributes or {}) == {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.name": "process",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": queue,
+        "messaging.rabbitmq.destination.routing_key": "Ping",
+        "messaging.message.id": message_id,
+        "messaging.message.conversation_id": message_id,  # a new flow: its first event's id
+        "txflow.handler": "sink",
+        "txflow.attempt": 1,
+        "txflow.outcome": "handled",
+    }
+    assert (publish.attributes or {})["messaging.destination.name"] == app.exchange
+    assert (publish.attributes or {})["messaging.message.id"] == message_id
+
+
+async def test_a_chain_of_two_hops_is_one_trace(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    svc = await backend.app("svc")
+
+    @svc.handler(Ping, name="ping")
+    async def ping(event: Ping) -> Pong:
+        return Pong(n=event.n)
+
+    sink_app = await backend.app("sink", database="sink")
+    add_sink(sink_app, Pong)
+    tracer = trace.get_tracer("tests")
+    async with svc, sink_app:
+        with tracer.start_as_current_span("request"):
+            await svc.publish(Ping(n=1))
+        await wait_until(lambda: len(handler_spans(spans, "sink")) == 1, message="second hop")
+        await wait_until(lambda: len(named(spans, "publish")) == 2, message="two publishes")
+    (root,) = named(spans, "request")
+    (first,) = handler_spans(spans, "ping")
+    (second,) = handler_spans(spans, "sink")
+    assert {trace_id(s) for s in spans.get_finished_spans()} == {trace_id(root)}
+    assert parent_id(first) == span_id(root)
+    assert parent_id(second) == span_id(first)
+    publish_parents = sorted(parent_id(s) or 0 for s in named(spans, "publish"))
+    assert publish_parents == sorted([span_id(root), span_id(first)])
+
+
+def traced_ping(n: int) -> tuple[Event, dict[str, str]]:
+    """A Ping and the headers of a context some producer had active."""
+    headers: dict[str, str] = {}
+    with trace.get_tracer("tests").start_as_current_span("producer"):
+        propagate.inject(headers)
+    return Ping(n=n), headers
+
+
+async def test_a_duplicate_delivery_shows_as_a_duplicate(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    app = await backend.app("svc")
+    add_sink(app, Ping)
+    event, headers = traced_ping(1)
+    message = encode(
+        event,
+        message_id=new_message_id(),
+        correlation_id="flow-1",
+        causation_id=None,
+        occurred_at=datetime.now(UTC),
+        headers=headers,
+    )
+    async with app:
+        await app.transport.publish(app.exchange, message)
+        await wait_until(lambda: len(handler_spans(spans, "sink")) == 1, message="first")
+        await app.transport.publish(app.exchange, message)
+        await wait_until(lambda: len(handler_spans(spans, "sink")) == 2, message="duplicate")
+    first, second = handler_spans(spans, "sink")
+    (producer,) = named(spans, "producer")
+    assert parent_id(first) == parent_id(second) == span_id(producer)
+    assert (first.attributes or {})["txflow.outcome"] == "handled"
+    assert (second.attributes or {})["txflow.outcome"] == "duplicate"
+    assert event_names(second) == ["duplicate skipped"]
+
+
+async def test_a_retried_attempt_is_two_process_spans(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    app = await backend.app("svc", retry=RetryPolicy.immediate(3))
+    attempts: list[int] = []
+
+    @app.handler(Ping, name="flaky")
+    async def flaky(event: Ping, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise Boom("first attempt fails")
+
+    async with app:
+        with trace.get_tracer("tests").start_as_current_span("request"):
+            await app.publish(Ping(n=1))
+        await wait_until(lambda: len(handler_spans(spans, "flaky")) == 2, message="two attempts")
+    first, second = sorted(
+        handler_spans(spans, "flaky"), key=lambda s: str((s.attributes or {})["txflow.attempt"])
+    )
+    (root,) = named(spans, "request")
+    assert parent_id(first) == parent_id(second) == span_id(root)
+    assert [(s.attributes or {})["txflow.attempt"] for s in (first, second)] == [1, 2]
+    assert (first.attributes or {})["txflow.outcome"] == "retry"
+    assert event_names(first) == ["retry scheduled"]
+    assert first.events[0].attributes is not None
+    assert first.events[0].attributes["exception.type"] == f"{__name__}.Boom"
+    assert first.status.status_code is trace.StatusCode.ERROR
+    assert (second.attributes or {})["txflow.outcome"] == "handled"
+
+
+async def test_a_dead_letter_shows_its_exception_type(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    app = await backend.app("svc", retry=RetryPolicy.immediate(1))
+
+    @app.handler(Ping, name="fails")
+    async def fails(event: Ping) -> None:
+        raise Boom("always")
+
+    async with app:
+        with trace.get_tracer("tests").start_as_current_span("request"):
+            await app.publish(Ping(n=1))
+        await wait_until(
+            queue_depth_is(app, app.consumers[0].spec.queue + ".dlq", 1), message="dead letter"
+        )
+        await wait_until(lambda: len(handler_spans(spans, "fails")) == 1, message="span")
+    (span,) = handler_spans(spans, "fails")
+    assert (span.attributes or {})["txflow.outcome"] == "dead_letter"
+    assert (span.attributes or {})["error.type"] == f"{__name__}.Boom"
+    assert event_names(span) == ["dead-lettered"]
+    assert span.events[0].attributes is not None
+    assert span.events[0].attributes["exception.type"] == f"{__name__}.Boom"
+
+
+def _own(headers: Sequence[str]) -> set[str]:
+    return {h for h in headers if not h.startswith("x-txflow-")}
+
+
+async def test_without_an_sdk_only_traceparent_travels(backend: Backend) -> None:
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    app = await backend.app("svc")
+    seen: list[Context] = []
+
+    @app.handler(Ping, Pong, name="record")
+    async def record(event: Event, ctx: Context) -> Pong | None:
+        seen.append(ctx)
+        return Pong(n=event.n) if isinstance(event, Ping) else None
+
+    active = SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0xB7AD6B7169203331,
+        is_remote=False,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    async with app:
+        await app.publish(Ping(n=0))  # no context active: no trace headers
+        with trace.use_span(NonRecordingSpan(active)):
+            await app.publish(Ping(n=1))
+        await wait_until(lambda: len(seen) == 4, message="two Pings and their Pongs")
+    by_n: dict[int, list[Context]] = {}
+    for ctx in seen:
+        assert ctx.envelope is not None
+        by_n.setdefault(ctx.envelope.event.n, []).append(ctx)
+    for ctx in by_n[0]:
+        assert ctx.envelope is not None
+        assert _own(list(ctx.envelope.headers)) == set()
+    for ctx in by_n[1]:
+        assert ctx.envelope is not None
+        headers = ctx.envelope.headers
+        assert _own(list(headers)) == {"traceparent"}
+        # The API alone carries the context on unchanged through the hop.
+        assert headers["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
