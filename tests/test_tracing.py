@@ -260,3 +260,30 @@ async def test_without_an_sdk_only_traceparent_travels(backend: Backend) -> None
         assert _own(list(headers)) == {"traceparent"}
         # The API alone carries the context on unchanged through the hop.
         assert headers["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_a_message_without_trace_context_starts_a_new_trace(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    app = await backend.app("svc")
+    add_sink(app, Ping)
+    # The consumer's and the relay's tasks are created inside this span: it must not adopt
+    # the messages they handle and publish.
+    with trace.get_tracer("tests").start_as_current_span("startup"):
+        await app.start()
+    try:
+        await app.transport.publish(
+            app.exchange,
+            encode(
+                Ping(n=1),
+                message_id=new_message_id(),
+                correlation_id="flow-1",
+                causation_id=None,
+                occurred_at=datetime.now(UTC),
+            ),
+        )
+        await wait_until(lambda: len(handler_spans(spans, "sink")) == 1, message="process span")
+    finally:
+        await app.stop()
+    (process,) = handler_spans(spans, "sink")
+    assert process.parent is None

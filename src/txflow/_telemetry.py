@@ -21,10 +21,11 @@ Spans (attribute names from the OpenTelemetry messaging semantic conventions, ve
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, MutableMapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from txflow.transport import Message
@@ -58,9 +59,14 @@ PROCESS = "process"
 _CONTEXT_HEADERS = ("traceparent", "baggage")
 
 _UNCONFIGURED = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
-# The tracer of the provider it came from, replaced when the global provider changes (the
+# A message without trace context starts a new trace, whatever context the relay's or the
+# consumer's task inherited when it was created (e.g. a span around the app's start).
+_NEW_TRACE = Context()
+# What the hot path enters when there is nothing to trace: reusable, no generator to build.
+_NOTHING: AbstractContextManager[None] = nullcontext()
+# The tracer and the provider it came from, replaced when the global provider changes (the
 # API's proxy tracer would keep the first SDK's tracer for ever).
-_tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
+_cached: tuple[trace.TracerProvider, trace.Tracer] | None = None
 
 
 def _sdk_configured() -> bool:
@@ -69,12 +75,15 @@ def _sdk_configured() -> bool:
 
 
 def _tracer() -> trace.Tracer:
+    global _cached
     provider = trace.get_tracer_provider()
-    cached = _tracers.get(0)
-    if cached is None or cached[0] is not provider:
-        cached = (provider, provider.get_tracer("txflow", schema_url=SCHEMA_URL))
-        _tracers[0] = cached
-    return cached[1]
+    if _cached is None or _cached[0] is not provider:
+        _cached = (provider, provider.get_tracer("txflow", schema_url=SCHEMA_URL))
+    return _cached[1]
+
+
+def _parent(headers: Mapping[str, Any]) -> Context:
+    return propagate.extract(headers) if _carries_context(headers) else _NEW_TRACE
 
 
 def _carries_context(headers: Mapping[str, Any]) -> bool:
@@ -89,16 +98,16 @@ def inject(headers: MutableMapping[str, Any]) -> None:
     propagate.inject(headers)
 
 
-@contextmanager
-def publishing(exchange: str, message: Message) -> Iterator[None]:
+def publishing(exchange: str, message: Message) -> AbstractContextManager[None]:
     """The `publish` span of one outbox row, a child of the context stored with it."""
-    if not _sdk_configured():
-        yield
-        return
-    parent = propagate.extract(message.headers) if _carries_context(message.headers) else None
+    return _publish_span(exchange, message) if _sdk_configured() else _NOTHING
+
+
+@contextmanager
+def _publish_span(exchange: str, message: Message) -> Iterator[None]:
     with _tracer().start_as_current_span(
         PUBLISH,
-        context=parent,
+        context=_parent(message.headers),
         kind=SpanKind.PRODUCER,
         attributes={
             MESSAGING_SYSTEM: "rabbitmq",
@@ -113,20 +122,26 @@ def publishing(exchange: str, message: Message) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def processing(handler: str, queue: str, message: Message, attempt: object) -> Iterator[None]:
+def processing(
+    handler: str, queue: str, message: Message, attempt: object
+) -> AbstractContextManager[None]:
     """The `process` span of one handler attempt, a child of the producer's context.
 
     Current while the attempt runs, so that the events the handler emits carry it.
     """
     carried = _carries_context(message.headers)
     if not carried and not _sdk_configured():
-        yield  # the fast path: nothing to trace, nothing to pass on
-        return
-    parent = propagate.extract(message.headers) if carried else None
+        return _NOTHING  # the fast path: nothing to trace, nothing to pass on
+    return _process_span(handler, queue, message, attempt, carried)
+
+
+@contextmanager
+def _process_span(
+    handler: str, queue: str, message: Message, attempt: object, carried: bool
+) -> Iterator[None]:
     with _tracer().start_as_current_span(
         PROCESS,
-        context=parent,
+        context=propagate.extract(message.headers) if carried else _NEW_TRACE,
         kind=SpanKind.CONSUMER,
         record_exception=False,
         set_status_on_exception=False,
