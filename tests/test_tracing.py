@@ -287,3 +287,25 @@ async def test_a_message_without_trace_context_starts_a_new_trace(
         await app.stop()
     (process,) = handler_spans(spans, "sink")
     assert process.parent is None
+
+
+async def test_the_trace_survives_the_commit_and_another_relay(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    """The context is in the row: a relay that never saw the emitting span still continues it."""
+    first = await backend.app("svc")
+    async with first:
+        await first.relay.aclose()  # a crash right after the commit: nothing published here
+        with trace.get_tracer("tests").start_as_current_span("request"):
+            await first.publish(Ping(n=5))
+    assert named(spans, "publish") == []
+    second = await backend.app("svc")
+    add_sink(second, Ping)
+    async with second:
+        await wait_until(lambda: len(handler_spans(spans, "sink")) == 1, timeout=15)
+        await wait_until(lambda: len(named(spans, "publish")) == 1, message="publish span")
+    (root,) = named(spans, "request")
+    (process,) = handler_spans(spans, "sink")
+    (publish,) = named(spans, "publish")
+    assert parent_id(process) == parent_id(publish) == span_id(root)
+    assert trace_id(process) == trace_id(root)
