@@ -2,11 +2,12 @@
 
 Each worker is `python -m txflow run TARGET --workers 1 ...`. A worker waits for an
 unreachable broker or database by itself, so an outage costs no respawns. A worker that
-dies is started again after a backoff that grows while its slot keeps dying young; healthy
-workers are never touched. The supervisor gives up only on what a restart cannot fix: a
-worker exiting with a configuration error, or workers crashing on the app's own code right
-after starting several times in a row. Workers say they serve through a pipe whose file
-descriptor is in `$TXFLOW_READY_FD`.
+served and was killed is started again at once; one that crashes, or dies before it served,
+after a backoff that grows while its slot keeps doing so. Healthy workers are never
+touched. The supervisor gives up only on what a restart cannot fix: a worker exiting with a
+configuration error, or workers crashing on the app's own code right after starting several
+times in a row. Workers say they serve through a pipe whose file descriptor is in
+`$TXFLOW_READY_FD`.
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ class Supervisor:
         self._close_ready(slot)
         if data:  # b"" is the worker gone without saying it was ready
             slot.ready_at = now
+            slot.backoff.reset()  # it started: the next start is not a retry of this one
             self._ever_ready = True
 
     def _close_ready(self, slot: _Slot) -> None:
@@ -210,7 +212,12 @@ class Supervisor:
                 )
                 self._result = EXIT_CRASHING
                 return
-        delay = 0.0 if slot.healthy else slot.backoff.next()
+        # A worker that served and was then killed (a signal, an OOM kill, a stuck stop) is
+        # not failing to start: it comes back at once, or a storm of kills would leave the
+        # service down for the backoff's length. Backoff is for workers that die young on
+        # their own: crashing, or exiting before they ever served.
+        served = slot.ready_at is not None
+        delay = 0.0 if slot.healthy or (served and not _is_crash(code)) else slot.backoff.next()
         slot.restart_at = now + delay
         log.warning(
             "worker %d (pid %d) exited with %s; restarting in %.1fs", slot.index, pid, code, delay
