@@ -153,11 +153,21 @@ class _Recorder:
         self.harness = harness
         self.app = app.name
 
-    def handled(self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool) -> None:
+    def handled(
+        self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool, duration: float
+    ) -> None:
         outcome: Outcome = "duplicate" if duplicate else "handled"
         self.harness._record(Delivered(self.app, spec.name, outcome, envelope))
 
-    def retried(self, spec: HandlerSpec, envelope: Envelope[Event], error: Exception) -> None:
+    def retried(
+        self,
+        spec: HandlerSpec,
+        envelope: Envelope[Event],
+        error: Exception,
+        *,
+        delay: float,
+        tier: float,
+    ) -> None:
         self.harness._record(Delivered(self.app, spec.name, "retried", envelope, error))
 
     def dead_lettered(
@@ -168,6 +178,9 @@ class _Recorder:
             Delivered(self.app, spec.name, "dead_lettered", envelope, error, attempts)
         )
         self.harness._failed(self.app, spec, error)
+
+    def requeued(self, spec: HandlerSpec, message: Message, error: Exception) -> None:
+        """Nothing to record: the delivery comes back and its outcome is recorded then."""
 
 
 class _HarnessTransport(InMemoryTransport):
@@ -271,7 +284,7 @@ class Harness:
                 self._started.append(app)
                 recorder = _Recorder(self, app)
                 for consumer in app.consumers:
-                    consumer.observer = recorder
+                    consumer.add_observer(recorder)
         except BaseException:
             await self.aclose()
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,6 +43,43 @@ INFRASTRUCTURE_BACKOFF = 1.0
 _EXHAUSTED_NS = uuid.UUID("6f1d3c2e-4b7a-5e8f-9a0b-1c2d3e4f5a6b")
 
 
+class HopObserver(Protocol):
+    """Told what became of each delivery, inside the delivery's `process` span.
+
+    Every outcome of a hop reaches the consumer's observers through these four calls, and
+    nothing else reports outcomes: the counters in `ConsumerStats`, the span attributes and
+    events, the metrics and the test harness's recorder are all observers. An observer must
+    be quick and must not raise; it runs on the hop's own task.
+    """
+
+    def handled(
+        self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool, duration: float
+    ) -> None:
+        """The handler's transaction committed, or the inbox said it had already.
+
+        `duration` is the seconds from taking the delivery to the commit (or the inbox check).
+        """
+
+    def retried(
+        self,
+        spec: HandlerSpec,
+        envelope: Envelope[Event],
+        error: Exception,
+        *,
+        delay: float,
+        tier: float,
+    ) -> None:
+        """The attempt failed with `error`; a retry is scheduled in `delay` s on `tier`."""
+
+    def dead_lettered(
+        self, spec: HandlerSpec, message: Message, error: BaseException, attempts: int
+    ) -> None:
+        """The message went to the dead-letter queue because of `error`."""
+
+    def requeued(self, spec: HandlerSpec, message: Message, error: Exception) -> None:
+        """The database was unreachable: the delivery goes back to the broker, uncounted."""
+
+
 @dataclass(slots=True)
 class ConsumerStats:
     """Counters since the consumer started."""
@@ -53,19 +91,76 @@ class ConsumerStats:
     requeued: int = 0
 
 
-class HopObserver(Protocol):
-    """Told what became of each delivery (the test harness records it); None in production."""
+class _Counter:
+    """The observer that keeps a consumer's `ConsumerStats`."""
 
-    def handled(self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool) -> None:
-        """The handler's transaction committed, or the inbox said it had already."""
+    __slots__ = ("stats",)
 
-    def retried(self, spec: HandlerSpec, envelope: Envelope[Event], error: Exception) -> None:
-        """The attempt failed with `error` and a retry was scheduled."""
+    def __init__(self, stats: ConsumerStats) -> None:
+        self.stats = stats
+
+    def handled(
+        self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool, duration: float
+    ) -> None:
+        if duplicate:
+            self.stats.duplicates += 1
+        else:
+            self.stats.handled += 1
+
+    def retried(
+        self,
+        spec: HandlerSpec,
+        envelope: Envelope[Event],
+        error: Exception,
+        *,
+        delay: float,
+        tier: float,
+    ) -> None:
+        self.stats.retried += 1
 
     def dead_lettered(
         self, spec: HandlerSpec, message: Message, error: BaseException, attempts: int
     ) -> None:
-        """The message went to the dead-letter queue because of `error`."""
+        self.stats.dead_lettered += 1
+
+    def requeued(self, spec: HandlerSpec, message: Message, error: Exception) -> None:
+        self.stats.requeued += 1
+
+
+class _SpanRecorder:
+    """The observer that writes each outcome onto the current `process` span."""
+
+    __slots__ = ()
+
+    def handled(
+        self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool, duration: float
+    ) -> None:
+        if duplicate:
+            _telemetry.duplicate_skipped()
+        else:
+            _telemetry.outcome("handled")
+
+    def retried(
+        self,
+        spec: HandlerSpec,
+        envelope: Envelope[Event],
+        error: Exception,
+        *,
+        delay: float,
+        tier: float,
+    ) -> None:
+        _telemetry.retry_scheduled(exception_type_name(error), str(error), delay, tier)
+
+    def dead_lettered(
+        self, spec: HandlerSpec, message: Message, error: BaseException, attempts: int
+    ) -> None:
+        _telemetry.dead_lettered(exception_type_name(error), str(error))
+
+    def requeued(self, spec: HandlerSpec, message: Message, error: Exception) -> None:
+        _telemetry.outcome("requeued")
+
+
+_SPANS = _SpanRecorder()
 
 
 class HandlerConsumer:
@@ -89,8 +184,12 @@ class HandlerConsumer:
         self.stats = ConsumerStats()
         self._consumer: Consumer | None = None
         self._active: set[asyncio.Task[object]] = set()
-        #: Told what became of each delivery; None (the default) costs one check per delivery.
-        self.observer: HopObserver | None = None
+        #: Told what became of each delivery, in order (see `HopObserver`).
+        self.observers: tuple[HopObserver, ...] = (_Counter(self.stats), _SPANS)
+
+    def add_observer(self, observer: HopObserver) -> None:
+        """Tell `observer` too what becomes of each delivery from now on."""
+        self.observers = (*self.observers, observer)
 
     async def start(self) -> None:
         self._consumer = await self.transport.consume(
@@ -136,6 +235,7 @@ class HandlerConsumer:
                 self._active.discard(task)
 
     async def _process(self, delivery: Delivery) -> None:
+        started = time.perf_counter()
         attempt = delivery.message.headers.get(ATTEMPT_HEADER, 1)
         try:
             envelope = decode(delivery.message, self.registry, max_bytes=self.max_message_bytes)
@@ -157,15 +257,11 @@ class HandlerConsumer:
             else:
                 await self._after_failure(delivery, envelope, exc)
             return
-        if handled:
-            self.stats.handled += 1
-            _telemetry.outcome("handled")
-        else:
-            self.stats.duplicates += 1
-            _telemetry.duplicate_skipped()
+        if not handled:
             log.debug("%s: duplicate %s skipped", self.spec.name, envelope.message_id)
-        if self.observer is not None:
-            self.observer.handled(self.spec, envelope, duplicate=not handled)
+        duration = time.perf_counter() - started
+        for observer in self.observers:
+            observer.handled(self.spec, envelope, duplicate=not handled, duration=duration)
         await delivery.ack()
 
     async def _handle(self, envelope: Envelope[Event]) -> bool:
@@ -214,12 +310,8 @@ class HandlerConsumer:
             log.warning("%s: could not schedule retry (%s); requeueing", self.spec.name, send_exc)
             await delivery.reject(requeue=True)
             return
-        self.stats.retried += 1
-        _telemetry.retry_scheduled(
-            exception_type_name(exc), str(exc), decision.delay, decision.tier
-        )
-        if self.observer is not None:
-            self.observer.retried(self.spec, envelope, exc)
+        for observer in self.observers:
+            observer.retried(self.spec, envelope, exc, delay=decision.delay, tier=decision.tier)
         await delivery.ack()
 
     async def _emit_exhausted(self, envelope: Envelope[Event], exc: Exception) -> None:
@@ -262,10 +354,8 @@ class HandlerConsumer:
             )
             await delivery.reject(requeue=True)
             return
-        self.stats.dead_lettered += 1
-        _telemetry.dead_lettered(exception_type_name(exc), str(exc))
-        if self.observer is not None:
-            self.observer.dead_lettered(self.spec, delivery.message, exc, attempts)
+        for observer in self.observers:
+            observer.dead_lettered(self.spec, delivery.message, exc, attempts)
         log.error(
             "%s: dead-lettered %s after %d attempt(s): %s: %s",
             self.spec.name,
@@ -278,8 +368,8 @@ class HandlerConsumer:
 
     async def _requeue(self, delivery: Delivery, exc: Exception) -> None:
         # The database is unreachable: not the message's fault, so no attempt is counted.
-        self.stats.requeued += 1
-        _telemetry.outcome("requeued")
+        for observer in self.observers:
+            observer.requeued(self.spec, delivery.message, exc)
         log.warning(
             "%s: database error, handing %s back: %s",
             self.spec.name,
