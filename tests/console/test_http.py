@@ -8,13 +8,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from txflow import TxFlow
+from tests.conftest import Backend
+from txflow import Event, RetryPolicy, TxFlow
 from txflow.cli import main
 from txflow.cli._common import EXIT_USAGE
+from txflow.console import _data as console_data
 from txflow.console._app import ConsoleSettings, create_app
 from txflow.console._data import ConsoleData, redact
 from txflow.console._security import Auth, check_bind, is_loopback, load_auth
+from txflow.dlq import dead_letter_queue
 from txflow.errors import ConfigurationError
+from txflow.testing import wait_until
+
+
+class Charged(Event):
+    n: int
+
 
 # Never connected: these tests stop before the console would ask the broker anything.
 BROKER = "amqp://guest:guest@127.0.0.1:5672/console-unused"
@@ -156,3 +165,47 @@ def test_txflow_console_serves_until_sigterm(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"txflow console on http://127.0.0.1:{port}/ (read-only)" in err
+
+
+async def test_a_database_without_tables_gets_the_db_init_hint(tmp_path: Path) -> None:
+    from examples.order_inventory import inventory
+
+    app = inventory.create_app(database_url=f"sqlite:///{tmp_path / 'empty.db'}")
+    data = ConsoleData([app], broker_url=BROKER)
+    try:
+        overview = await data.overview()
+    finally:
+        await data.aclose()
+    assert overview.outboxes[0].pending is None
+    (problem,) = [p for p in data.problems if "empty.db" in p]
+    assert "no such table" in problem and "txflow db init module:app" in problem
+
+
+async def test_groups_of_a_queue_longer_than_the_sample_say_so(
+    real: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = await real.app("console-sample")
+
+    @app.handler(retry=RetryPolicy(max_attempts=1))
+    async def charge(event: Charged) -> None:
+        raise ValueError(f"card {event.n} declined")
+
+    await app.start()
+    await app.publish(*(Charged(n=n) for n in range(5)))
+    queue = dead_letter_queue(app.handlers["charge"].queue)
+    data = ConsoleData([app], database_url=await real.database_url())
+    try:
+        await wait_until(lambda: app.consumers[0].stats.dead_lettered == 5, timeout=60)
+        monkeypatch.setattr(console_data, "GROUPING_LIMIT", 3)
+        (group,) = await data.dead_letter_groups() or []
+        assert (group.queue, group.count, group.queue_depth, group.sampled) == (queue, 3, 5, True)
+        web = create_app(data)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=web), base_url="http://console"
+        ) as http:
+            page = (await http.get("/dead-letters")).text
+        assert ">3+</a>" in page and "first 3 of 5 dead letters" in page
+        # Replaying the group still covers every message, not only the sampled ones.
+        assert await data.replay(queue, exception_type="ValueError") == 5
+    finally:
+        await data.aclose()

@@ -101,6 +101,16 @@ class DeadLetterGroup:
     first_failure_at: str | None
     last_failure_at: str | None
     reason: str | None
+    #: Dead letters read from the queue to group them (at most `GROUPING_LIMIT`).
+    read: int = 0
+    #: Dead letters in the whole queue; more than `read` means the counts of this queue's
+    #: groups are lower bounds.
+    queue_depth: int = 0
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the queue holds more dead letters than were read to group them."""
+        return self.queue_depth > self.read
 
     @property
     def key(self) -> str:
@@ -248,6 +258,8 @@ class ConsoleData:
         except Exception as exc:
             log.warning("database %s: %s", db.masked, _reason(exc))
             db.error = redact(_reason(exc))
+            if _missing_table(exc):
+                db.error += " (are txflow's tables there? `txflow db init module:app` creates them)"
             db.retry_at = time.monotonic() + RECONNECT_INTERVAL
             await self._drop_store(db)
             return None
@@ -297,12 +309,14 @@ class ConsoleData:
         groups: list[DeadLetterGroup] = []
         for app in self.apps:
             for spec in app.topology().queues:
-                infos = await self._on_broker(
-                    partial(_peek, queue=spec.dead_letter_queue, limit=GROUPING_LIMIT)
-                )
+                queue = spec.dead_letter_queue
+                infos = await self._on_broker(partial(_peek, queue=queue, limit=GROUPING_LIMIT))
                 if infos is None:
                     return None
-                groups.extend(_group(spec.dead_letter_queue, [i for i, _ in infos]))
+                depth = len(infos)
+                if depth >= GROUPING_LIMIT:
+                    depth = await self._on_broker(lambda t, q=queue: t.queue_depth(q)) or depth
+                groups.extend(_group(queue, [i for i, _ in infos], depth))
         return groups
 
     async def dead_letters(
@@ -423,6 +437,12 @@ def _reason(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
+def _missing_table(exc: BaseException) -> bool:
+    """Whether `exc` says a table is not there (SQLite and PostgreSQL word it differently)."""
+    cause = getattr(exc, "orig", None) or exc
+    return "no such table" in str(cause) or "UndefinedTable" in type(cause).__name__
+
+
 async def _queue_stats(transport: Transport, queue: str) -> tuple[int, int | None, int]:
     depth = await transport.queue_depth(queue)
     consumers = await transport.consumer_count(queue)
@@ -438,7 +458,7 @@ async def _peek(
         return [(DeadLetterInfo.from_message(d.message), d.message) for d in deliveries]
 
 
-def _group(queue: str, infos: list[DeadLetterInfo]) -> list[DeadLetterGroup]:
+def _group(queue: str, infos: list[DeadLetterInfo], depth: int) -> list[DeadLetterGroup]:
     by_type: dict[str | None, list[DeadLetterInfo]] = {}
     for info in infos:
         by_type.setdefault(info.exception_type, []).append(info)
@@ -456,6 +476,8 @@ def _group(queue: str, infos: list[DeadLetterInfo]) -> list[DeadLetterGroup]:
                 first_failure_at=min(firsts) if firsts else None,
                 last_failure_at=max(lasts) if lasts else None,
                 reason=redact(members[-1].reason or ""),
+                read=len(infos),
+                queue_depth=max(depth, len(infos)),
             )
         )
     return sorted(groups, key=lambda g: -g.count)
