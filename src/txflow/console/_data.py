@@ -315,7 +315,7 @@ class ConsoleData:
                     return None
                 depth = len(infos)
                 if depth >= GROUPING_LIMIT:
-                    depth = await self._on_broker(lambda t, q=queue: t.queue_depth(q)) or depth
+                    depth = await self._on_broker(partial(_depth, queue=queue)) or depth
                 groups.extend(_group(queue, [i for i, _ in infos], depth))
         return groups
 
@@ -441,6 +441,10 @@ def _missing_table(exc: BaseException) -> bool:
     """Whether `exc` says a table is not there (SQLite and PostgreSQL word it differently)."""
     cause = getattr(exc, "orig", None) or exc
     return "no such table" in str(cause) or "UndefinedTable" in type(cause).__name__
+
+
+async def _depth(transport: Transport, queue: str) -> int:
+    return await transport.queue_depth(queue)
 
 
 async def _queue_stats(transport: Transport, queue: str) -> tuple[int, int | None, int]:
