@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
@@ -21,6 +22,10 @@ from examples.order_inventory.report import count_by_status
 
 from tests.faults.example import report_line, run_example
 from tests.servers import PrivateCluster, PrivateRabbit, rigged_cluster
+from txflow import Message
+from txflow.errors import PublishError, TransportClosedError
+from txflow.rabbit import RabbitTransport
+from txflow.transport import QueueSpec, Topology
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,6 +38,8 @@ pytestmark = [
 RUN_TIMEOUT = 480
 # Orders terminal before a fault strikes: mid-run, with work in every queue.
 STRIKE_AT = 100
+# Seconds a probe publish waits for its confirm while the cluster has no quorum.
+PROBE_TIMEOUT = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +129,18 @@ async def test_quorum_lost_then_regained(cluster: PrivateCluster) -> None:
     async def lose_quorum(services: Sequence[demo.Service]) -> None:
         await _until(lambda: _at_least(services, STRIKE_AT))
         first, second = cluster.nodes[1], cluster.nodes[2]
+        survivor = cluster.nodes[0]
+        probe = await _probe_queue(survivor.url)
         await asyncio.to_thread(first.stop_app)
         await asyncio.to_thread(second.stop_app)
         try:
-            # No quorum: publishes go unconfirmed, so committed rows wait in the outbox.
+            # No quorum: publishes go unconfirmed, so committed rows wait in the outbox. The
+            # window lasts until a publish to a quorum queue has timed out on the surviving
+            # node, so it is a real loss of quorum and not merely a connection blip.
             await _until(lambda: _has_pending(services))
             seen["pending"] = await _pending(services)
+            await _until(lambda: _publish_times_out(survivor.url, probe))
+            seen["pending_after_timeout"] = await _pending(services)
             seen["terminal_during"] = await _terminal(services)
         finally:
             await asyncio.to_thread(first.start)
@@ -137,11 +150,40 @@ async def test_quorum_lost_then_regained(cluster: PrivateCluster) -> None:
     _, run = await run_example(cluster.url, lose_quorum, quorum_queues=True, timeout=RUN_TIMEOUT)
     assert seen.get("restored") == 1, seen
     assert seen["pending"] > 0
+    assert seen["pending_after_timeout"] > 0, "rows left the outbox without a quorum"
     print(report_line("cluster-quorum-lost", run, **seen))
 
 
 async def _has_pending(services: Sequence[demo.Service]) -> bool:
     return await _pending(services) > 0
+
+
+async def _probe_queue(url: str) -> str:
+    """Declare a quorum queue of the test's own to probe publishing with; its name."""
+    name = f"txflow-probe-{uuid.uuid4().hex[:8]}"
+    transport = RabbitTransport(url)
+    await transport.connect()
+    try:
+        queue = QueueSpec(name, (), dead_letter_queue=f"{name}.dlq", quorum=True)
+        await transport.declare(Topology(exchange=f"{name}.x", queues=(queue,)))
+    finally:
+        await transport.aclose()
+    return name
+
+
+async def _publish_times_out(url: str, queue: str) -> bool:
+    """Whether a publish to `queue` on the node at `url` now waits in vain for its confirm."""
+    transport = RabbitTransport(url, publish_timeout=PROBE_TIMEOUT)
+    try:
+        await transport.connect()
+        await transport.send(queue, Message(b"{}", routing_key=queue, message_id=queue))
+    except TransportClosedError as exc:
+        return "TimeoutError" in str(exc)
+    except PublishError:
+        return True  # refused outright: as much a failed publish as a timeout
+    finally:
+        await transport.aclose()
+    return False
 
 
 async def test_rolling_restart_of_every_node(cluster: PrivateCluster) -> None:
