@@ -178,7 +178,10 @@ async def _publish_times_out(url: str, queue: str) -> bool:
         await transport.connect()
         await transport.send(queue, Message(b"{}", routing_key=queue, message_id=queue))
     except TransportClosedError as exc:
-        return "TimeoutError" in str(exc)
+        if isinstance(exc.__cause__, TimeoutError):
+            assert "TimeoutError" in str(exc), f"the error does not say it timed out: {exc}"
+            return True
+        return False
     except PublishError:
         return True  # refused outright: as much a failed publish as a timeout
     finally:

@@ -277,7 +277,9 @@ class RabbitTransport(Transport):
                     await _close_quietly(channel)
         except (*_CLOSED_ERRORS, TimeoutError, aiormq.exceptions.AMQPError) as exc:
             log.warning(
-                "could not re-declare the topology on %s: %s", self.masked_url, exc or type(exc)
+                "could not re-declare the topology on %s: %s",
+                self.masked_url,
+                str(exc) or type(exc).__name__,
             )
 
     async def aclose(self) -> None:
@@ -302,7 +304,7 @@ class RabbitTransport(Transport):
         except (*_CLOSED_ERRORS, OSError, TimeoutError) as exc:
             raise BrokerUnavailableError(
                 f"lost the connection to {self.masked_url} while starting: "
-                f"{exc or type(exc).__name__}"
+                f"{str(exc) or type(exc).__name__}"
             ) from exc
 
     async def declare(self, topology: Topology) -> None:
@@ -372,7 +374,7 @@ class RabbitTransport(Transport):
         except (*_CLOSED_ERRORS, TimeoutError) as exc:
             raise TransportClosedError(
                 f"no confirm for {message.message_id} from {self.masked_url}: "
-                f"{exc or type(exc).__name__}"
+                f"{str(exc) or type(exc).__name__}"
             ) from exc
         if not isinstance(result, spec.Basic.Ack):
             raise PublishError(f"broker did not confirm {message.message_id}: {result!r}")
