@@ -19,8 +19,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from txflow._clock import Clock, ManualClock, SystemClock
 from txflow._harness import Delivered, Harness, NotSettledError, Published, Records
-from txflow._memory import Clock, InMemoryBroker, InMemoryTransport, ManualClock
+from txflow._memory import InMemoryBroker, InMemoryTransport
 
 __all__ = [
     "Clock",
@@ -32,6 +33,7 @@ __all__ = [
     "NotSettledError",
     "Published",
     "Records",
+    "SystemClock",
     "wait_until",
 ]
 
