@@ -20,12 +20,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 from txflow._clock import Clock, ManualClock, SystemClock
-from txflow._harness import Delivered, Harness, NotSettledError, Published, Records
+from txflow._harness import Delivered, Faults, Harness, NotSettledError, Published, Records
 from txflow._memory import InMemoryBroker, InMemoryTransport
 
 __all__ = [
     "Clock",
     "Delivered",
+    "Faults",
     "Harness",
     "InMemoryBroker",
     "InMemoryTransport",
