@@ -1,7 +1,9 @@
 """Fixtures: one contract, two backends.
 
 `backend` runs a test twice: on the in-memory broker with SQLite files, and on the real
-RabbitMQ and PostgreSQL servers. Each test run gets its own RabbitMQ vhost; each test its
+RabbitMQ and PostgreSQL servers. tests/test_contract.py adds a third: the test harness's
+recording, fault-injecting transport (faults off), which must keep the broker's semantics.
+Each test run gets its own RabbitMQ vhost; each test its
 own PostgreSQL databases, queue prefix and exchange, so runs and tests never see each
 other's data. A missing server fails the test loudly; nothing is skipped.
 """
@@ -26,7 +28,8 @@ import pytest
 
 from tests.servers import PrivatePostgres, PrivateRabbit
 from txflow import RelayConfig, TxFlow
-from txflow.testing import InMemoryBroker, InMemoryTransport
+from txflow._harness import _HarnessTransport
+from txflow.testing import Harness, InMemoryBroker, InMemoryTransport
 
 AMQP_URL = os.environ.get("TXFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("TXFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -63,6 +66,7 @@ class Backend:
     test_id: str
     amqp_url: str | None = None
     broker: InMemoryBroker | None = None
+    harness: Harness | None = None
     stack: AsyncExitStack = field(default_factory=AsyncExitStack)
     databases: dict[str, str] = field(default_factory=dict)
 
@@ -86,9 +90,11 @@ class Backend:
                 self.databases[key] = f"sqlite:///{self.tmp / key}.db"
         return self.databases[key]
 
-    def transport_kwargs(self) -> dict[str, Any]:
+    def transport_kwargs(self, app: str = "app") -> dict[str, Any]:
         if self.is_real:
             return {"broker_url": self.amqp_url}
+        if self.harness is not None:
+            return {"transport": _HarnessTransport(self.harness.broker, self.harness, app)}
         return {"transport": InMemoryTransport(self.broker)}
 
     async def app(self, name: str, *, database: str = "main", **kwargs: Any) -> TxFlow:
@@ -101,7 +107,7 @@ class Backend:
             database_url=await self.database_url(database),
             exchange=self.exchange,
             queue_prefix=f"{self.test_id}.",
-            **self.transport_kwargs(),
+            **self.transport_kwargs(name),
             **kwargs,
         )
         self.stack.push_async_callback(_stop_quietly, app)
@@ -134,6 +140,10 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     if request.param == "rabbit":
         amqp = request.getfixturevalue("amqp_url")
         b = Backend("rabbit", tmp_path, test_id, amqp_url=amqp)
+    elif request.param == "harness":
+        # On real time, as the suite's waits are: the transport is what is under test.
+        harness = Harness(TxFlow("contract"), real_time=True)
+        b = Backend("harness", tmp_path, test_id, broker=harness.broker, harness=harness)
     else:
         b = Backend("memory", tmp_path, test_id, broker=InMemoryBroker())
     async with b.stack:

@@ -1,4 +1,5 @@
-"""The core guarantees, on both backends (memory + SQLite, RabbitMQ + PostgreSQL)."""
+"""The core guarantees, on both backends (memory + SQLite, RabbitMQ + PostgreSQL), and on the
+test harness's transport (memory + SQLite, through its recording and fault hooks)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ from txflow._messages import encode, new_message_id
 from txflow.hop._runner import HandlerConsumer
 from txflow.store import inbox, outbox
 from txflow.testing import wait_until
+
+# The harness's transport passes the contract too: nothing in it short-cuts ack, redelivery
+# or dead-lettering.
+pytestmark = pytest.mark.parametrize("backend", ["memory", "harness", "rabbit"], indirect=True)
 
 
 class Boom(Exception):

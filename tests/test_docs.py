@@ -108,7 +108,7 @@ def test_testing_page_tests_pass(tmp_path: Path) -> None:
     # The harness's fixture comes from txflow's pytest plugin, found by its entry point.
     result = run(tmp_path, "-m", "pytest", "-q", "-W", "error", "-p", "no:cacheprovider")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 passed" in result.stdout
+    assert "8 passed" in result.stdout
 
 
 async def test_tutorial_on_rabbitmq_and_postgresql(real: Backend, tmp_path: Path) -> None:

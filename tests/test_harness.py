@@ -184,7 +184,7 @@ async def test_not_settling_names_the_busy_handler() -> None:
         h.handled(handler="wait_for_ever").one()
 
 
-async def test_retries_after_a_delay_are_waited_for_and_duplicates_recorded() -> None:
+async def test_on_real_time_settle_waits_for_delayed_retries_and_records_duplicates() -> None:
     app = TxFlow("flaky", retry=RetryPolicy(max_attempts=3, delays=(0.05,)))
     calls: list[str] = []
 
@@ -194,7 +194,7 @@ async def test_retries_after_a_delay_are_waited_for_and_duplicates_recorded() ->
         if len(calls) == 1:
             raise ConnectionError("hotel API down")
 
-    async with Harness(app) as h:  # the retry succeeded: no error to raise
+    async with Harness(app, real_time=True) as h:  # the retry succeeded: no error to raise
         async with app.transaction() as tx:
             tx.emit(TripBooked(trip_id="t1", nights=1), message_id="m-1")
         await h.settle()

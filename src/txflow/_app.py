@@ -8,13 +8,14 @@ import dataclasses
 import inspect
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 
+from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow._config import open_transport, resolve_broker_url, resolve_database_url
 from txflow._messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
 from txflow._names import dead_letter_queue, handler_queue_name
@@ -115,6 +116,9 @@ class TxFlow:
             counters since start (handled, duplicates, retried, ...); the final line
             `<app> stats: ...` comes on stop. None logs only the final one.
         transport: a ready `Transport` instance instead of `broker_url`.
+        clock: what time it is for flow and step deadlines and retention; real time by
+            default. Tests pass a `txflow.testing.ManualClock` (the `Harness` does), the
+            same one as their `InMemoryBroker`'s, so one clock drives retry delays too.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class TxFlow:
         flow_retention: float | None = DEFAULT_FLOW_RETENTION,
         stats_interval: float | None = DEFAULT_STATS_INTERVAL,
         transport: Transport | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if not _NAME.match(name):
             raise ConfigurationError(
@@ -164,6 +169,7 @@ class TxFlow:
         self.inbox_retention = inbox_retention
         self.flow_retention = flow_retention
         self.stats_interval = stats_interval
+        self.clock: Clock = clock or SYSTEM_CLOCK
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self.trackers: dict[str, FlowTracker] = {}
@@ -453,6 +459,7 @@ class TxFlow:
             store = open_store(
                 resolve_database_url(self.database_url, self.name),
                 pool_size=self.db_pool_size,
+                clock=self.clock,
             )
             await store.connect()
             self._store = store
@@ -463,6 +470,58 @@ class TxFlow:
         store = await self.open_store()
         extra = (self.metadata,) if self.metadata is not None else ()
         await store.create_tables(*extra)
+
+    @contextlib.contextmanager
+    def overridden(
+        self,
+        *,
+        transport: Transport | None = None,
+        database_url: str | None = None,
+        clock: Clock | None = None,
+        create_tables: bool | None = None,
+        relay: RelayConfig | None = None,
+    ) -> Iterator[Self]:
+        """Run the app on other infrastructure until the block exits (for test harnesses).
+
+        Inside the block the app uses the given `transport`, `database_url`, `clock`,
+        `create_tables` and `relay` settings instead of its own; None keeps the app's. The
+        transport stays the caller's: the app connects and closes it, and leaves it set
+        for the caller when it stops. On exit the app's own settings are back.
+
+        Raises:
+            ConfigurationError: the app is started (stop it first).
+        """
+        if self._started or self._consumers:
+            raise ConfigurationError(f"app {self.name!r} is started; override it before start")
+        saved = (
+            self._transport,
+            self._owns_transport,
+            self.database_url,
+            self.clock,
+            self.create_tables,
+            self.relay_config,
+        )
+        if transport is not None:
+            self._transport, self._owns_transport = transport, False
+        if database_url is not None:
+            self.database_url = database_url
+        if clock is not None:
+            self.clock = clock
+        if create_tables is not None:
+            self.create_tables = create_tables
+        if relay is not None:
+            self.relay_config = relay
+        try:
+            yield self
+        finally:
+            (
+                self._transport,
+                self._owns_transport,
+                self.database_url,
+                self.clock,
+                self.create_tables,
+                self.relay_config,
+            ) = saved
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -575,7 +634,7 @@ class TxFlow:
     async def _clean_up(self, store: Store) -> None:
         """Delete expired inbox rows and finished flows every few minutes, until stopped."""
         while not self._stopping.is_set():
-            now = datetime.now(UTC)
+            now = self.clock.utcnow()
             try:
                 if self.inbox_retention is not None:
                     cutoff = now - timedelta(seconds=self.inbox_retention)
@@ -589,8 +648,7 @@ class TxFlow:
                         pass
             except (OSError, sa.exc.SQLAlchemyError) as exc:
                 log.warning("%s: cleanup failed, trying again later: %s", self.name, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), CLEANUP_INTERVAL)
+            await self.clock.wait(self._stopping, CLEANUP_INTERVAL)
 
     async def _report(self, interval: float) -> None:
         while True:

@@ -14,21 +14,26 @@ unacked deliveries, held retries), asks each relay to drain and counts unsent ou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
+import sqlalchemy as sa
+
 from txflow._app import TxFlow
+from txflow._clock import Clock, ManualClock, SystemClock
+from txflow._faults import CrashingDelivery, Faults
 from txflow._memory import InMemoryBroker, InMemoryTransport
 from txflow._messages import Envelope, Event, EventRegistry, decode
 from txflow._outbox import RelayConfig
 from txflow.errors import ConfigurationError, HandlerControl, TxflowError
-from txflow.flows import Flow, FlowInfo, FlowLogEntry, flow_history
+from txflow.flows import Flow, FlowInfo, FlowLogEntry, FlowTracker, flow_history, next_deadline
 from txflow.hop import HandlerSpec
 from txflow.transport import Consumer, Delivery, DeliveryCallback, Message
 
@@ -36,6 +41,9 @@ log = logging.getLogger("txflow.testing")
 
 #: Seconds `settle()` waits for the apps to go quiet before it fails, naming what is busy.
 DEFAULT_SETTLE_TIMEOUT = 10.0
+# A deadline this close after the end of an `advance` counts as within it: deadlines are
+# computed from event times that the wire rounds to microseconds.
+_DEADLINE_SLACK = 1e-6
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Event)
@@ -90,10 +98,12 @@ class Published:
     Attributes:
         app: the name of the app whose relay published it.
         envelope: the event with its message id, correlation (flow) id and headers.
+        at: when, in seconds on the harness's clock since the harness was made.
     """
 
     app: str
     envelope: Envelope[Event]
+    at: float = 0.0
 
     @property
     def event(self) -> Event:
@@ -113,6 +123,7 @@ class Delivered:
         envelope: the delivered event; None for a message that could not be decoded.
         error: the exception of a retried or dead-lettered attempt.
         attempts: attempts made when it was dead-lettered.
+        at: when, in seconds on the harness's clock since the harness was made.
     """
 
     app: str
@@ -121,6 +132,7 @@ class Delivered:
     envelope: Envelope[Event] | None
     error: BaseException | None = None
     attempts: int = 1
+    at: float = 0.0
 
     @property
     def event(self) -> Event | None:
@@ -158,6 +170,11 @@ class _Recorder:
     ) -> None:
         outcome: Outcome = "duplicate" if duplicate else "handled"
         self.harness._record(Delivered(self.app, spec.name, outcome, envelope))
+        faults = self.harness.faults
+        if not duplicate and faults.crashes_armed and faults.take_crash(spec.name):
+            task = asyncio.current_task()
+            if task is not None:  # its ack, next on this task, becomes the crash
+                faults.crashing.add(task)
 
     def retried(
         self,
@@ -184,7 +201,11 @@ class _Recorder:
 
 
 class _HarnessTransport(InMemoryTransport):
-    """An in-memory transport that records what its app publishes and reports ended callbacks."""
+    """An in-memory transport that records what its app publishes and reports ended callbacks.
+
+    Faults are injected here, around the in-memory transport's own behaviour: nothing in it
+    acks, redelivers or dead-letters differently (the transport contract suite runs on it).
+    """
 
     def __init__(self, broker: InMemoryBroker, harness: Harness, app: str) -> None:
         super().__init__(broker)
@@ -192,32 +213,48 @@ class _HarnessTransport(InMemoryTransport):
         self._app = app
 
     async def publish(self, exchange: str, message: Message) -> None:
+        faults = self._harness.faults
+        faults.take_publish_failure()
         await super().publish(exchange, message)
+        if faults.twice:
+            self.broker.route(exchange, message)  # routed again: a second copy on each queue
         self._harness._published_message(self._app, message)
         self._harness._changed.set()
 
     async def consume(self, queue: str, callback: DeliveryCallback, *, prefetch: int) -> Consumer:
-        wake = self._harness._changed
+        harness = self._harness
+        wake = harness._changed
 
         async def observed(delivery: Delivery) -> None:
+            handler = harness._handler_names.get(queue, queue)
+            faults = harness.faults
+            if handler in faults.reordered:
+                harness._hold(handler, callback, delivery)  # handed over once all is idle
+                return
+            if faults.crashes_armed:
+                delivery = CrashingDelivery(delivery, faults)
+            task = asyncio.current_task()
+            if task is not None:
+                harness._delivering[task] = handler
             try:
                 await callback(delivery)
             finally:
+                if task is not None:
+                    harness._delivering.pop(task, None)
                 wake.set()
 
         return await super().consume(queue, observed, prefetch=prefetch)
 
-    def busy(self, names: dict[str, str]) -> list[str]:
+    def busy(self, names: dict[str, str], held: set[Delivery]) -> list[str]:
         """What this transport's consumers still have to do, each named."""
         busy = []
         for consumer in self._consumers:
             queue = consumer.queue
             name = names.get(queue.name, queue.name)
-            if consumer.unacked:
-                ids = ", ".join(sorted(str(d.message.message_id) for d in consumer.unacked))
-                busy.append(
-                    f"handler {name!r} has {len(consumer.unacked)} delivery(ies) in flight ({ids})"
-                )
+            unacked = [d for d in consumer.unacked if d not in held]
+            if unacked:
+                ids = ", ".join(sorted(str(d.message.message_id) for d in unacked))
+                busy.append(f"handler {name!r} has {len(unacked)} delivery(ies) in flight ({ids})")
             if queue.ready and consumer.active:
                 busy.append(f"queue {queue.name!r} has {len(queue.ready)} message(s) ready")
         return sorted(set(busy))
@@ -235,8 +272,14 @@ class Harness:
     ```
 
     Each app gets a transport on one in-memory broker the harness owns (so the apps talk to
-    each other, and to nothing else) and a SQLite database in a temporary file (its tables
-    created at start). The apps' own settings are restored when the harness exits.
+    each other, and to nothing else), a SQLite database in a temporary file (its tables
+    created at start) and the harness's clock. The apps' own settings are restored when the
+    harness exits.
+
+    Time stands still unless the test moves it: the harness's `ManualClock` drives delayed
+    retries, flow and step deadlines and retention, and `await h.advance(seconds)` moves it,
+    running what falls due in order. With `real_time=True` the apps run on the real clock
+    instead, and `settle()` waits for delayed retries as they come due.
 
     Args:
         *apps: the apps to run; not started yet.
@@ -245,6 +288,11 @@ class Harness:
             first delivery a handler failed unexpectedly: dead-lettered because of an
             exception other than `DeadLetter` (an attempt that failed and then succeeded on
             a retry is not a failure).
+        real_time: run on the real clock rather than the harness's manual one.
+
+    Attributes:
+        clock: the clock the apps and the broker run on (a `ManualClock` unless `real_time`).
+        faults: the fault-injection switches (see `Faults`).
     """
 
     def __init__(
@@ -252,6 +300,7 @@ class Harness:
         *apps: TxFlow,
         settle_timeout: float = DEFAULT_SETTLE_TIMEOUT,
         raise_errors: bool = True,
+        real_time: bool = False,
     ) -> None:
         if not apps:
             raise ConfigurationError("Harness needs at least one app: Harness(app, ...)")
@@ -261,14 +310,24 @@ class Harness:
         self.apps = apps
         self.settle_timeout = settle_timeout
         self.raise_errors = raise_errors
-        self.broker = InMemoryBroker()
+        self.clock: Clock = SystemClock() if real_time else ManualClock()
+        self._start = self.clock.time()
+        self.broker = InMemoryBroker(clock=self.clock)
+        self.faults = Faults(self._handler_list, embedded=True)
         self._changed = asyncio.Event()
+        if isinstance(self.clock, ManualClock):
+            self.clock.add_listener(self._changed.set)
         self._published: list[Published] = []
         self._delivered: list[Delivered] = []
         self._errors: list[tuple[str, str, BaseException]] = []
         self._registry = EventRegistry()
         self._transports: list[_HarnessTransport] = []
-        self._restore: list[Callable[[], None]] = []
+        self._handler_names: dict[str, str] = {}
+        self._delivering: dict[asyncio.Task[object], str] = {}
+        self._held: dict[str, list[tuple[DeliveryCallback, Delivery]]] = {}
+        self._held_set: set[Delivery] = set()
+        self._handing_over: set[asyncio.Task[None]] = set()
+        self._stack = contextlib.ExitStack()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._started: list[TxFlow] = []
 
@@ -282,9 +341,7 @@ class Harness:
             for app in self.apps:
                 await app.start()
                 self._started.append(app)
-                recorder = _Recorder(self, app)
-                for consumer in app.consumers:
-                    consumer.add_observer(recorder)
+                self._watch(app)
         except BaseException:
             await self.aclose()
             raise
@@ -301,13 +358,13 @@ class Harness:
     async def aclose(self) -> None:
         """Stop the apps, restore their settings and delete the databases; safe to call twice."""
         started, self._started = self._started, []
+        self.faults.clear()
         try:
+            self._hand_over_held(lambda held: held)  # held deliveries are finished, not lost
             for app in reversed(started):
                 await app.stop()
         finally:
-            restore, self._restore = self._restore, []
-            for undo in reversed(restore):
-                undo()
+            self._stack.close()
             tmp, self._tmp = self._tmp, None
             if tmp is not None:
                 tmp.cleanup()
@@ -318,35 +375,44 @@ class Harness:
         for spec in app.handlers.values():
             for event_type in spec.event_types:
                 self._registry.add(event_type)
+            self._handler_names[spec.queue] = spec.name
         transport = _HarnessTransport(self.broker, self, app.name)
         self._transports.append(transport)
-        saved = (
-            app._transport,
-            app._owns_transport,
-            app.database_url,
-            app.create_tables,
-            app.relay_config,
+        self._stack.enter_context(
+            app.overridden(
+                transport=transport,
+                database_url=f"sqlite:///{directory / app.name}.db",
+                clock=self.clock,
+                create_tables=True,
+                # Someone has to publish the apps' events.
+                relay=app.relay_config or RelayConfig(),
+            )
         )
 
-        def undo() -> None:
-            (
-                app._transport,
-                app._owns_transport,
-                app.database_url,
-                app.create_tables,
-                app.relay_config,
-            ) = saved
+    def _watch(self, app: TxFlow) -> None:
+        recorder = _Recorder(self, app)
+        for consumer in app.consumers:
+            consumer.add_observer(recorder)
+        hook = self.faults.commit_hook(self._delivering_handler)
+        engine = app.store.engine.sync_engine
+        sa.event.listen(engine, "commit", hook)
+        self._stack.callback(sa.event.remove, engine, "commit", hook)
 
-        self._restore.append(undo)
-        # The harness owns the transport: the app must not drop it when it stops.
-        app._transport = transport
-        app._owns_transport = False
-        app.database_url = f"sqlite:///{directory / app.name}.db"
-        app.create_tables = True
-        if app.relay_config is None:
-            app.relay_config = RelayConfig()  # someone has to publish the apps' events
+    def _delivering_handler(self) -> str | None:
+        """The handler whose delivery the running task works on, if it is one."""
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop: not one of the harness's deliveries
+            return None
+        return self._delivering.get(task) if task is not None else None
+
+    def _handler_list(self) -> list[str]:
+        return [spec.name for app in self.apps for spec in app.handlers.values()]
 
     # -- recording (called by the transports and the hop observers) ----------------------------
+
+    def _elapsed(self) -> float:
+        return self.clock.time() - self._start
 
     def _decode(self, message: Message) -> Envelope[Event] | None:
         try:
@@ -359,14 +425,55 @@ class Harness:
         if envelope is None:  # routed, so some app handles it; not one of ours then
             log.debug("published %s of unknown type %s", message.message_id, message.routing_key)
             return
-        self._published.append(Published(app, envelope))
+        self._published.append(Published(app, envelope, self._elapsed()))
 
     def _record(self, delivered: Delivered) -> None:
-        self._delivered.append(delivered)
+        self._delivered.append(replace(delivered, at=self._elapsed()))
 
     def _failed(self, app: str, spec: HandlerSpec, error: BaseException) -> None:
         if not isinstance(error, (HandlerControl, TxflowError)):
             self._errors.append((app, spec.name, error))
+
+    # -- reordering ----------------------------------------------------------------------------
+
+    def _hold(self, handler: str, callback: DeliveryCallback, delivery: Delivery) -> None:
+        self._held.setdefault(handler, []).append((callback, delivery))
+        self._held_set.add(delivery)
+        self._changed.set()
+
+    def _hand_over_held(self, order: Callable[[list[Delivery]], list[Delivery]] | None) -> bool:
+        """Hand held deliveries to their handlers, one at a time per handler; False if none."""
+        held, self._held = self._held, {}
+        self._held_set.clear()
+        for handler, entries in held.items():
+            callbacks = {id(d): c for c, d in entries}
+            reorder = order or self.faults.reordered.get(handler) or (lambda held: held)
+            ordered = [(callbacks[id(d)], d) for d in reorder([d for _, d in entries])]
+            task = asyncio.get_running_loop().create_task(self._hand_over(handler, ordered))
+            self._handing_over.add(task)
+            task.add_done_callback(self._handed_over)
+        return bool(held)
+
+    def _handed_over(self, task: asyncio.Task[None]) -> None:
+        self._handing_over.discard(task)
+        self._changed.set()
+
+    async def _hand_over(
+        self, handler: str, entries: list[tuple[DeliveryCallback, Delivery]]
+    ) -> None:
+        for callback, delivery in entries:
+            task = asyncio.current_task()
+            if task is not None:
+                self._delivering[task] = handler
+            try:
+                await callback(delivery)
+            except Exception:
+                log.exception("handing a reordered delivery to %r failed", handler)
+            finally:
+                self._changed.set()
+        task = asyncio.current_task()
+        if task is not None:
+            self._delivering.pop(task, None)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -479,10 +586,13 @@ class Harness:
     async def settle(
         self, *, timeout: float | None = None, raise_errors: bool | None = None
     ) -> None:
-        """Return once no delivery is in flight, no message waits, and every outbox is empty.
+        """Return once nothing is left to do now, and raise what a handler failed with.
 
-        Flow trackers are handlers, so an idle tracker is covered. Messages held for a
-        delayed retry count as work: `settle` waits for them on the broker's clock.
+        Settled means: no delivery is in flight, no message waits on a queue, every app's
+        outbox is empty, no flow instance is past its deadline (the harness times such
+        instances out itself rather than waiting for the tracker's next look), and nothing
+        is due on the clock. On the manual clock a retry whose delay has not passed is not
+        due: it waits for `advance`. With `real_time=True`, `settle` waits for it.
 
         Args:
             timeout: seconds to wait; the harness's `settle_timeout` by default.
@@ -508,6 +618,39 @@ class Harness:
             error.add_note(f"raised by handler {handler!r} of app {app!r} (txflow harness)")
             raise error
 
+    async def advance(self, seconds: float, *, timeout: float | None = None) -> None:
+        """Move the manual clock `seconds` forward, running what falls due in order.
+
+        The apps settle first. Then the clock moves from one due time to the next within
+        `seconds`: a delayed retry coming back, a flow or step deadline passing. At each it
+        stops, lets what came due run and settles, so that what that work schedules (the
+        next retry, a new deadline) runs in its turn too. Retention cleanups look at the
+        time when the clock passes their interval. `settle` errors are raised as there.
+
+        Raises:
+            ConfigurationError: the harness runs on real time (`real_time=True`).
+            NotSettledError, Exception: as `settle`, at any step.
+        """
+        clock = self.clock
+        if not isinstance(clock, ManualClock):
+            raise ConfigurationError(
+                "advance() moves the harness's manual clock; this harness runs on real time "
+                "(Harness(real_time=True))"
+            )
+        if seconds < 0:
+            raise ConfigurationError(f"the clock only moves forward, not by {seconds}s")
+        await self.settle(timeout=timeout)
+        end = clock.time() + seconds
+        while True:
+            due = [t for t in (clock.next_due(), await self._next_deadline()) if t is not None]
+            step = min(due, default=None)
+            if step is None or step > end + _DEADLINE_SLACK:
+                break
+            clock.advance_to(step)
+            await self.settle(timeout=timeout)
+        clock.advance_to(end)
+        await self.settle(timeout=timeout)
+
     async def _settle(self, deadline: float, timeout: float) -> None:
         while True:
             self._changed.clear()
@@ -518,15 +661,21 @@ class Harness:
                 busy = [*self._busy(), *busy] if busy else busy
             if not busy and not self._busy():
                 busy = await self._unsent_rows()
-                if not busy:
+            if not busy and not self._busy():
+                if await self._expire_overdue():
+                    continue  # instances timed out: their compensations are now work
+                if self._held and self._hand_over_held(None):
+                    continue  # the reordered deliveries go in now, everything else is idle
+                if not self._busy():
                     return
+                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NotSettledError(
                     f"the apps did not settle within {timeout}s: " + "; ".join(busy)
                 )
-            # Woken by the end of a delivery, or by a publish (a relay's sweep taking rows
-            # that no relay held).
+            # Woken by the end of a delivery, a publish (a relay's sweep taking rows that no
+            # relay held), or a loop woken by the clock waiting on it again.
             try:
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
@@ -535,8 +684,16 @@ class Harness:
 
     def _busy(self) -> list[str]:
         names = {c.spec.queue: c.spec.name for app in self._started for c in app.consumers}
-        busy = [item for transport in self._transports for item in transport.busy(names)]
-        if self.broker.held:
+        held = self._held_set
+        busy = [item for transport in self._transports for item in transport.busy(names, held)]
+        if self._handing_over:
+            busy.append("reordered deliveries are being handed over")
+        clock = self.clock
+        if isinstance(clock, ManualClock):
+            if clock.awake:
+                tasks = ", ".join(sorted(t.get_name() for t in clock.awake))
+                busy.append(f"{len(clock.awake)} task(s) woken by the clock still run ({tasks})")
+        elif self.broker.held:
             busy.append(f"{self.broker.held} message(s) held for a delayed retry")
         return busy
 
@@ -556,6 +713,26 @@ class Harness:
                 busy.append(f"the outbox of app {app.name!r} has {status.pending} unsent row(s)")
         return busy
 
+    def _trackers(self) -> Iterator[tuple[TxFlow, FlowTracker]]:
+        for app in self._started:
+            for tracker in app.trackers.values():
+                if tracker.has_deadlines:
+                    yield app, tracker
+
+    async def _next_deadline(self) -> float | None:
+        deadlines = [await next_deadline(app.store, t.flow.name) for app, t in self._trackers()]
+        return min((d for d in deadlines if d is not None), default=None)
+
+    async def _expire_overdue(self) -> int:
+        """Time out the instances past their deadline now, as the tracker's sweep would."""
+        expired = 0
+        now = self.clock.time()
+        for app, tracker in self._trackers():
+            due = await next_deadline(app.store, tracker.flow.name)
+            if due is not None and due <= now:
+                expired += await tracker.expire_due(app.store, app.relay)
+        return expired
+
 
 def _describe(what: str, event_type: type[Event] | None, fields: dict[str, Any]) -> str:
     name = event_type.__name__ if event_type is not None else "event"
@@ -563,4 +740,4 @@ def _describe(what: str, event_type: type[Event] | None, fields: dict[str, Any])
     return f"{what} {name}" + (f" with {where}" if where else "")
 
 
-__all__ = ["Delivered", "Harness", "NotSettledError", "Published", "Records"]
+__all__ = ["Delivered", "Faults", "Harness", "NotSettledError", "Published", "Records"]

@@ -8,17 +8,15 @@ Nothing survives the process.
 
 from __future__ import annotations
 
-import abc
 import asyncio
-import heapq
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from itertools import count
 
+from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow.errors import TransportClosedError, UnroutableError
 from txflow.transport import Consumer, Delivery, DeliveryCallback, Message, Topology, Transport
 
@@ -67,57 +65,6 @@ class _Queue:
         return None
 
 
-class Clock(abc.ABC):
-    """Time for delayed retries: real time by default, or a `ManualClock` in tests."""
-
-    @abc.abstractmethod
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        """Run `callback` once, `delay` seconds from now on this clock."""
-
-
-class LoopClock(Clock):
-    """Real time, on the running event loop."""
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        asyncio.get_running_loop().call_later(delay, callback)
-
-
-class ManualClock(Clock):
-    """A clock that moves only when a test calls `advance`, so retry schedules run instantly.
-
-    ```python
-    clock = ManualClock()
-    broker = InMemoryBroker(clock=clock)
-    ...
-    clock.advance(30)  # everything due within 30 s is released now, in due order
-    ```
-    """
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._due: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = count()
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        """Run `callback` when `advance` has moved the clock `delay` seconds past now."""
-        heapq.heappush(self._due, (self.now + delay, next(self._seq), callback))
-
-    def advance(self, seconds: float) -> int:
-        """Move time forward; run what fell due. Returns how many callbacks ran."""
-        self.now += seconds
-        ran = 0
-        while self._due and self._due[0][0] <= self.now:
-            _, _, callback = heapq.heappop(self._due)
-            callback()
-            ran += 1
-        return ran
-
-    @property
-    def pending(self) -> int:
-        """Callbacks not yet due."""
-        return len(self._due)
-
-
 class InMemoryBroker:
     """The broker's state: exchanges, bindings, queues and held retries.
 
@@ -130,7 +77,7 @@ class InMemoryBroker:
     """
 
     def __init__(self, clock: Clock | None = None) -> None:
-        self.clock = clock or LoopClock()
+        self.clock = clock or SYSTEM_CLOCK
         self.held = 0
         self.queues: dict[str, _Queue] = {}
         self.bindings: dict[str, list[tuple[re.Pattern[str], str]]] = {}

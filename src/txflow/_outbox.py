@@ -31,7 +31,7 @@ import uuid
 from collections import deque
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from txflow import _telemetry
@@ -416,8 +416,10 @@ class OutboxRelay:
         if self.config.retention <= 0:
             return
         while True:
-            await asyncio.sleep(self.config.cleanup_interval)
-            cutoff = datetime.now(UTC) - timedelta(seconds=self.config.retention)
+            # Retention is kept on the app's clock (a test's manual clock moves it).
+            clock = self.store.clock
+            await clock.sleep(self.config.cleanup_interval)
+            cutoff = clock.utcnow() - timedelta(seconds=self.config.retention)
             try:
                 while await self.store.delete_sent(cutoff) > 0:
                     pass

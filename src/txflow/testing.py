@@ -19,12 +19,14 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from txflow._harness import Delivered, Harness, NotSettledError, Published, Records
-from txflow._memory import Clock, InMemoryBroker, InMemoryTransport, ManualClock
+from txflow._clock import Clock, ManualClock, SystemClock
+from txflow._harness import Delivered, Faults, Harness, NotSettledError, Published, Records
+from txflow._memory import InMemoryBroker, InMemoryTransport
 
 __all__ = [
     "Clock",
     "Delivered",
+    "Faults",
     "Harness",
     "InMemoryBroker",
     "InMemoryTransport",
@@ -32,6 +34,7 @@ __all__ = [
     "NotSettledError",
     "Published",
     "Records",
+    "SystemClock",
     "wait_until",
 ]
 

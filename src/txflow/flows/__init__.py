@@ -23,6 +23,7 @@ from txflow.flows._repository import (
     flow_history,
     flow_state,
     list_flows,
+    next_deadline,
 )
 from txflow.flows._tracker import FlowHook, FlowTracker
 
@@ -44,4 +45,5 @@ __all__ = [
     "flow_history",
     "flow_state",
     "list_flows",
+    "next_deadline",
 ]

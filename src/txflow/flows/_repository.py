@@ -118,6 +118,16 @@ async def flow_history(store: Store, flow: str, flow_id: str) -> list[FlowLogEnt
     ]
 
 
+async def next_deadline(store: Store, flow: str) -> float | None:
+    """The earliest deadline (epoch seconds) of a running instance of `flow`, or None."""
+    stmt = sa.select(sa.func.min(flows.c.deadline)).where(
+        flows.c.flow == flow, flows.c.status == str(FlowStatus.RUNNING)
+    )
+    async with store.engine.connect() as conn:
+        value = await conn.scalar(stmt)
+    return None if value is None else float(value)
+
+
 async def delete_finished_flows(
     store: Store, older_than: datetime, limit: int = DELETE_BATCH
 ) -> int:

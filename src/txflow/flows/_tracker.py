@@ -27,13 +27,11 @@ compensated too (one at a time as well), so no step's effect is left behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -166,6 +164,11 @@ class FlowTracker:
             .with_for_update()
         )
 
+    def _now(self) -> datetime:
+        # The app's clock (the store carries it), so that a test's manual clock moves
+        # deadlines and retention together.
+        return self._store_of().clock.utcnow()
+
     @property
     def has_deadlines(self) -> bool:
         return self.flow.timeout is not None or any(s.timeout for s in self.flow.steps)
@@ -202,7 +205,7 @@ class FlowTracker:
         inst = _Instance(flow_id, FlowStatus.RUNNING, envelope.occurred_at)
         store = self._store_of()
         await session.execute(
-            store.insert_ignoring_conflicts(flows), [self._values(inst, datetime.now(UTC))]
+            store.insert_ignoring_conflicts(flows), [self._values(inst, self._now())]
         )
         row = (await session.execute(self._select, {"flow_id": flow_id})).one()
         return instance_from_row(row)
@@ -420,7 +423,7 @@ class FlowTracker:
 
     async def _finish(self, inst: _Instance, ctx: Context, status: FlowStatus) -> None:
         inst.status = status
-        now = datetime.now(UTC)
+        now = self._now()
         inst.finished_at = now
         inst.deadline = inst.deadline_reason = None
         self._note(inst, str(status), None, None, inst.reason)
@@ -445,7 +448,7 @@ class FlowTracker:
             {
                 "flow": self.flow.name,
                 "flow_id": inst.flow_id,
-                "at": datetime.now(UTC),
+                "at": self._now(),
                 "action": action,
                 "step": step,
                 "event_type": envelope.event_type if envelope else None,
@@ -509,7 +512,7 @@ class FlowTracker:
     async def _save(self, ctx: Context, inst: _Instance) -> None:
         self._schedule(inst)
         inst.version += 1
-        values = self._values(inst, datetime.now(UTC))
+        values = self._values(inst, self._now())
         session = ctx.session
         await session.execute(
             sa.update(flows)
@@ -529,7 +532,7 @@ class FlowTracker:
             .where(
                 flows.c.flow == self.flow.name,
                 flows.c.status == str(FlowStatus.RUNNING),
-                flows.c.deadline <= time.time(),
+                flows.c.deadline <= store.clock.time(),
             )
             .order_by(flows.c.deadline)
             .limit(DEADLINE_BATCH)
@@ -566,5 +569,4 @@ class FlowTracker:
                 if not failing:
                     log.warning("flow %s: cannot check deadlines: %s", self.flow.name, exc)
                 failing = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+            await store.clock.wait(stop, interval)

@@ -8,7 +8,6 @@ the outbox in the same transaction and published only if that transaction commit
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -113,7 +112,7 @@ class Context:
                 "causation_id": self.message_id,
                 "headers": row_headers,
                 "body": event.model_dump_json().encode(),
-                "created_at": datetime.now(UTC),
+                "created_at": self.unit.clock.utcnow(),
             }
         )
         return msg_id

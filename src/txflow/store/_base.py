@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow._messages import wire_message
 from txflow._names import aware
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
@@ -129,9 +130,13 @@ class Store(abc.ABC):
     #: Whether notifications reach relays in other processes (PostgreSQL LISTEN/NOTIFY).
     supports_notify: bool = False
 
-    def __init__(self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE) -> None:
+    def __init__(
+        self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.url = url
         self.pool_size = pool_size
+        #: Stamps the times retention compares: inbox rows handled, outbox rows sent.
+        self.clock = clock
         self._engine: AsyncEngine | None = None
         # The statements of every unit of work (SQLAlchemyUnitOfWork executes them).
         self.inbox_insert = self.insert_ignoring_conflicts(inbox)
@@ -375,7 +380,7 @@ class Store(abc.ABC):
         return sa.update(outbox).where(where).values(sent_at=sa.bindparam("now"))
 
     def _seqs_param(self, seqs: Sequence[int]) -> dict[str, Any]:
-        return {"seqs": list(seqs), "now": datetime.now(UTC)}
+        return {"seqs": list(seqs), "now": self.clock.utcnow()}
 
     #: Whether a connection whose task was cancelled inside the driver must be discarded.
     discards_cancelled_connections: bool = False
@@ -425,8 +430,10 @@ _BACKENDS: dict[str, str] = {
 }
 
 
-def open_store(url: str, *, pool_size: int = DEFAULT_DB_POOL_SIZE) -> Store:
-    """A `Store` for `url` (not yet connected).
+def open_store(
+    url: str, *, pool_size: int = DEFAULT_DB_POOL_SIZE, clock: Clock = SYSTEM_CLOCK
+) -> Store:
+    """A `Store` for `url` (not yet connected); `clock` stamps the times retention compares.
 
     Accepts `postgresql://`, `postgresql+asyncpg://`, `sqlite:///path` and
     `sqlite+aiosqlite:///path`.
@@ -452,4 +459,4 @@ def open_store(url: str, *, pool_size: int = DEFAULT_DB_POOL_SIZE) -> Store:
         )
     module_name, _, cls_name = target.partition(":")
     cls: type[Store] = getattr(importlib.import_module(module_name), cls_name)
-    return cls(parsed, pool_size=pool_size)
+    return cls(parsed, pool_size=pool_size, clock=clock)

@@ -6,13 +6,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 
 import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow.store._base import DEFAULT_DB_POOL_SIZE, Listener, NotifyCallback, Store
 from txflow.store._postgres_sql import NOTIFY_CHANNEL, OutboxSeqs
 from txflow.store._postgres_unit import begin, checkout, discard
@@ -44,8 +44,10 @@ class PostgresStore(Store):
     discards_cancelled_connections = True
     _hint = "is PostgreSQL running and does the database exist?"
 
-    def __init__(self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE) -> None:
-        super().__init__(url.set(drivername="postgresql+asyncpg"), pool_size=pool_size)
+    def __init__(
+        self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        super().__init__(url.set(drivername="postgresql+asyncpg"), pool_size=pool_size, clock=clock)
         self._autocommit: AsyncEngine | None = None
         self.outbox_seqs = OutboxSeqs()
 
@@ -90,7 +92,7 @@ class PostgresStore(Store):
             if delete:
                 await driver.execute(_DELETE_SENT_SQL, list(seqs))
             else:
-                await driver.execute(_MARK_SENT_SQL, list(seqs), datetime.now(UTC))
+                await driver.execute(_MARK_SENT_SQL, list(seqs), self.clock.utcnow())
         except BaseException:
             discard(pooled)
             raise

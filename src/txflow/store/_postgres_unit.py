@@ -20,7 +20,6 @@ import asyncio
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -174,11 +173,13 @@ class PostgresUnitOfWork(UnitOfWork):
         "_settled",
         "_staged",
         "_store",
+        "clock",
         "duplicate",
     )
 
     def __init__(self, store: PostgresStore, pooled: PoolProxiedConnection) -> None:
         self._store = store
+        self.clock = store.clock
         self._pooled = pooled
         self._driver: asyncpg.Connection = pooled.driver_connection
         self._conn: AsyncConnection | None = None
@@ -247,7 +248,7 @@ class PostgresUnitOfWork(UnitOfWork):
 
     async def record_inbox(self, handler: str, message_id: str) -> bool:
         with self._connection_errors():
-            status = await self._driver.execute(INBOX_SQL, handler, message_id, datetime.now(UTC))
+            status = await self._driver.execute(INBOX_SQL, handler, message_id, self.clock.utcnow())
         return bool(status.endswith(" 1"))
 
     async def insert_outbox(self, rows: Sequence[dict[str, Any]]) -> list[int]:

@@ -17,6 +17,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow.store._base import DEFAULT_DB_POOL_SIZE, Store
 from txflow.store._unit_of_work import UnitOfWork
 
@@ -31,8 +32,10 @@ class SQLiteStore(Store):
 
     _hint = "is the path writable?"
 
-    def __init__(self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE) -> None:
-        super().__init__(url.set(drivername="sqlite+aiosqlite"), pool_size=pool_size)
+    def __init__(
+        self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        super().__init__(url.set(drivername="sqlite+aiosqlite"), pool_size=pool_size, clock=clock)
         self._write_lock = asyncio.Lock()
 
     @property

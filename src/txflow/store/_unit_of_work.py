@@ -14,12 +14,12 @@ from __future__ import annotations
 import abc
 import weakref
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncTransaction
 
+from txflow._clock import Clock
 from txflow.errors import TransactionEndedError
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ class UnitOfWork(abc.ABC):
     """
 
     duplicate: bool = False
+    #: The store's clock: what time the rows written in this transaction record.
+    clock: Clock
 
     @property
     @abc.abstractmethod
@@ -79,10 +81,11 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
     it with `commit` or `rollback`; a commit from anyone else on the connection is refused.
     """
 
-    __slots__ = ("_committing", "_conn", "_session", "_store", "_trans", "duplicate")
+    __slots__ = ("_committing", "_conn", "_session", "_store", "_trans", "clock", "duplicate")
 
     def __init__(self, store: Store, conn: AsyncConnection) -> None:
         self._store = store
+        self.clock = store.clock
         self._conn = conn
         self._trans: AsyncTransaction | None = None
         self._session: AsyncSession | None = None
@@ -119,7 +122,7 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
     async def record_inbox(self, handler: str, message_id: str) -> bool:
         result = await self._conn.execute(
             self._store.inbox_insert,
-            {"handler": handler, "message_id": message_id, "processed_at": datetime.now(UTC)},
+            {"handler": handler, "message_id": message_id, "processed_at": self.clock.utcnow()},
         )
         return bool(result.rowcount)
 
