@@ -1,6 +1,7 @@
 """The `txflow` command: run apps, create tables, inspect the outbox, dead letters and flows.
 
     txflow run module:app [--broker URL] [--database URL] [--workers N] [--log-level LEVEL]
+                          [--metrics-port PORT [--metrics-host H]]
                           [--start-timeout SECONDS | --fail-fast]
     txflow db init module:app [--database URL]
     txflow outbox status module:app [--database URL] [--json]

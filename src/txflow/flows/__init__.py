@@ -22,6 +22,7 @@ from txflow.flows._repository import (
     find_flows,
     flow_history,
     flow_state,
+    flow_status_summary,
     list_flows,
 )
 from txflow.flows._tracker import FlowHook, FlowTracker
@@ -43,5 +44,6 @@ __all__ = [
     "find_flows",
     "flow_history",
     "flow_state",
+    "flow_status_summary",
     "list_flows",
 ]

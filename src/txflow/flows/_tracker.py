@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -85,6 +86,8 @@ class _Instance:
     version: int = 0
     exists: bool = False
     log: list[dict[str, Any]] = field(default_factory=list)
+    # The status as read, None for an instance this transaction created (version 0).
+    loaded: FlowStatus | None = None
 
     def completed(self, step: str) -> dict[str, Any] | None:
         return next((s for s in self.steps if s["step"] == step), None)
@@ -107,6 +110,7 @@ def instance_from_row(row: sa.Row[Any]) -> _Instance:
         deadline_reason=m["deadline_reason"],
         version=m["version"],
         exists=True,
+        loaded=FlowStatus(m["status"]) if m["version"] else None,
     )
 
 
@@ -160,6 +164,8 @@ class FlowTracker:
         self._store_of = store_of
         self.on_completed: list[FlowHook] = []
         self.on_failed: list[FlowHook] = []
+        #: Told each status an instance enters, once its transaction committed (metrics).
+        self.on_transition: Callable[[FlowStatus], None] | None = None
         self._select = (
             sa.select(flows)
             .where(flows.c.flow == flow.name, flows.c.flow_id == sa.bindparam("flow_id"))
@@ -507,6 +513,8 @@ class FlowTracker:
         }
 
     async def _save(self, ctx: Context, inst: _Instance) -> None:
+        if self.on_transition is not None and inst.status is not inst.loaded:
+            ctx._after_commit(functools.partial(self.on_transition, inst.status))
         self._schedule(inst)
         inst.version += 1
         values = self._values(inst, datetime.now(UTC))
