@@ -13,9 +13,11 @@ from dataclasses import replace
 
 from txflow._app import TxFlow
 from txflow._config import resolve_broker_url, resolve_database_url
+from txflow._logging import set_process_app
 from txflow._metrics import MetricsConfig, MetricsServer, check_port
 from txflow.cli._common import (
     EXIT_STUCK,
+    LOG_FORMATS,
     Backoff,
     add_urls,
     apply_urls,
@@ -41,6 +43,13 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         type=str.lower,
         choices=["debug", "info", "warning", "error", "critical"],
         help="log level (default info)",
+    )
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines (default), or json: one object per line naming the app, handler, "
+        "message, correlation, trace and span ids",
     )
     run.add_argument(
         "--metrics-port",
@@ -87,6 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _record_early_signal)
     app = load_app(args.target)
+    set_process_app(app.name)
     apply_urls(app, args)
     if args.shutdown_timeout is not None:
         app.shutdown_timeout = args.shutdown_timeout

@@ -143,7 +143,7 @@ class Supervisor:
     def _argv(self) -> list[str]:
         args = self._args
         argv = [sys.executable, "-m", "txflow", "run", args.target, "--workers", "1"]
-        argv += ["--log-level", args.log_level]
+        argv += ["--log-level", args.log_level, "--log-format", args.log_format]
         if args.broker:
             argv += ["--broker", args.broker]
         if args.database:

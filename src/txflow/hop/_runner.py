@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from txflow import _telemetry
+from txflow import _logging, _telemetry
 from txflow._dead_letters import dead_letter_message, exception_type_name, failure_headers
 from txflow._messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -229,6 +229,7 @@ class HandlerConsumer:
         if task is not None:
             self._active.add(task)
         message = delivery.message
+        named = _logging.hop_started(self.app, self.spec.name, message)
         try:
             with _telemetry.processing(
                 self.spec.name, self.spec.queue, message, message.headers.get(ATTEMPT_HEADER, 1)
@@ -238,6 +239,7 @@ class HandlerConsumer:
             # Settling failed because the channel went away; the broker redelivers.
             log.warning("%s: %s", self.spec.name, exc)
         finally:
+            _logging.hop_ended(named)
             if task is not None:
                 self._active.discard(task)
 
