@@ -403,3 +403,29 @@ async def test_an_invalid_metrics_port_exits_2(
         f"txflow: error: metrics port {port!r} is not a port number; give one from 1 to 65535 "
         "(0 picks a free one)"
     ), text
+
+
+def test_the_documented_alert_rules_name_only_metrics_txflow_exports() -> None:
+    import yaml  # type: ignore[import-untyped]  # PyYAML comes with mkdocs (dev)
+
+    from txflow import _metrics
+
+    page = (ROOT / "docs" / "observability.md").read_text()
+    rules_yaml = page.split("### Alert rules", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    rules = yaml.safe_load(rules_yaml)["groups"][0]["rules"]
+    exported = set()
+    for value in vars(_metrics).values():
+        name = getattr(value, "_name", None)
+        kind = getattr(value, "_type", None)
+        if isinstance(name, str) and name.startswith("txflow_"):
+            exported.add(name + ("_total" if kind == "counter" else ""))
+    used = {n for rule in rules for n in re.findall(r"txflow_\w+", rule["expr"])}
+    assert {r["alert"] for r in rules} >= {
+        "TxflowOutboxLag",
+        "TxflowDeadLetters",
+        "TxflowFlowsStuckCompensating",
+        "TxflowConsumersMissing",
+    }
+    assert used and used <= exported, used - exported
+    documented = set(re.findall(r"^\| `(txflow_\w+)` \|", page, flags=re.M))
+    assert documented == exported  # every metric in the table, and only those
