@@ -137,7 +137,9 @@ async def test_flow_status_gauges_agree_with_txflow_flows_list(real: Backend) ->
         dict(ls)["status"]: v
         for ls, v in values(samples, "txflow_flow_transitions_total", app="owner").items()
     }
-    assert entered["running"] == 4  # each instance once, when first seen
+    # An instance enters the status its first event seen leaves it in: running, unless a
+    # failure overtook the step events (then it is created compensating).
+    assert 3 <= entered["running"] <= 4
     assert entered["completed"] == 3
     assert entered["compensating"] == 1
     idle = values(samples, "txflow_flows_longest_idle_seconds", app="owner", status="compensating")

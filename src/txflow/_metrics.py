@@ -134,7 +134,7 @@ COMMIT_TO_CONFIRM = Histogram(
 )
 FLOW_TRANSITIONS = Counter(
     "txflow_flow_transitions",
-    "Flow instances entering a status (running when first seen), counted on commit.",
+    "Flow instances entering a status, counted when the tracker's transaction commits.",
     ["app", "flow", "status"],
 )
 # Sampled gauges: every worker reads the same database or broker, so the newest sample of
