@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
+from typing import Any
 
 from _bench.baseline import FS_TABLES, HW_TABLES, Baseline
 from _bench.cpu import Clock
@@ -21,9 +22,10 @@ from _bench.runs import attempt, order
 from _bench.txflow_side import TX_TABLES, txflow_stats, warm_txflow_pool
 
 
-async def run_txflow(env: Env, concurrency: int, messages: int) -> RunResult:
+async def run_txflow(env: Env, concurrency: int, messages: int, **options: Any) -> RunResult:
+    """One preloaded run of the txflow side; `options` go to `Env.make_app` (`metrics`)."""
     await env.truncate(*TX_TABLES)
-    app = env.make_app(concurrency)
+    app = env.make_app(concurrency, **options)
     queue = env.tx_input(app)
     try:
         await warm_txflow_pool(app)

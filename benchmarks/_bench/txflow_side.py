@@ -18,7 +18,7 @@ from sqlalchemy.orm import registry
 
 from _bench.defaults import pool_size_for
 from _bench.events import BenchIn, BenchOut, ChainDone, ChainHop, RingA, RingB
-from txflow import Context, OutboxRelay, RelayConfig, Transport, TxFlow
+from txflow import Context, MetricsConfig, OutboxRelay, RelayConfig, Transport, TxFlow
 
 user_metadata = sa.MetaData()
 tx_items = sa.Table(
@@ -83,6 +83,7 @@ def build_app(
     write: str = "driver",
     ring: bool = False,
     transport: Transport | None = None,
+    metrics: MetricsConfig | None = None,
 ) -> TxFlow:
     """The txflow side's app (also run by `txflow run bench_app:app` in scale.py).
 
@@ -108,6 +109,7 @@ def build_app(
         relay=relay,
         db_pool_size=db_pool_size,
         transport=transport,
+        metrics=metrics,
     )
     write_item = WRITES[write]
     if handlers and chain_length is not None:

@@ -9,6 +9,7 @@ from txflow._app import TxFlow
 from txflow._config import open_transport
 from txflow._dead_letters import DeadLetterInfo
 from txflow._messages import Envelope, Event, EventRegistry
+from txflow._metrics import MetricsConfig
 from txflow._outbox import OutboxRelay, RelayConfig
 from txflow.errors import (
     AppNotFoundError,
@@ -58,6 +59,7 @@ __all__ = [
     "MalformedMessageError",
     "Message",
     "MessageTooLargeError",
+    "MetricsConfig",
     "OutboxRelay",
     "OutboxStatus",
     "PoisonMessageError",

@@ -15,9 +15,11 @@ from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 
+from txflow._app_metrics import AppMetrics
 from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow._config import open_transport, resolve_broker_url, resolve_database_url
 from txflow._messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
+from txflow._metrics import MetricsConfig
 from txflow._names import dead_letter_queue, handler_queue_name
 from txflow._outbox import OutboxRelay, RelayConfig
 from txflow.errors import ConfigurationError, DatabaseUnavailableError, TxflowError
@@ -115,6 +117,9 @@ class TxFlow:
         stats_interval: seconds between INFO lines `<app> stats (running): ...` with the
             counters since start (handled, duplicates, retried, ...); the final line
             `<app> stats: ...` comes on stop. None logs only the final one.
+        metrics: record Prometheus metrics (docs/observability.md), and serve them on
+            `MetricsConfig.port` if it is set; None records none (`txflow run
+            --metrics-port` turns them on).
         transport: a ready `Transport` instance instead of `broker_url`.
         clock: what time it is for flow and step deadlines and retention; real time by
             default. Tests pass a `txflow.testing.ManualClock` (the `Harness` does), the
@@ -143,6 +148,7 @@ class TxFlow:
         inbox_retention: float | None = DEFAULT_INBOX_RETENTION,
         flow_retention: float | None = DEFAULT_FLOW_RETENTION,
         stats_interval: float | None = DEFAULT_STATS_INTERVAL,
+        metrics: MetricsConfig | None = None,
         transport: Transport | None = None,
         clock: Clock | None = None,
     ) -> None:
@@ -170,6 +176,7 @@ class TxFlow:
         self.flow_retention = flow_retention
         self.stats_interval = stats_interval
         self.clock: Clock = clock or SYSTEM_CLOCK
+        self.metrics = metrics
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self.trackers: dict[str, FlowTracker] = {}
@@ -180,6 +187,7 @@ class TxFlow:
         self._store: Store | None = None
         self._relay: OutboxRelay | None = None
         self._consumers: list[HandlerConsumer] = []
+        self._metrics: AppMetrics | None = None
         self._started = False
 
     # -- registration ------------------------------------------------------------------------
@@ -555,6 +563,9 @@ class TxFlow:
         )
 
     async def _start(self) -> None:
+        if self.metrics is not None:
+            # First: a metrics port that is taken fails the start before anything connects.
+            self._metrics = AppMetrics(self.name, self.metrics)
         if self._transport is None:
             # Built before connecting anything, so a bad broker URL fails with no side effects.
             self._transport = open_transport(resolve_broker_url(self.broker_url))
@@ -571,6 +582,8 @@ class TxFlow:
         self._relay = OutboxRelay(
             store, self._transport, self.exchange, self.relay_config, notify=self.notify
         )
+        if self._metrics is not None:
+            self._metrics.watch(relay=self._relay, trackers=self.trackers.values())
         if self.relay_config is not None:
             await self._relay.start()
         for spec in self.handlers.values():
@@ -580,7 +593,10 @@ class TxFlow:
                 relay=self._relay,
                 transport=self._transport,
                 max_message_bytes=self.max_message_bytes,
+                app=self.name,
             )
+            if self._metrics is not None:
+                self._metrics.watch(consumer=consumer)
             await consumer.start()
             self._consumers.append(consumer)
         self._stopping = asyncio.Event()
@@ -588,6 +604,15 @@ class TxFlow:
             self._background.append(asyncio.create_task(self._clean_up(store)))
         if self.stats_interval is not None:
             self._background.append(asyncio.create_task(self._report(self.stats_interval)))
+        if self._metrics is not None:
+            sampling = self._metrics.sample(
+                store,
+                self._transport,
+                [spec.queue for spec in self.handlers.values()],
+                list(self.trackers),
+                self._stopping,
+            )
+            self._background.append(asyncio.create_task(sampling, name="metrics"))
         for tracker in self.trackers.values():
             if tracker.has_deadlines:
                 task = asyncio.create_task(
@@ -688,6 +713,9 @@ class TxFlow:
 
     async def _close_resources(self) -> None:
         await self._stop_background()
+        app_metrics, self._metrics = self._metrics, None
+        if app_metrics is not None:
+            app_metrics.close()
         relay, self._relay = self._relay, None
         if relay is not None:
             await relay.aclose()

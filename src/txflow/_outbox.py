@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from txflow import _telemetry
+from txflow import _metrics, _telemetry
 from txflow.errors import PublishError, TransportClosedError, UnroutableError
 from txflow.store import Listener, OutboxRecord, Store, UnitOfWork, make_record
 from txflow.transport import Transport
@@ -139,6 +139,8 @@ class OutboxRelay:
         #: Who holds the leases this relay takes; shown per relay by `txflow outbox status`.
         self.relay_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stats = RelayStats()
+        #: Times and counts each publish when the app records metrics.
+        self.meter: _metrics.PublishMeter | _metrics.NoPublishMeter = _metrics.NO_METER
         self._queue: deque[OutboxRecord] = deque()
         self._owned: set[int] = set()
         self._confirmed: list[int] = []
@@ -302,7 +304,10 @@ class OutboxRelay:
 
     async def _publish_one(self, record: OutboxRecord) -> None:
         try:
-            with _telemetry.publishing(self.exchange, record.message):
+            with (
+                _telemetry.publishing(self.exchange, record.message),
+                self.meter.publish(record.message, record.attempts),
+            ):
                 await self.transport.publish(self.exchange, record.message)
         except TransportClosedError as exc:
             # One line per outage, not per row: an outage fails every publish in flight.

@@ -205,3 +205,11 @@ def dead_lettered(exception_type: str, message: str) -> None:
         span.set_attribute(ERROR_TYPE, exception_type)
         span.set_status(Status(StatusCode.ERROR, message))
         span.add_event("dead-lettered", {EXCEPTION_TYPE: exception_type})
+
+
+def current_ids() -> tuple[str, str] | None:
+    """The trace id and span id (lowercase hex) of the current span, for log lines."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)

@@ -1,6 +1,7 @@
 """The `txflow` command: run apps, create tables, inspect the outbox, dead letters and flows.
 
     txflow run module:app [--broker URL] [--database URL] [--workers N] [--log-level LEVEL]
+                          [--log-format text|json] [--metrics-port PORT [--metrics-host H]]
                           [--start-timeout SECONDS | --fail-fast]
     txflow db init module:app [--database URL]
     txflow outbox status module:app [--database URL] [--json]
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(getattr(args, "log_level", "warning"))
+    configure_logging(getattr(args, "log_level", "warning"), getattr(args, "log_format", "text"))
     if getattr(args, "workers", 1) < 1:
         parser.error("--workers must be at least 1")
     try:

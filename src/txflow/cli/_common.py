@@ -19,6 +19,7 @@ from rich.text import Text
 
 from txflow._app import TxFlow
 from txflow._config import BROKER_URL_ENV, DATABASE_URL_ENV
+from txflow._logging import JsonFormatter
 from txflow.errors import AppNotFoundError, ConfigurationError
 from txflow.store import Store, open_store
 
@@ -83,8 +84,14 @@ def load_app(target: str) -> TxFlow:
     return obj
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+LOG_FORMATS = ("text", "json")
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr: `text` lines (LOG_FORMAT), or `json`, one object per line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     # aiormq logs each failed connection attempt as an error with a traceback; txflow's own
     # lines name the broker and the fix, so keep the library quiet unless debugging.
     if logging.getLogger().level > logging.DEBUG:

@@ -9,11 +9,15 @@ import logging
 import os
 import signal
 import time
+from dataclasses import replace
 
 from txflow._app import TxFlow
 from txflow._config import resolve_broker_url, resolve_database_url
+from txflow._logging import set_process_app
+from txflow._metrics import MetricsConfig, MetricsServer, check_port
 from txflow.cli._common import (
     EXIT_STUCK,
+    LOG_FORMATS,
     Backoff,
     add_urls,
     apply_urls,
@@ -21,7 +25,7 @@ from txflow.cli._common import (
     log,
     run_async,
 )
-from txflow.cli._supervisor import READY_FD_ENV, Supervisor, check_urls
+from txflow.cli._supervisor import READY_FD_ENV, SUPERVISED_METRICS_ENV, Supervisor, check_urls
 from txflow.errors import ConnectionFailedError, mask_url
 
 # Seconds a stopping worker gets beyond twice its shutdown timeout before it exits anyway.
@@ -39,6 +43,24 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         type=str.lower,
         choices=["debug", "info", "warning", "error", "critical"],
         help="log level (default info)",
+    )
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines (default), or json: one object per line naming the app, handler, "
+        "message, correlation, trace and span ids",
+    )
+    run.add_argument(
+        "--metrics-port",
+        metavar="PORT",
+        help="record Prometheus metrics and serve them at http://HOST:PORT/metrics, summed "
+        "over all workers (0 picks a free port, logged)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="the address to serve metrics on (default 0.0.0.0, every interface)",
     )
     run.add_argument(
         "--shutdown-timeout", type=float, help="seconds to finish in-flight work on stop"
@@ -74,14 +96,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _record_early_signal)
     app = load_app(args.target)
+    set_process_app(app.name)
     apply_urls(app, args)
     if args.shutdown_timeout is not None:
         app.shutdown_timeout = args.shutdown_timeout
+    metrics = _metrics_config(app, args)
     check_urls(app, workers=args.workers)
     if args.workers > 1:
-        return Supervisor(args, app.shutdown_timeout).run()
-    run_async(lambda: _serve(app, args.start_timeout))
+        return Supervisor(args, app.shutdown_timeout, metrics).run()
+    if os.environ.get(SUPERVISED_METRICS_ENV):
+        # A worker of a supervisor that serves the sum of its workers' metrics.
+        metrics = MetricsConfig() if metrics is None else metrics
+        app.metrics = replace(metrics, port=None)
+        metrics = None
+    # Bound here, before the app starts: a port that is taken fails now, with exit code 2.
+    server = None
+    if metrics is not None and metrics.port is not None:
+        server = MetricsServer(metrics.host, metrics.port)
+        app.metrics = replace(metrics, port=None)
+    try:
+        run_async(lambda: _serve(app, args.start_timeout))
+    finally:
+        if server is not None:
+            server.close()
     return 0
+
+
+def _metrics_config(app: TxFlow, args: argparse.Namespace) -> MetricsConfig | None:
+    """The app's `metrics` with `--metrics-port` and `--metrics-host` applied.
+
+    Raises:
+        ConfigurationError: the port is not a port number.
+    """
+    metrics = app.metrics
+    if args.metrics_port is not None:
+        metrics = replace(metrics or MetricsConfig(), port=check_port(args.metrics_port))
+    if args.metrics_host:
+        metrics = replace(metrics or MetricsConfig(), host=args.metrics_host)
+    return metrics
 
 
 async def _serve(app: TxFlow, start_timeout: float | None) -> None:

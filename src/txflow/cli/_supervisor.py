@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from txflow._app import TxFlow
 from txflow._config import BROKER_URL_ENV, open_transport, resolve_broker_url, resolve_database_url
+from txflow._metrics import MetricsConfig, WorkerMetrics
 from txflow.cli._common import (
     EXIT_CRASHING,
     EXIT_OK,
@@ -36,6 +37,8 @@ from txflow.errors import ConfigurationError
 from txflow.store import open_store
 
 READY_FD_ENV = "TXFLOW_READY_FD"
+# Set for workers of a supervisor that serves their metrics: record them, do not serve.
+SUPERVISED_METRICS_ENV = "TXFLOW_SUPERVISED_METRICS"
 # Seconds between two looks at the workers.
 POLL_INTERVAL = 0.1
 # Seconds a worker must have served before it counts as healthy: a death after that is
@@ -86,9 +89,16 @@ class _Slot:
 class Supervisor:
     """Runs `args.workers` workers of `args.target` until SIGINT/SIGTERM or a fatal exit."""
 
-    def __init__(self, args: argparse.Namespace, shutdown_timeout: float) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        shutdown_timeout: float,
+        metrics: MetricsConfig | None = None,
+    ) -> None:
         self._args = args
         self._shutdown_timeout = shutdown_timeout
+        self._metrics_config = metrics
+        self._metrics: WorkerMetrics | None = None
         self._slots = [_Slot(i) for i in range(args.workers)]
         self._signals: list[int] = []
         self._result: int | None = None
@@ -96,7 +106,23 @@ class Supervisor:
         self._ever_ready = False
 
     def run(self) -> int:
-        """Supervise; returns the exit code (0 after a graceful stop)."""
+        """Supervise; returns the exit code (0 after a graceful stop).
+
+        Raises:
+            ConfigurationError: the metrics port is taken (before any worker starts).
+        """
+        config = self._metrics_config
+        if config is not None and config.port is not None:
+            # The supervisor serves the sum of its workers' metrics, which they write into
+            # files of one directory (prometheus-client's multiprocess mode).
+            self._metrics = WorkerMetrics(config.host, config.port)
+        try:
+            return self._supervise()
+        finally:
+            if self._metrics is not None:
+                self._metrics.close()
+
+    def _supervise(self) -> int:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         for slot in self._slots:
@@ -117,7 +143,7 @@ class Supervisor:
     def _argv(self) -> list[str]:
         args = self._args
         argv = [sys.executable, "-m", "txflow", "run", args.target, "--workers", "1"]
-        argv += ["--log-level", args.log_level]
+        argv += ["--log-level", args.log_level, "--log-format", args.log_format]
         if args.broker:
             argv += ["--broker", args.broker]
         if args.database:
@@ -134,6 +160,8 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         env = {**os.environ, READY_FD_ENV: str(write_fd)}
+        if self._metrics is not None:
+            env.update(self._metrics.env(), **{SUPERVISED_METRICS_ENV: "1"})
         try:
             slot.proc = subprocess.Popen(self._argv(), env=env, pass_fds=(write_fd,))
         finally:
@@ -177,6 +205,8 @@ class Supervisor:
     def _exited(self, slot: _Slot, code: int, now: float) -> None:
         assert slot.proc is not None
         pid = slot.proc.pid
+        if self._metrics is not None:
+            self._metrics.process_dead(pid)  # its counters stay in the sum, its gauges go
         self._read_ready(slot, now)  # a worker that served and died between two looks
         self._close_ready(slot)
         slot.proc = None

@@ -22,6 +22,7 @@ from txflow.flows._repository import (
     find_flows,
     flow_history,
     flow_state,
+    flow_status_summary,
     list_flows,
     next_deadline,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "find_flows",
     "flow_history",
     "flow_state",
+    "flow_status_summary",
     "list_flows",
     "next_deadline",
 ]

@@ -6,7 +6,7 @@ deletes finished instances (the store below knows nothing of flows).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -94,6 +94,29 @@ async def count_flows(store: Store, *, flow: str | None = None) -> dict[str, int
         stmt = stmt.where(flows.c.flow == flow)
     async with store.engine.connect() as conn:
         return {status: int(n) for status, n in (await conn.execute(stmt)).all()}
+
+
+async def flow_status_summary(
+    store: Store, names: Sequence[str]
+) -> dict[tuple[str, str], tuple[int, datetime | None]]:
+    """(flow, status) -> (instances, oldest `updated_at`) for the flows `names`, for metrics.
+
+    One grouped query on the (flow, status) index.
+    """
+    stmt = (
+        sa.select(flows.c.flow, flows.c.status, sa.func.count(), sa.func.min(flows.c.updated_at))
+        .where(flows.c.flow.in_(list(names)))
+        .group_by(flows.c.flow, flows.c.status)
+    )
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    return {(flow, status): (int(n), _time(oldest)) for flow, status, n, oldest in rows}
+
+
+def _time(value: datetime | str | None) -> datetime | None:
+    if isinstance(value, str):  # SQLite returns an aggregate's raw column text
+        value = datetime.fromisoformat(value)
+    return None if value is None else aware(value)
 
 
 async def flow_history(store: Store, flow: str, flow_id: str) -> list[FlowLogEntry]:

@@ -27,6 +27,7 @@ compensated too (one at a time as well), so no step's effect is left behind.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -83,6 +84,8 @@ class _Instance:
     version: int = 0
     exists: bool = False
     log: list[dict[str, Any]] = field(default_factory=list)
+    # The status as read, None for an instance this transaction created (version 0).
+    loaded: FlowStatus | None = None
 
     def completed(self, step: str) -> dict[str, Any] | None:
         return next((s for s in self.steps if s["step"] == step), None)
@@ -105,6 +108,7 @@ def instance_from_row(row: sa.Row[Any]) -> _Instance:
         deadline_reason=m["deadline_reason"],
         version=m["version"],
         exists=True,
+        loaded=FlowStatus(m["status"]) if m["version"] else None,
     )
 
 
@@ -158,6 +162,8 @@ class FlowTracker:
         self._store_of = store_of
         self.on_completed: list[FlowHook] = []
         self.on_failed: list[FlowHook] = []
+        #: Told each status an instance enters, once its transaction committed (metrics).
+        self.on_transition: Callable[[FlowStatus], None] | None = None
         self._select = (
             sa.select(flows)
             .where(flows.c.flow == flow.name, flows.c.flow_id == sa.bindparam("flow_id"))
@@ -510,6 +516,8 @@ class FlowTracker:
         }
 
     async def _save(self, ctx: Context, inst: _Instance) -> None:
+        if self.on_transition is not None and inst.status is not inst.loaded:
+            ctx._after_commit(functools.partial(self.on_transition, inst.status))
         self._schedule(inst)
         inst.version += 1
         values = self._values(inst, self._now())

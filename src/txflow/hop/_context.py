@@ -7,7 +7,7 @@ the outbox in the same transaction and published only if that transaction commit
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,7 +30,7 @@ class Context:
         unit: the transaction itself (txflow's `UnitOfWork`); handlers rarely need it.
     """
 
-    __slots__ = ("_correlation_id", "_outbox", "envelope", "flow", "unit")
+    __slots__ = ("_committed", "_correlation_id", "_outbox", "envelope", "flow", "unit")
 
     def __init__(
         self,
@@ -42,6 +42,7 @@ class Context:
         self.envelope = envelope
         self._correlation_id = correlation_id or (envelope.correlation_id if envelope else None)
         self._outbox: list[dict[str, Any]] = []
+        self._committed: list[Callable[[], None]] | None = None
         self.flow: FlowInfo | None = None
 
     @property
@@ -126,6 +127,21 @@ class Context:
             return
         for event in events:
             self.emit(event)
+
+    def _after_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once this transaction committed; never if it rolled back.
+
+        For txflow's own bookkeeping (the flow tracker counts transitions with it); the
+        callback must be quick and must not raise.
+        """
+        if self._committed is None:
+            self._committed = []
+        self._committed.append(callback)
+
+    def _run_after_commit(self) -> None:
+        callbacks, self._committed = self._committed, None
+        for callback in callbacks or ():
+            callback()
 
     def take_outbox(self) -> list[dict[str, Any]]:
         """The outbox rows of the events emitted so far; the relay leases and inserts them."""

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from txflow import _telemetry
+from txflow import _logging, _telemetry
 from txflow._dead_letters import dead_letter_message, exception_type_name, failure_headers
 from txflow._messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -174,8 +174,10 @@ class HandlerConsumer:
         relay: OutboxRelay,
         transport: Transport,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        app: str = "",
     ) -> None:
         self.spec = spec
+        self.app = app
         self.store = store
         self.relay = relay
         self.transport = transport
@@ -190,6 +192,11 @@ class HandlerConsumer:
     def add_observer(self, observer: HopObserver) -> None:
         """Tell `observer` too what becomes of each delivery from now on."""
         self.observers = (*self.observers, observer)
+
+    @property
+    def in_progress(self) -> int:
+        """Deliveries being worked on now."""
+        return len(self._active)
 
     async def start(self) -> None:
         self._consumer = await self.transport.consume(
@@ -221,8 +228,9 @@ class HandlerConsumer:
         task = asyncio.current_task()
         if task is not None:
             self._active.add(task)
+        message = delivery.message
+        named = _logging.hop_started(self.app, self.spec.name, message)
         try:
-            message = delivery.message
             with _telemetry.processing(
                 self.spec.name, self.spec.queue, message, message.headers.get(ATTEMPT_HEADER, 1)
             ):
@@ -231,6 +239,7 @@ class HandlerConsumer:
             # Settling failed because the channel went away; the broker redelivers.
             log.warning("%s: %s", self.spec.name, exc)
         finally:
+            _logging.hop_ended(named)
             if task is not None:
                 self._active.discard(task)
 

@@ -40,6 +40,11 @@ class Work:
         self._contexts.append(ctx)
         return ctx
 
+    def committed(self) -> None:
+        """Run what the contexts asked to run once the transaction committed."""
+        for ctx in self._contexts:
+            ctx._run_after_commit()
+
     def outbox_rows(self) -> list[dict[str, Any]]:
         if len(self._contexts) == 1:  # the hop's case: no list to build
             return self._contexts[0].take_outbox()
@@ -65,3 +70,4 @@ async def unit_of_work(
         records = await relay.write(unit, work.outbox_rows())
     if records:
         relay.submit(records)
+    work.committed()

@@ -42,11 +42,14 @@ class OutboxRecord:
         message: what goes to the broker.
         lease_until: epoch seconds until which the relay that took the row owns it
             (None: nobody leased it).
+        attempts: how many times a relay took the row to publish, this time included
+            (above 1: a republish).
     """
 
     seq: int
     message: Message
     lease_until: float | None = None
+    attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,7 @@ def make_record(seq: int, values: Mapping[str, Any]) -> OutboxRecord:
             headers=values["headers"],
         ),
         lease_until=values.get("lease_until"),
+        attempts=values.get("publish_attempts") or 0,
     )
 
 
@@ -361,6 +365,18 @@ class Store(abc.ABC):
                 for relay, count, oldest in sorted(relays, key=lambda r: str(r[0] or ""))
             ),
         )
+
+    async def outbox_backlog(self) -> tuple[int, datetime | None]:
+        """Pending rows and the creation time of the oldest: the cheap part of the status.
+
+        Read through the index of unsent rows only, so a metrics sampler may run it often.
+        """
+        stmt = sa.select(sa.func.count(), sa.func.min(outbox.c.created_at)).where(
+            outbox.c.sent_at.is_(None)
+        )
+        async with self.engine.connect() as conn:
+            pending, oldest = (await conn.execute(stmt)).one()
+        return int(pending), _parse_time(oldest)
 
     # -- backend hooks -------------------------------------------------------------------------
 

@@ -1,0 +1,365 @@
+"""Metrics for Prometheus: the counters, histograms and gauges a txflow process records.
+
+The only module that imports prometheus_client. Why prometheus-client rather than the
+OpenTelemetry metrics API: `txflow run --workers N` is several processes behind one port, and
+prometheus-client's multiprocess mode sums them with no collector or aggregating process of
+our own: each worker writes its values into memory-mapped files under
+`$PROMETHEUS_MULTIPROC_DIR`, the supervisor serves the sum, a dead worker's counter files
+stay (totals never go backwards; a SIGKILLed worker's counts are in its file once, and its
+successor writes a file of its own), and `mark_process_dead` drops its live gauges. The
+OpenTelemetry SDK has no such mode (each process would export its own series, to be summed
+by a collector), and it is a far larger dependency than this small, pure-Python one.
+
+Metrics are recorded only by apps that ask for them (`TxFlow(metrics=MetricsConfig())`,
+`txflow run --metrics-port`); they go into prometheus-client's default registry, so an
+application that already serves it sees txflow's metrics there too. Labels are bounded:
+app, handler, flow, status, queue, database, outcome and exception type; never an id.
+
+Recording never fails a handler: a failure (a full disk under the multiprocess directory) is
+logged once and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
+
+from txflow.errors import ConfigurationError, TransportClosedError, UnroutableError
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from txflow.transport import Message
+
+log = logging.getLogger("txflow.metrics")
+
+# Where prometheus-client's multiprocess mode keeps every process's values; it must be set
+# before prometheus_client is imported, which is why the supervisor sets it for its workers.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Seconds between two samples of the gauges read from the database and the broker.
+DEFAULT_SAMPLE_INTERVAL = 15.0
+# Every interface: Prometheus scrapes from another host.
+DEFAULT_HOST = "0.0.0.0"
+# Seconds, from a millisecond hop to an hour in retry queues.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Record Prometheus metrics for an app, and optionally serve them.
+
+    Attributes:
+        port: serve `/metrics` on this port while the app runs (0: a free port, logged);
+            None records into prometheus-client's default registry without serving it (an
+            application that serves that registry itself, or `txflow run --metrics-port`).
+        host: the address to serve on.
+        sample_interval: seconds between two samples of the gauges read from the database
+            (outbox backlog, flows by status) and the broker (queue depths, consumers).
+    """
+
+    port: int | None = None
+    host: str = DEFAULT_HOST
+    sample_interval: float = DEFAULT_SAMPLE_INTERVAL
+
+
+# -- the metrics -----------------------------------------------------------------------------
+
+MESSAGES = Counter(
+    "txflow_messages",
+    "Deliveries by what became of them: handled, duplicate, retry, dead_letter, requeued.",
+    ["app", "handler", "outcome", "exception"],
+)
+HANDLER_DURATION = Histogram(
+    "txflow_handler_duration_seconds",
+    "Seconds from taking a delivery to the commit of its handler's transaction.",
+    ["app", "handler"],
+    buckets=LATENCY_BUCKETS,
+)
+CRITICAL_TIME = Histogram(
+    "txflow_critical_time_seconds",
+    "Seconds from the event's occurred_at (its emit) to the commit of its handling.",
+    ["app", "handler"],
+    buckets=LATENCY_BUCKETS,
+)
+IN_PROGRESS = Gauge(
+    "txflow_messages_in_progress",
+    "Deliveries a handler is working on now (sampled every second).",
+    ["app", "handler"],
+    multiprocess_mode="livesum",
+)
+PUBLISHED = Counter(
+    "txflow_outbox_published", "Outbox rows the broker confirmed.", ["app"]
+)  # fmt: skip
+PUBLISH_FAILURES = Counter(
+    "txflow_outbox_publish_failures",
+    "Publishes that failed: connection (retried), unroutable or refused (left to the sweep).",
+    ["app", "reason"],
+)
+REPUBLISHED = Counter(
+    "txflow_outbox_republished",
+    "Confirmed rows that a relay had taken before (it crashed or lost the lease).",
+    ["app"],
+)
+COMMIT_TO_PUBLISH = Histogram(
+    "txflow_outbox_commit_to_publish_seconds",
+    "Seconds from an outbox row's creation in its transaction to its publish.",
+    ["app"],
+    buckets=LATENCY_BUCKETS,
+)
+COMMIT_TO_CONFIRM = Histogram(
+    "txflow_outbox_commit_to_confirm_seconds",
+    "Seconds from an outbox row's creation in its transaction to the broker's confirm.",
+    ["app"],
+    buckets=LATENCY_BUCKETS,
+)
+FLOW_TRANSITIONS = Counter(
+    "txflow_flow_transitions",
+    "Flow instances entering a status, counted when the tracker's transaction commits.",
+    ["app", "flow", "status"],
+)
+# Sampled gauges: every worker reads the same database or broker, so the newest sample of
+# the live workers is the value (a dead worker's is dropped).
+_SAMPLED: Final = "livemostrecent"
+OUTBOX_PENDING = Gauge(
+    "txflow_outbox_pending_rows",
+    "Outbox rows committed and not yet confirmed by the broker.",
+    ["app", "database"],
+    multiprocess_mode=_SAMPLED,
+)
+OUTBOX_LAG = Gauge(
+    "txflow_outbox_lag_seconds",
+    "Age of the oldest outbox row not yet confirmed (0 when none).",
+    ["app", "database"],
+    multiprocess_mode=_SAMPLED,
+)
+FLOWS = Gauge(
+    "txflow_flows",
+    "Flow instances by status in the tracking app's database.",
+    ["app", "flow", "status"],
+    multiprocess_mode=_SAMPLED,
+)
+FLOWS_IDLE = Gauge(
+    "txflow_flows_longest_idle_seconds",
+    "Seconds since the least recently updated running or compensating instance changed.",
+    ["app", "flow", "status"],
+    multiprocess_mode=_SAMPLED,
+)
+DEAD_LETTER_DEPTH = Gauge(
+    "txflow_dead_letter_queue_depth",
+    "Messages in a dead-letter queue (labelled with its own name).",
+    ["app", "queue"],
+    multiprocess_mode=_SAMPLED,
+)
+QUEUE_CONSUMERS = Gauge(
+    "txflow_queue_consumers",
+    "Consumers subscribed to a handler's queue, as the broker counts them.",
+    ["app", "queue"],
+    multiprocess_mode=_SAMPLED,
+)
+
+_failed_once = False
+
+
+def recording_failed(exc: BaseException) -> None:
+    """A metric could not be recorded; say so once per process and carry on."""
+    global _failed_once
+    if not _failed_once:
+        _failed_once = True
+        log.warning("recording metrics failed; handlers go on without them: %r", exc)
+
+
+# -- the relay's publishes -------------------------------------------------------------------
+
+
+class PublishMeter:
+    """Times and counts the relay's publishes of one app; see `publish`."""
+
+    __slots__ = ("_confirm", "_failures", "_publish", "_published", "_republished")
+
+    def __init__(self, app: str) -> None:
+        self._published = PUBLISHED.labels(app)
+        self._republished = REPUBLISHED.labels(app)
+        self._publish = COMMIT_TO_PUBLISH.labels(app)
+        self._confirm = COMMIT_TO_CONFIRM.labels(app)
+        self._failures = {
+            reason: PUBLISH_FAILURES.labels(app, reason)
+            for reason in ("connection", "unroutable", "refused")
+        }
+
+    def publish(self, message: Message, attempts: int) -> _Publish:
+        """Around one publish of a row taken `attempts` times (more than 1: republished)."""
+        return _Publish(self, message, attempts)
+
+
+class _Publish:
+    __slots__ = ("_attempts", "_created", "_meter")
+
+    def __init__(self, meter: PublishMeter, message: Message, attempts: int) -> None:
+        self._meter = meter
+        self._created = message.timestamp.timestamp() if message.timestamp else None
+        self._attempts = attempts
+
+    def __enter__(self) -> None:
+        if self._created is not None:
+            try:
+                self._meter._publish.observe(max(0.0, time.time() - self._created))
+            except Exception as exc:
+                recording_failed(exc)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        meter = self._meter
+        try:
+            if exc is None:
+                meter._published.inc()
+                if self._attempts > 1:
+                    meter._republished.inc()
+                if self._created is not None:
+                    meter._confirm.observe(max(0.0, time.time() - self._created))
+            elif isinstance(exc, TransportClosedError):
+                meter._failures["connection"].inc()
+            elif isinstance(exc, UnroutableError):
+                meter._failures["unroutable"].inc()
+            elif isinstance(exc, Exception):
+                meter._failures["refused"].inc()
+        except Exception as record_exc:
+            recording_failed(record_exc)
+
+
+class NoPublishMeter:
+    """What a relay of an app without metrics uses: nothing recorded."""
+
+    __slots__ = ()
+
+    def publish(self, message: Message, attempts: int) -> _Nothing:
+        return _NOTHING
+
+
+class _Nothing:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NOTHING = _Nothing()
+NO_METER: PublishMeter | NoPublishMeter = NoPublishMeter()
+
+
+# -- serving -----------------------------------------------------------------------------------
+
+
+def exposition_registry(directory: str | None = None) -> CollectorRegistry:
+    """What `/metrics` shows: the sum over `directory`'s processes, else this process's."""
+    directory = directory or os.environ.get(MULTIPROC_DIR_ENV)
+    if not directory:
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def check_port(value: object) -> int:
+    """A TCP port number (0 for any free one).
+
+    Raises:
+        ConfigurationError: not an integer from 0 to 65535.
+    """
+    try:
+        port = int(str(value))
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigurationError(
+            f"metrics port {value!r} is not a port number; give one from 1 to 65535 "
+            "(0 picks a free one)"
+        )
+    return port
+
+
+class MetricsServer:
+    """`/metrics` over HTTP from a daemon thread; a slow or failed scrape never blocks the loop.
+
+    Raises:
+        ConfigurationError: the port is invalid or taken, or the host cannot be bound.
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry | None = None) -> None:
+        port = check_port(port)
+        try:
+            server, thread = start_http_server(
+                port, addr=host, registry=registry or exposition_registry()
+            )
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
+                "pick a free port with --metrics-port (or MetricsConfig(port=...))"
+            ) from exc
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+        self.host = host
+        self.port = int(server.server_address[1])
+        log.info("serving metrics on http://%s:%d/metrics", host, self.port)
+
+    def close(self) -> None:
+        """Stop serving; safe to call twice."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
+
+class WorkerMetrics:
+    """The supervisor's side of `--workers N`: its workers' directory and the summed `/metrics`.
+
+    The directory is new for each supervisor (stale files of an earlier run would be added
+    in) and removed when it stops. Workers get it as `$PROMETHEUS_MULTIPROC_DIR`.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.directory = tempfile.mkdtemp(prefix="txflow-metrics-")
+        try:
+            self.server = MetricsServer(host, port, exposition_registry(self.directory))
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+
+    def env(self) -> dict[str, str]:
+        return {MULTIPROC_DIR_ENV: self.directory}
+
+    def process_dead(self, pid: int) -> None:
+        """Drop a dead worker's live gauges; its counters stay in the sum."""
+        try:
+            multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+        except OSError as exc:
+            log.warning("could not drop the gauges of worker pid %d: %s", pid, exc)
+
+    def close(self) -> None:
+        self.server.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
