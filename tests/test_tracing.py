@@ -14,7 +14,18 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from tests.conftest import Backend
 from tests.support import Ping, Pong, add_sink, queue_depth_is
-from txflow import Context, Event, RetryPolicy
+from txflow import (
+    Context,
+    Event,
+    Flow,
+    FlowStatus,
+    Message,
+    RetryPolicy,
+    Step,
+    TxFlow,
+    _telemetry,
+    dlq,
+)
 from txflow._messages import encode, new_message_id
 from txflow.testing import wait_until
 
@@ -309,3 +320,209 @@ async def test_the_trace_survives_the_commit_and_another_relay(
     (publish,) = named(spans, "publish")
     assert parent_id(process) == parent_id(publish) == span_id(root)
     assert trace_id(process) == trace_id(root)
+
+
+# -- flows: transitions, compensations, timeouts -------------------------------------------
+
+
+class Placed(Event):
+    key: str
+
+
+class Refused(Event):
+    key: str
+    reason: str
+
+
+class Reserved(Event):
+    key: str
+
+
+def trip(timeout: float | None = None) -> Flow:
+    return Flow(
+        "trip",
+        [
+            Step("place", succeeded=Placed, compensation=True),
+            Step("reserve", succeeded=Reserved, failed=Refused),
+        ],
+        timeout=timeout,
+    )
+
+
+def handled_spans(exporter: InMemorySpanExporter, handler: str) -> list[ReadableSpan]:
+    """The `process` spans of `handler` whose attempt committed (their events took effect)."""
+    return [
+        s
+        for s in handler_spans(exporter, handler)
+        if (s.attributes or {}).get("txflow.outcome") == "handled"
+    ]
+
+
+def events_named(spans: Sequence[ReadableSpan], name: str) -> list[dict[str, object]]:
+    return [dict(e.attributes or {}) for s in spans for e in s.events if e.name == name]
+
+
+def transitions(spans: Sequence[ReadableSpan]) -> list[tuple[str, str]]:
+    """(from, to) of each `flow transition` event, sorted; from is "" when the flow started."""
+    return sorted(
+        (str(e.get("txflow.flow.from_status", "")), str(e["txflow.flow.to_status"]))
+        for e in events_named(spans, "flow transition")
+    )
+
+
+def carrying(spans: Sequence[ReadableSpan], event: str) -> ReadableSpan:
+    (span,) = [s for s in spans if event in event_names(s)]
+    return span
+
+
+async def tracked_trip(backend: Backend, flow: Flow) -> tuple[TxFlow, list[str]]:
+    """An app tracking `flow`, with the compensation of its first step (which records keys)."""
+    app = await backend.app("owner")
+    app.track(flow)
+    undone: list[str] = []
+
+    @app.compensation(flow, "place", name="unplace")
+    async def unplace(event: Placed) -> None:
+        undone.append(event.key)
+
+    return app, undone
+
+
+async def test_a_failed_flow_shows_its_transitions_and_compensation(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    flow = trip()
+    app, undone = await tracked_trip(backend, flow)
+
+    @app.handler(Placed, name="reserve")
+    async def reserve(event: Placed) -> Refused:
+        return Refused(key=event.key, reason="sold out")
+
+    async with app:
+        with trace.get_tracer("tests").start_as_current_span("request"):
+            await app.publish(Placed(key="k1"), correlation_id="k1")
+
+        async def failed() -> bool:
+            info = await app.flow_state(flow, "k1")
+            return info is not None and info.status is FlowStatus.FAILED
+
+        await wait_until(failed, message="flow failed")
+        await wait_until(
+            lambda: len(events_named(handled_spans(spans, "flow.trip"), "flow transition")) == 3,
+            message="three transitions",
+        )
+    assert undone == ["k1"]
+    (root,) = named(spans, "request")
+    tracker = handled_spans(spans, "flow.trip")
+    (compensation,) = handled_spans(spans, "unplace")
+    # One trace from the request through the tracker and the compensation and back.
+    assert {trace_id(s) for s in [*tracker, compensation]} == {trace_id(root)}
+    assert transitions(tracker) == sorted(
+        [("", "running"), ("running", "compensating"), ("compensating", "failed")]
+    )
+    for attributes in events_named(tracker, "flow transition"):
+        assert attributes["txflow.flow.name"] == "trip"
+        assert attributes["txflow.flow.id"] == "k1"
+    (requested,) = events_named(tracker, "compensation requested")
+    assert requested == {
+        "txflow.flow.name": "trip",
+        "txflow.flow.id": "k1",
+        "txflow.flow.step": "place",
+    }
+    # The compensation runs in a child of the tracker span that requested it, and the
+    # tracker span that ends the flow is a child of the compensation's.
+    assert parent_id(compensation) == span_id(carrying(tracker, "compensation requested"))
+    assert events_named([compensation], "compensation ran") == [requested]
+    ended = [s for s in tracker if ("compensating", "failed") in transitions([s])]
+    assert [parent_id(s) for s in ended] == [span_id(compensation)]
+
+
+async def test_a_timeout_is_a_span_whose_compensations_are_its_children(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    flow = trip(timeout=0.5)
+    app, undone = await tracked_trip(backend, flow)
+    async with app:
+        await app.publish(Placed(key="k1"), correlation_id="k1")
+
+        async def timed_out() -> bool:
+            info = await app.flow_state(flow, "k1")
+            return info is not None and info.status is FlowStatus.TIMED_OUT
+
+        await wait_until(timed_out, message="flow timed out")
+        await wait_until(lambda: len(handled_spans(spans, "unplace")) == 1, message="span")
+    assert undone == ["k1"]
+    (timeout,) = named(spans, "flow timeout")
+    assert timeout.parent is None  # a new trace: no handler's span is active in the scan
+    assert timeout.kind is trace.SpanKind.INTERNAL
+    assert dict(timeout.attributes or {}) == {
+        "txflow.flow.name": "trip",
+        "txflow.flow.id": "k1",
+        "txflow.flow.reason": "flow timed out after 0.5s",
+        "messaging.message.conversation_id": "k1",
+    }
+    assert transitions([timeout]) == [("running", "compensating")]
+    assert [e["txflow.flow.step"] for e in events_named([timeout], "compensation requested")] == [
+        "place"
+    ]
+    (compensation,) = handled_spans(spans, "unplace")
+    assert parent_id(compensation) == span_id(timeout)
+    assert trace_id(compensation) == trace_id(timeout)
+    tracker = handled_spans(spans, "flow.trip")
+    assert ("compensating", "timed_out") in transitions(tracker)
+
+
+# -- replay from the dead-letter queue -------------------------------------------------------
+
+
+async def test_a_replay_is_a_span_linked_to_the_dead_letters_trace(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    app = await backend.app("svc", retry=RetryPolicy.immediate(1))
+    broken = True
+    seen: list[Context] = []
+
+    @app.handler(Ping, name="flaky")
+    async def flaky(event: Ping, ctx: Context) -> None:
+        if broken:
+            raise Boom("down")
+        seen.append(ctx)
+
+    async with app:
+        queue = app.consumers[0].spec.queue
+        with trace.get_tracer("tests").start_as_current_span("request"):
+            (message_id,) = await app.publish(Ping(n=1))
+        await wait_until(queue_depth_is(app, queue + ".dlq", 1), message="dead letter")
+        broken = False
+        assert await dlq.replay(app.transport, queue, replay_all=True) == 1
+        await wait_until(lambda: len(seen) == 1, message="replayed message handled")
+        await wait_until(lambda: len(handler_spans(spans, "flaky")) == 2, message="two spans")
+    (root,) = named(spans, "request")
+    (replay,) = named(spans, "replay")
+    failed, replayed = sorted(handler_spans(spans, "flaky"), key=lambda s: s.start_time or 0)
+    assert (failed.attributes or {})["txflow.outcome"] == "dead_letter"
+    assert parent_id(failed) == span_id(root)
+    # The replay starts a trace of its own (no span was active), linked to the original.
+    assert replay.parent is None and trace_id(replay) != trace_id(root)
+    assert [link.context.span_id for link in replay.links] == [span_id(root)]
+    assert [link.context.trace_id for link in replay.links] == [trace_id(root)]
+    assert replay.kind is trace.SpanKind.PRODUCER
+    attributes = dict(replay.attributes or {})
+    assert attributes["messaging.destination.name"] == queue
+    assert attributes["messaging.message.id"] == message_id
+    assert attributes["txflow.replay.count"] == 1
+    # The replayed message carries the replay's context: its attempt is the replay's child.
+    assert parent_id(replayed) == span_id(replay)
+    assert (replayed.attributes or {})["txflow.outcome"] == "handled"
+    envelope = seen[0].envelope
+    assert envelope is not None
+    _version, carried_trace, carried_span, _flags = envelope.headers["traceparent"].split("-")
+    assert (carried_trace, carried_span) == (f"{trace_id(replay):032x}", f"{span_id(replay):016x}")
+
+
+def test_without_an_sdk_a_replay_keeps_the_original_context() -> None:
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    message = Message(body=b"{}", routing_key="Ping", message_id="m1", headers=headers)
+    with _telemetry.replaying("q", message) as replayed:
+        assert replayed is message
