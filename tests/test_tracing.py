@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
+from examples.order_inventory import demo
+from examples.order_inventory.traced import read_spans
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from tests.conftest import Backend
+from tests.conftest import PG_URL, Backend
 from tests.support import Ping, Pong, add_sink, queue_depth_is
 from txflow import (
     Context,
@@ -526,3 +532,159 @@ def test_without_an_sdk_a_replay_keeps_the_original_context() -> None:
     message = Message(body=b"{}", routing_key="Ping", message_id="m1", headers=headers)
     with _telemetry.replaying("q", message) as replayed:
         assert replayed is message
+
+
+# -- the example across processes --------------------------------------------------------------
+
+# Of the demo's first orders (seed 7), one that is confirmed and one whose charge is declined.
+CONFIRMED_ORDER = "order-000000"  # gadget x4, customer-074
+DECLINED_ORDER = "order-000008"  # widget x5, declined-210: restocked, then failed
+
+
+class Trace:
+    """The spans of one trace, read from the JSON-lines files of several processes."""
+
+    def __init__(self, spans: Sequence[dict[str, Any]]) -> None:
+        self.spans = list(spans)
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [s for s in self.spans if s["name"] == name]
+
+    def publish(self, event_type: str) -> dict[str, Any]:
+        """The one `publish` span of the event of type `event_type`."""
+        return only([s for s in self.named("publish") if _routing_key(s) == event_type])
+
+    def process(self, handler: str, event_type: str | None = None) -> list[dict[str, Any]]:
+        """The committed `process` spans of `handler` (for events of type `event_type`)."""
+        return [
+            s
+            for s in self.named("process")
+            if s["attributes"]["txflow.handler"] == handler
+            and s["attributes"]["txflow.outcome"] == "handled"
+            and event_type in (None, _routing_key(s))
+        ]
+
+
+def _routing_key(span: dict[str, Any]) -> str:
+    return str(span["attributes"]["messaging.rabbitmq.destination.routing_key"])
+
+
+def json_id(span: dict[str, Any]) -> str:
+    return str(span["context"]["span_id"])
+
+
+def json_trace(span: dict[str, Any]) -> str:
+    return str(span["context"]["trace_id"])
+
+
+def json_events(span: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [e["attributes"] for e in span["events"] if e["name"] == name]
+
+
+def only(spans: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    (span,) = spans
+    return span
+
+
+@pytest.mark.slow
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+@pytest.mark.timeout(300)
+async def test_an_order_of_the_example_is_one_trace_through_three_processes(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    """The demo's services as three `txflow run` processes, each writing its spans to a file.
+
+    The demo places each order through an app without a relay, as a web front end would, so
+    the orders service's relay, in another process, publishes OrderCreated.
+    """
+    spans_dir = tmp_path / "spans"
+    args = demo.parse_args(
+        ["--orders", "9", "--broker", amqp_url, "--database", PG_URL, "--concurrency", "2",
+         "--timeout", "180", "--trace-dir", str(spans_dir)]
+    )  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ok = await demo.amain(args)
+    assert ok, out.getvalue()[-4000:]
+    spans = read_spans(spans_dir)
+    # Four processes: the demo (as the web front end) and the three services.
+    pids = {s["service"]: s["pid"] for s in spans}
+    assert set(pids) == {"web", "orders", "inventory", "payment"}
+    assert len(set(pids.values())) == 4
+    roots = [s for s in spans if s["name"] == "place order"]
+    assert len(roots) == 9 and all(s["parent_id"] is None for s in roots)
+    # Every span of an order is in its trace, and no two orders share one.
+    trace_of = {s["attributes"]["order.id"]: json_trace(s) for s in roots}
+    assert len(set(trace_of.values())) == 9
+    for span in spans:
+        order_id = span["attributes"].get("messaging.message.conversation_id")
+        if order_id is not None:
+            assert json_trace(span) == trace_of[order_id], span
+    by_trace: dict[str, list[dict[str, Any]]] = {}
+    for span in spans:
+        by_trace.setdefault(json_trace(span), []).append(span)
+
+    confirmed = Trace(by_trace[trace_of[CONFIRMED_ORDER]])
+    root = only(confirmed.named("place order"))
+    assert root["service"] == "web"
+    created = confirmed.publish("OrderCreated")
+    assert created["service"] == "orders"  # the relay of another process
+    assert created["parent_id"] == json_id(root)
+    reserve = only(confirmed.process("reserve_stock", "OrderCreated"))
+    assert reserve["service"] == "inventory" and reserve["parent_id"] == json_id(root)
+    deducted = confirmed.publish("InventoryDeducted")
+    assert deducted["service"] == "inventory" and deducted["parent_id"] == json_id(reserve)
+    charge = only(confirmed.process("charge", "InventoryDeducted"))
+    assert charge["service"] == "payment" and charge["parent_id"] == json_id(reserve)
+    paid = confirmed.publish("PaymentSucceeded")
+    assert paid["service"] == "payment" and paid["parent_id"] == json_id(charge)
+    # The tracker in orders applies each outcome in a child of the span that emitted it.
+    tracked = {
+        event: only(confirmed.process("flow.order", event))
+        for event in ("OrderCreated", "InventoryDeducted", "PaymentSucceeded")
+    }
+    assert {e: s["parent_id"] for e, s in tracked.items()} == {
+        "OrderCreated": json_id(root),
+        "InventoryDeducted": json_id(reserve),
+        "PaymentSucceeded": json_id(charge),
+    }
+    assert {s["service"] for s in tracked.values()} == {"orders"}
+    assert json_events(tracked["PaymentSucceeded"], "flow transition") == [
+        {
+            "txflow.flow.name": "order",
+            "txflow.flow.id": CONFIRMED_ORDER,
+            "txflow.flow.from_status": "running",
+            "txflow.flow.to_status": "completed",
+        }
+    ]
+
+    # A declined charge: the compensations run in inventory and orders, in the same trace.
+    declined = Trace(by_trace[trace_of[DECLINED_ORDER]])
+    charge = only(declined.process("charge", "InventoryDeducted"))
+    failure = only(declined.process("flow.order", "PaymentDeclined"))
+    assert failure["parent_id"] == json_id(charge)
+    assert [e["txflow.flow.step"] for e in json_events(failure, "compensation requested")] == [
+        "reserve_stock"
+    ]
+    restock = only(declined.process("restock", "txflow.flow.order.reserve_stock.compensate"))
+    assert restock["service"] == "inventory" and restock["parent_id"] == json_id(failure)
+    assert [e["txflow.flow.step"] for e in json_events(restock, "compensation ran")] == [
+        "reserve_stock"
+    ]
+    undo = only(declined.process("fail_order", "txflow.flow.order.place_order.compensate"))
+    assert undo["service"] == "orders"
+    assert json_events(undo, "compensation ran")[0]["txflow.flow.step"] == "place_order"
+    # Each compensation's report is applied in a child of its span; the last ends the flow.
+    reported = declined.process("flow.order", "txflow.flow.order.compensated")
+    assert sorted(s["parent_id"] for s in reported) == sorted([json_id(restock), json_id(undo)])
+    (asked,) = [s for s in reported if json_events(s, "compensation requested")]
+    assert asked["parent_id"] == json_id(restock) and undo["parent_id"] == json_id(asked)
+    statuses = [
+        (e.get("txflow.flow.from_status"), e["txflow.flow.to_status"])
+        for s in declined.process("flow.order")
+        for e in json_events(s, "flow transition")
+    ]
+    assert sorted(statuses, key=str) == sorted(
+        [(None, "running"), ("running", "compensating"), ("compensating", "failed")], key=str
+    )
