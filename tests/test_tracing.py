@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,12 @@ from examples.order_inventory import demo
 from examples.order_inventory.traced import read_spans
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
@@ -326,6 +332,47 @@ async def test_the_trace_survives_the_commit_and_another_relay(
     (publish,) = named(spans, "publish")
     assert parent_id(process) == parent_id(publish) == span_id(root)
     assert trace_id(process) == trace_id(root)
+
+
+class HangingExporter(SpanExporter):
+    """A collector that never answers: every export waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.calls += 1
+        self.release.wait(60)
+        return SpanExportResult.SUCCESS
+
+
+async def test_a_hanging_collector_never_holds_a_handler_up(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the batch processor the docs recommend, exports wait in its thread, not the hop's."""
+    exporter = HangingExporter()
+    provider = TracerProvider()
+    # A small buffer that fills at once: spans beyond it are dropped, never waited for.
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            exporter, max_queue_size=4, max_export_batch_size=2, schedule_delay_millis=1
+        )
+    )
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    app = await backend.app("svc")
+    received = add_sink(app, Ping)
+    try:
+        async with app:
+            with trace.get_tracer("tests").start_as_current_span("request"):
+                await app.publish(Ping(n=0))
+                await wait_until(lambda: exporter.calls == 1, message="an export hanging")
+                await app.publish(*(Ping(n=n) for n in range(1, 31)))
+            await wait_until(lambda: len(received) == 31, message="all handled meanwhile")
+            assert exporter.calls == 1  # still the one export, still hanging
+    finally:
+        exporter.release.set()
+        provider.shutdown()
 
 
 # -- flows: transitions, compensations, timeouts -------------------------------------------
