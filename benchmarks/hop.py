@@ -38,6 +38,10 @@ for txflow; commit then publish for the baseline; commit, then the polling relay
 faststream) at a sink consumer in this process (where the next handler would start), unloaded
 (one at a time) and at a steady open-loop rate.
 
+Tracing cost (`--sides txflow,txflow-api,txflow-sdk --chain-concurrency '' --latency-rate 0`):
+the preloaded hop with OpenTelemetry's API only and with the SDK (batch span processor, no-op
+exporter), against txflow untraced in the same run (see _bench/tracing.py).
+
 Every run uses a fresh database (dropped WITH (FORCE) at the end) and fresh exchanges and
 queues (deleted at the end). Results go to stdout and benchmarks/results/hop-<timestamp>.json.
 This script only reads its arguments and runs the workloads in order; the sides, the
@@ -70,7 +74,7 @@ from _bench.results import (
     LatencyResult,
     RunResult,
 )
-from _bench.runs import SIDES, faststream_installed
+from _bench.runs import SIDES, TRACING_SIDES, faststream_installed
 from _bench.txflow_side import WRITES
 
 
@@ -150,7 +154,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--sides",
         type=cli.name_list,
         default=None,
-        help="comma-separated sides to run; txflow alone is handy under a profiler "
+        help="comma-separated sides to run; txflow alone is handy under a profiler; "
+        "txflow-api and txflow-sdk are the txflow hop traced with the OpenTelemetry API only "
+        "and with the SDK (see _bench/tracing.py; preloaded workload only) "
         "(default: baseline,txflow,faststream; faststream only when installed)",
     )
     parser.add_argument(
@@ -170,7 +176,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.chain_length < 1 or any(c < 1 for c in args.chain_concurrency):
         parser.error("--chain-length and --chain-concurrency must be positive")
     if args.sides is None:
-        args.sides = list(SIDES)
+        args.sides = [s for s in SIDES if s not in TRACING_SIDES]
         if not faststream_installed():
             args.sides.remove("faststream")
             print(
@@ -179,6 +185,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 file=sys.stderr,
             )
     cli.pick_sides(parser, args, SIDES)
+    if set(args.sides) & set(TRACING_SIDES) and (args.chain_concurrency or args.latency_rate > 0):
+        parser.error(
+            "the tracing sides run the preloaded workload only: add --chain-concurrency '' "
+            "--latency-rate 0"
+        )
     if "faststream" in args.sides and not faststream_installed():
         parser.error("the faststream side needs FastStream: pip install -e '.[bench]'")
     return args

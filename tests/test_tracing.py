@@ -2,19 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
+from examples.order_inventory import demo
+from examples.order_inventory.traced import read_spans
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from tests.conftest import Backend
+from tests.conftest import PG_URL, Backend
 from tests.support import Ping, Pong, add_sink, queue_depth_is
-from txflow import Context, Event, RetryPolicy
+from txflow import (
+    Context,
+    Event,
+    Flow,
+    FlowStatus,
+    Message,
+    RetryPolicy,
+    Step,
+    TxFlow,
+    _telemetry,
+    dlq,
+)
 from txflow._messages import encode, new_message_id
 from txflow.testing import wait_until
 
@@ -309,3 +332,406 @@ async def test_the_trace_survives_the_commit_and_another_relay(
     (publish,) = named(spans, "publish")
     assert parent_id(process) == parent_id(publish) == span_id(root)
     assert trace_id(process) == trace_id(root)
+
+
+class HangingExporter(SpanExporter):
+    """A collector that never answers: every export waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.calls += 1
+        self.release.wait(60)
+        return SpanExportResult.SUCCESS
+
+
+async def test_a_hanging_collector_never_holds_a_handler_up(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the batch processor the docs recommend, exports wait in its thread, not the hop's."""
+    exporter = HangingExporter()
+    provider = TracerProvider()
+    # A small buffer that fills at once: spans beyond it are dropped, never waited for.
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            exporter, max_queue_size=4, max_export_batch_size=2, schedule_delay_millis=1
+        )
+    )
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    app = await backend.app("svc")
+    received = add_sink(app, Ping)
+    try:
+        async with app:
+            with trace.get_tracer("tests").start_as_current_span("request"):
+                await app.publish(Ping(n=0))
+                await wait_until(lambda: exporter.calls == 1, message="an export hanging")
+                await app.publish(*(Ping(n=n) for n in range(1, 31)))
+            await wait_until(lambda: len(received) == 31, message="all handled meanwhile")
+            assert exporter.calls == 1  # still the one export, still hanging
+    finally:
+        exporter.release.set()
+        provider.shutdown()
+
+
+# -- flows: transitions, compensations, timeouts -------------------------------------------
+
+
+class Placed(Event):
+    key: str
+
+
+class Refused(Event):
+    key: str
+    reason: str
+
+
+class Reserved(Event):
+    key: str
+
+
+def trip(timeout: float | None = None) -> Flow:
+    return Flow(
+        "trip",
+        [
+            Step("place", succeeded=Placed, compensation=True),
+            Step("reserve", succeeded=Reserved, failed=Refused),
+        ],
+        timeout=timeout,
+    )
+
+
+def handled_spans(exporter: InMemorySpanExporter, handler: str) -> list[ReadableSpan]:
+    """The `process` spans of `handler` whose attempt committed (their events took effect)."""
+    return [
+        s
+        for s in handler_spans(exporter, handler)
+        if (s.attributes or {}).get("txflow.outcome") == "handled"
+    ]
+
+
+def events_named(spans: Sequence[ReadableSpan], name: str) -> list[dict[str, object]]:
+    return [dict(e.attributes or {}) for s in spans for e in s.events if e.name == name]
+
+
+def transitions(spans: Sequence[ReadableSpan]) -> list[tuple[str, str]]:
+    """(from, to) of each `flow transition` event, sorted; from is "" when the flow started."""
+    return sorted(
+        (str(e.get("txflow.flow.from_status", "")), str(e["txflow.flow.to_status"]))
+        for e in events_named(spans, "flow transition")
+    )
+
+
+def carrying(spans: Sequence[ReadableSpan], event: str) -> ReadableSpan:
+    (span,) = [s for s in spans if event in event_names(s)]
+    return span
+
+
+async def tracked_trip(backend: Backend, flow: Flow) -> tuple[TxFlow, list[str]]:
+    """An app tracking `flow`, with the compensation of its first step (which records keys)."""
+    app = await backend.app("owner")
+    app.track(flow)
+    undone: list[str] = []
+
+    @app.compensation(flow, "place", name="unplace")
+    async def unplace(event: Placed) -> None:
+        undone.append(event.key)
+
+    return app, undone
+
+
+async def test_a_failed_flow_shows_its_transitions_and_compensation(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    flow = trip()
+    app, undone = await tracked_trip(backend, flow)
+
+    @app.handler(Placed, name="reserve")
+    async def reserve(event: Placed) -> Refused:
+        return Refused(key=event.key, reason="sold out")
+
+    async with app:
+        with trace.get_tracer("tests").start_as_current_span("request"):
+            await app.publish(Placed(key="k1"), correlation_id="k1")
+
+        async def failed() -> bool:
+            info = await app.flow_state(flow, "k1")
+            return info is not None and info.status is FlowStatus.FAILED
+
+        await wait_until(failed, message="flow failed")
+        await wait_until(
+            lambda: len(events_named(handled_spans(spans, "flow.trip"), "flow transition")) == 3,
+            message="three transitions",
+        )
+    assert undone == ["k1"]
+    (root,) = named(spans, "request")
+    tracker = handled_spans(spans, "flow.trip")
+    (compensation,) = handled_spans(spans, "unplace")
+    # One trace from the request through the tracker and the compensation and back.
+    assert {trace_id(s) for s in [*tracker, compensation]} == {trace_id(root)}
+    assert transitions(tracker) == sorted(
+        [("", "running"), ("running", "compensating"), ("compensating", "failed")]
+    )
+    for attributes in events_named(tracker, "flow transition"):
+        assert attributes["txflow.flow.name"] == "trip"
+        assert attributes["txflow.flow.id"] == "k1"
+    (requested,) = events_named(tracker, "compensation requested")
+    assert requested == {
+        "txflow.flow.name": "trip",
+        "txflow.flow.id": "k1",
+        "txflow.flow.step": "place",
+    }
+    # The compensation runs in a child of the tracker span that requested it, and the
+    # tracker span that ends the flow is a child of the compensation's.
+    assert parent_id(compensation) == span_id(carrying(tracker, "compensation requested"))
+    assert events_named([compensation], "compensation ran") == [requested]
+    ended = [s for s in tracker if ("compensating", "failed") in transitions([s])]
+    assert [parent_id(s) for s in ended] == [span_id(compensation)]
+
+
+async def test_a_timeout_is_a_span_whose_compensations_are_its_children(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    flow = trip(timeout=0.5)
+    app, undone = await tracked_trip(backend, flow)
+    async with app:
+        await app.publish(Placed(key="k1"), correlation_id="k1")
+
+        async def timed_out() -> bool:
+            info = await app.flow_state(flow, "k1")
+            return info is not None and info.status is FlowStatus.TIMED_OUT
+
+        await wait_until(timed_out, message="flow timed out")
+        await wait_until(lambda: len(handled_spans(spans, "unplace")) == 1, message="span")
+    assert undone == ["k1"]
+    (timeout,) = named(spans, "flow timeout")
+    assert timeout.parent is None  # a new trace: no handler's span is active in the scan
+    assert timeout.kind is trace.SpanKind.INTERNAL
+    assert dict(timeout.attributes or {}) == {
+        "txflow.flow.name": "trip",
+        "txflow.flow.id": "k1",
+        "txflow.flow.reason": "flow timed out after 0.5s",
+        "messaging.message.conversation_id": "k1",
+    }
+    assert transitions([timeout]) == [("running", "compensating")]
+    assert [e["txflow.flow.step"] for e in events_named([timeout], "compensation requested")] == [
+        "place"
+    ]
+    (compensation,) = handled_spans(spans, "unplace")
+    assert parent_id(compensation) == span_id(timeout)
+    assert trace_id(compensation) == trace_id(timeout)
+    tracker = handled_spans(spans, "flow.trip")
+    assert ("compensating", "timed_out") in transitions(tracker)
+
+
+# -- replay from the dead-letter queue -------------------------------------------------------
+
+
+async def test_a_replay_is_a_span_linked_to_the_dead_letters_trace(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    app = await backend.app("svc", retry=RetryPolicy.immediate(1))
+    broken = True
+    seen: list[Context] = []
+
+    @app.handler(Ping, name="flaky")
+    async def flaky(event: Ping, ctx: Context) -> None:
+        if broken:
+            raise Boom("down")
+        seen.append(ctx)
+
+    async with app:
+        queue = app.consumers[0].spec.queue
+        with trace.get_tracer("tests").start_as_current_span("request"):
+            (message_id,) = await app.publish(Ping(n=1))
+        await wait_until(queue_depth_is(app, queue + ".dlq", 1), message="dead letter")
+        broken = False
+        assert await dlq.replay(app.transport, queue, replay_all=True) == 1
+        await wait_until(lambda: len(seen) == 1, message="replayed message handled")
+        await wait_until(lambda: len(handler_spans(spans, "flaky")) == 2, message="two spans")
+    (root,) = named(spans, "request")
+    (replay,) = named(spans, "replay")
+    failed, replayed = sorted(handler_spans(spans, "flaky"), key=lambda s: s.start_time or 0)
+    assert (failed.attributes or {})["txflow.outcome"] == "dead_letter"
+    assert parent_id(failed) == span_id(root)
+    # The replay starts a trace of its own (no span was active), linked to the original.
+    assert replay.parent is None and trace_id(replay) != trace_id(root)
+    assert [link.context.span_id for link in replay.links] == [span_id(root)]
+    assert [link.context.trace_id for link in replay.links] == [trace_id(root)]
+    assert replay.kind is trace.SpanKind.PRODUCER
+    attributes = dict(replay.attributes or {})
+    assert attributes["messaging.destination.name"] == queue
+    assert attributes["messaging.message.id"] == message_id
+    assert attributes["txflow.replay.count"] == 1
+    # The replayed message carries the replay's context: its attempt is the replay's child.
+    assert parent_id(replayed) == span_id(replay)
+    assert (replayed.attributes or {})["txflow.outcome"] == "handled"
+    envelope = seen[0].envelope
+    assert envelope is not None
+    _version, carried_trace, carried_span, _flags = envelope.headers["traceparent"].split("-")
+    assert (carried_trace, carried_span) == (f"{trace_id(replay):032x}", f"{span_id(replay):016x}")
+
+
+def test_without_an_sdk_a_replay_keeps_the_original_context() -> None:
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    message = Message(body=b"{}", routing_key="Ping", message_id="m1", headers=headers)
+    with _telemetry.replaying("q", message) as replayed:
+        assert replayed is message
+
+
+# -- the example across processes --------------------------------------------------------------
+
+# Of the demo's first orders (seed 7), one that is confirmed and one whose charge is declined.
+CONFIRMED_ORDER = "order-000000"  # gadget x4, customer-074
+DECLINED_ORDER = "order-000008"  # widget x5, declined-210: restocked, then failed
+
+
+class Trace:
+    """The spans of one trace, read from the JSON-lines files of several processes."""
+
+    def __init__(self, spans: Sequence[dict[str, Any]]) -> None:
+        self.spans = list(spans)
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [s for s in self.spans if s["name"] == name]
+
+    def publish(self, event_type: str) -> dict[str, Any]:
+        """The one `publish` span of the event of type `event_type`."""
+        return only([s for s in self.named("publish") if _routing_key(s) == event_type])
+
+    def process(self, handler: str, event_type: str | None = None) -> list[dict[str, Any]]:
+        """The committed `process` spans of `handler` (for events of type `event_type`)."""
+        return [
+            s
+            for s in self.named("process")
+            if s["attributes"]["txflow.handler"] == handler
+            and s["attributes"]["txflow.outcome"] == "handled"
+            and event_type in (None, _routing_key(s))
+        ]
+
+
+def _routing_key(span: dict[str, Any]) -> str:
+    return str(span["attributes"]["messaging.rabbitmq.destination.routing_key"])
+
+
+def json_id(span: dict[str, Any]) -> str:
+    return str(span["context"]["span_id"])
+
+
+def json_trace(span: dict[str, Any]) -> str:
+    return str(span["context"]["trace_id"])
+
+
+def json_events(span: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [e["attributes"] for e in span["events"] if e["name"] == name]
+
+
+def only(spans: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    (span,) = spans
+    return span
+
+
+@pytest.mark.slow
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+@pytest.mark.timeout(300)
+async def test_an_order_of_the_example_is_one_trace_through_three_processes(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    """The demo's services as three `txflow run` processes, each writing its spans to a file.
+
+    The demo places each order through an app without a relay, as a web front end would, so
+    the orders service's relay, in another process, publishes OrderCreated.
+    """
+    spans_dir = tmp_path / "spans"
+    args = demo.parse_args(
+        ["--orders", "9", "--broker", amqp_url, "--database", PG_URL, "--concurrency", "2",
+         "--timeout", "180", "--trace-dir", str(spans_dir)]
+    )  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ok = await demo.amain(args)
+    assert ok, out.getvalue()[-4000:]
+    spans = read_spans(spans_dir)
+    # Four processes: the demo (as the web front end) and the three services.
+    pids = {s["service"]: s["pid"] for s in spans}
+    assert set(pids) == {"web", "orders", "inventory", "payment"}
+    assert len(set(pids.values())) == 4
+    roots = [s for s in spans if s["name"] == "place order"]
+    assert len(roots) == 9 and all(s["parent_id"] is None for s in roots)
+    # Every span of an order is in its trace, and no two orders share one.
+    trace_of = {s["attributes"]["order.id"]: json_trace(s) for s in roots}
+    assert len(set(trace_of.values())) == 9
+    for span in spans:
+        order_id = span["attributes"].get("messaging.message.conversation_id")
+        if order_id is not None:
+            assert json_trace(span) == trace_of[order_id], span
+    by_trace: dict[str, list[dict[str, Any]]] = {}
+    for span in spans:
+        by_trace.setdefault(json_trace(span), []).append(span)
+
+    confirmed = Trace(by_trace[trace_of[CONFIRMED_ORDER]])
+    root = only(confirmed.named("place order"))
+    assert root["service"] == "web"
+    created = confirmed.publish("OrderCreated")
+    assert created["service"] == "orders"  # the relay of another process
+    assert created["parent_id"] == json_id(root)
+    reserve = only(confirmed.process("reserve_stock", "OrderCreated"))
+    assert reserve["service"] == "inventory" and reserve["parent_id"] == json_id(root)
+    deducted = confirmed.publish("InventoryDeducted")
+    assert deducted["service"] == "inventory" and deducted["parent_id"] == json_id(reserve)
+    charge = only(confirmed.process("charge", "InventoryDeducted"))
+    assert charge["service"] == "payment" and charge["parent_id"] == json_id(reserve)
+    paid = confirmed.publish("PaymentSucceeded")
+    assert paid["service"] == "payment" and paid["parent_id"] == json_id(charge)
+    # The tracker in orders applies each outcome in a child of the span that emitted it.
+    tracked = {
+        event: only(confirmed.process("flow.order", event))
+        for event in ("OrderCreated", "InventoryDeducted", "PaymentSucceeded")
+    }
+    assert {e: s["parent_id"] for e, s in tracked.items()} == {
+        "OrderCreated": json_id(root),
+        "InventoryDeducted": json_id(reserve),
+        "PaymentSucceeded": json_id(charge),
+    }
+    assert {s["service"] for s in tracked.values()} == {"orders"}
+    assert json_events(tracked["PaymentSucceeded"], "flow transition") == [
+        {
+            "txflow.flow.name": "order",
+            "txflow.flow.id": CONFIRMED_ORDER,
+            "txflow.flow.from_status": "running",
+            "txflow.flow.to_status": "completed",
+        }
+    ]
+
+    # A declined charge: the compensations run in inventory and orders, in the same trace.
+    declined = Trace(by_trace[trace_of[DECLINED_ORDER]])
+    charge = only(declined.process("charge", "InventoryDeducted"))
+    failure = only(declined.process("flow.order", "PaymentDeclined"))
+    assert failure["parent_id"] == json_id(charge)
+    assert [e["txflow.flow.step"] for e in json_events(failure, "compensation requested")] == [
+        "reserve_stock"
+    ]
+    restock = only(declined.process("restock", "txflow.flow.order.reserve_stock.compensate"))
+    assert restock["service"] == "inventory" and restock["parent_id"] == json_id(failure)
+    assert [e["txflow.flow.step"] for e in json_events(restock, "compensation ran")] == [
+        "reserve_stock"
+    ]
+    undo = only(declined.process("fail_order", "txflow.flow.order.place_order.compensate"))
+    assert undo["service"] == "orders"
+    assert json_events(undo, "compensation ran")[0]["txflow.flow.step"] == "place_order"
+    # Each compensation's report is applied in a child of its span; the last ends the flow.
+    reported = declined.process("flow.order", "txflow.flow.order.compensated")
+    assert sorted(s["parent_id"] for s in reported) == sorted([json_id(restock), json_id(undo)])
+    (asked,) = [s for s in reported if json_events(s, "compensation requested")]
+    assert asked["parent_id"] == json_id(restock) and undo["parent_id"] == json_id(asked)
+    statuses = [
+        (e.get("txflow.flow.from_status"), e["txflow.flow.to_status"])
+        for s in declined.process("flow.order")
+        for e in json_events(s, "flow transition")
+    ]
+    assert sorted(statuses, key=str) == sorted(
+        [(None, "running"), ("running", "compensating"), ("compensating", "failed")], key=str
+    )

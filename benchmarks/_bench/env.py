@@ -224,6 +224,7 @@ class Env:
         count: int,
         event_type: str = "BenchIn",
         body: Callable[[int], dict[str, Any]] = lambda n: {"n": n},
+        headers: Callable[[int], dict[str, Any]] = lambda n: {},
     ) -> None:
         """Publish `count` messages (BenchIn n) straight into `queue`, each one confirmed."""
         exchange = self.tools().default_exchange
@@ -236,6 +237,7 @@ class Env:
                 message_id=uuid.uuid4().hex,
                 type=event_type,
                 timestamp=datetime.now(UTC),
+                headers=headers(n),
             )
             pending.add(asyncio.create_task(exchange.publish(message, routing_key=queue)))
             if len(pending) >= PRELOAD_WINDOW:

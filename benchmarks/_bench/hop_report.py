@@ -16,7 +16,7 @@ from typing import Any
 from _bench import stats
 from _bench.defaults import pool_size_for
 from _bench.results import ChainResult, LatencyResult, RunResult
-from _bench.runs import RATIOS, SIDES
+from _bench.runs import RATIOS, SIDES, ratio_name
 
 # The CPU figures of a run reported per hop: how the report names each, and where it is.
 CPU_FIGURES: dict[str, tuple[str, Callable[[RunResult], float]]] = {
@@ -60,7 +60,7 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
     print()
     header = f"{'conc.':>5}  {'pool':>4}"
     header += "".join(f"  {s + ' hops/s':>21}" for s in sides)
-    header += "".join(f"  {a[:2] + '/' + b[:2]:>19}" for a, b in ratios)
+    header += "".join(f"  {ratio_name(a, b):>19}" for a, b in ratios)
     print(header)
     print("-" * len(header))
     for concurrency in args.concurrency:
@@ -96,7 +96,8 @@ def report(args: argparse.Namespace, loop_name: str, data: dict[str, Any]) -> di
             print(f"  c={row['concurrency']:<3} {cells}")
     print(
         "(ratios: per repeat, side over side, then median [min-max]; ba = baseline, "
-        "tx = txflow, fa = faststream; pool = database connections of every side's pool)"
+        "tx = txflow, fa = faststream, api / sdk = txflow traced (API only / SDK); "
+        "pool = database connections of every side's pool)"
     )
     failed = [r for r in runs if r.checks["failed"]]
     for r in failed:
@@ -127,7 +128,7 @@ def report_chains(
     )
     header = f"{'C':>4}  {'L':>4}  {'pool':>4}"
     header += "".join(f"  {s + ' hops/s':>21}" for s in sides)
-    header += "".join(f"  {a[:2] + '/' + b[:2]:>19}" for a, b in ratios)
+    header += "".join(f"  {ratio_name(a, b):>19}" for a, b in ratios)
     print(header)
     print("-" * len(header))
     for concurrency in args.chain_concurrency:
@@ -235,5 +236,5 @@ def report_latency(
                 cells[key] = stats.summary(values)
             out["latency_ratios"].append({"mode": mode, "ratio": f"{a}/{b}", **cells})
             shown = [stats.fmt(c, 3 if c["median"] < 0.1 else 2, "x") for c in cells.values()]
-            name = f"{a[:2]}/{b[:2]}"
+            name = ratio_name(a, b)
             print(f"{'':>10}  {name:>10}  {'':>7}  {shown[0]:>22}  {shown[1]:>22}")

@@ -19,33 +19,40 @@ from _bench.defaults import pool_size_for
 from _bench.env import Env
 from _bench.results import RunResult
 from _bench.runs import attempt, order
+from _bench.tracing import MODES, message_headers, tracing
 from _bench.txflow_side import TX_TABLES, txflow_stats, warm_txflow_pool
 
 
-async def run_txflow(env: Env, concurrency: int, messages: int, **options: Any) -> RunResult:
-    """One preloaded run of the txflow side; `options` go to `Env.make_app` (`metrics`)."""
+async def run_txflow(
+    env: Env, concurrency: int, messages: int, side: str = "txflow", **options: Any
+) -> RunResult:
+    """The txflow hop; `side` says how it is traced (see `_bench.tracing`), `options` go to
+    `Env.make_app` (`metrics`)."""
+    mode = MODES[side]
     await env.truncate(*TX_TABLES)
     app = env.make_app(concurrency, **options)
     queue = env.tx_input(app)
-    try:
-        await warm_txflow_pool(app)
-        await env.tools().declare_queue(queue, durable=True)  # as txflow declares it
-        await env.purge(queue, env.tx_sink)
-        await env.preload(queue, messages)
-        await app.start()
-        clock = Clock()
-        clock.stop(await env.wait_depth(env.tx_sink, messages, clock.wall))
-        stats = txflow_stats(app)
-    finally:
-        await app.stop()
+    with tracing(mode) as traced:
+        try:
+            await warm_txflow_pool(app)
+            await env.tools().declare_queue(queue, durable=True)  # as txflow declares it
+            await env.purge(queue, env.tx_sink)
+            await env.preload(queue, messages, headers=message_headers(mode))
+            await app.start()
+            clock = Clock()
+            clock.stop(await env.wait_depth(env.tx_sink, messages, clock.wall))
+            stats = txflow_stats(app)
+        finally:
+            await app.stop()
     checks = await env.counts("bench_tx_items", "txflow_inbox", "txflow_outbox", "sent_at IS NULL")
     checks.update(
         stats,
+        **traced,
         sink=await env.depth(env.tx_sink),
         input_left=await env.depth(queue),
         connections_left=await env.other_connections(),
     )
-    return clock.result("txflow", concurrency, messages, checks)
+    return clock.result(side, concurrency, messages, checks)
 
 
 async def run_baseline(env: Env, concurrency: int, messages: int) -> RunResult:
@@ -118,6 +125,7 @@ THROUGHPUT: dict[str, Callable[[Env, int, int], Awaitable[RunResult]]] = {
     "baseline": run_baseline,
     "txflow": run_txflow,
     "faststream": run_faststream,
+    **{side: partial(run_txflow, side=side) for side in MODES if side != "txflow"},
 }
 
 

@@ -19,10 +19,30 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Every side of hop.py, in the order of its tables.
-SIDES = ("baseline", "txflow", "faststream")
+# Every side of hop.py, in the order of its tables. The last two are the txflow hop traced
+# (see _bench.tracing), run only when asked for and only in the preloaded workload.
+SIDES = ("baseline", "txflow", "faststream", "txflow-api", "txflow-sdk")
+TRACING_SIDES = ("txflow-api", "txflow-sdk")
 # (numerator, denominator) of the ratio columns; each computed per repeat.
-RATIOS = (("txflow", "baseline"), ("faststream", "baseline"), ("txflow", "faststream"))
+RATIOS = (
+    ("txflow", "baseline"),
+    ("faststream", "baseline"),
+    ("txflow", "faststream"),
+    ("txflow-api", "txflow"),
+    ("txflow-sdk", "txflow"),
+)
+# How the ratio columns name each side.
+SHORT = {
+    "baseline": "ba",
+    "txflow": "tx",
+    "faststream": "fa",
+    "txflow-api": "api",
+    "txflow-sdk": "sdk",
+}
+
+
+def ratio_name(a: str, b: str) -> str:
+    return f"{SHORT[a]}/{SHORT[b]}"
 
 
 def faststream_installed() -> bool:

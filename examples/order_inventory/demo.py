@@ -5,11 +5,13 @@
         in a temporary directory. Add --broker amqp://... to use RabbitMQ instead.
 
     python -m examples.order_inventory.demo --broker amqp://... --database postgresql://.../db
-        [--workers N] [--quorum-queues]
+        [--workers N] [--quorum-queues] [--trace-dir DIR]
         Three services as `txflow run` processes on RabbitMQ, each with a fresh PostgreSQL
         database created on the server of --database (and dropped at the end). For a
         cluster, repeat --broker (or give the nodes' URLs comma-separated): every worker gets
-        the whole list and fails over between the nodes.
+        the whole list and fails over between the nodes. With --trace-dir, the services run
+        traced (traced.py), each order is placed under a `place order` span, and every
+        process writes its spans to a JSON-lines file in DIR.
 
 Exits 0 only if every invariant check passes.
 """
@@ -29,12 +31,13 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from opentelemetry import trace
 
 from examples.order_inventory import _rabbit, inventory, orders, payment
 from examples.order_inventory.orders import TERMINAL, Order, place_order
@@ -52,6 +55,7 @@ from examples.order_inventory.settings import (
     EXCHANGE_ENV,
     QUEUE_PREFIX_ENV,
     QUORUM_QUEUES_ENV,
+    SPANS_DIR_ENV,
     STATS_INTERVAL_ENV,
     database_url_env,
 )
@@ -160,6 +164,8 @@ class Run:
     # releases them as its faults strike, so that traffic flows during each fault whatever
     # the machine's speed, rather than hoping the run lasts long enough.
     released: int | None = None
+    # Places each order under a `place order` span (the API's no-op unless --trace-dir).
+    tracer: trace.Tracer = field(default_factory=lambda: trace.get_tracer(__name__))
     _raised: asyncio.Event = field(default_factory=asyncio.Event)
 
     def elapsed(self) -> float:
@@ -226,7 +232,11 @@ async def place_all(app: TxFlow, run: Run) -> None:
     async def place(index: int, request: OrderRequest) -> None:
         await run.may_place(index)
         async with gate:
-            await place_with_retries(app, request)
+            # As a web request's span would be: the order's trace starts here.
+            with run.tracer.start_as_current_span(
+                "place order", attributes={"order.id": request.order_id}
+            ):
+                await place_with_retries(app, request)
             run.placed.append(request.order_id)
 
     async with asyncio.TaskGroup() as tasks:
@@ -549,13 +559,18 @@ async def start_services(
         **{database_url_env(name): url for name, url in urls.items()},
     }
     env.pop("TXFLOW_DATABASE_URL", None)
+    # Traced: `traced.<name>` configures the SDK, then returns the service's app.
+    target = "examples.order_inventory.{name}:app"
+    if args.trace_dir:
+        env[SPANS_DIR_ENV] = args.trace_dir
+        target = "examples.order_inventory.traced:{name}"
     services = []
     for name in FACTORIES:
         log = log_dir / f"{name}.log"
         command = [
             *_txflow_command(),
             "run",
-            f"examples.order_inventory.{name}:app",
+            target.format(name=name),
             "--workers",
             str(args.workers),
         ]
@@ -757,7 +772,7 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
             client = orders.create_app(
                 handlers=False, relay=None, database_url=urls["orders"], **options
             )
-            async with client:
+            async with client, _client_tracing(args, run):
                 harm = asyncio.ensure_future(chaos(services)) if chaos else None
                 try:
                     finished = await drive(client, run, lambda: ensure_alive(services))
@@ -805,6 +820,26 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
                 print(f"service logs kept in {log_dir}")
 
 
+@contextlib.asynccontextmanager
+async def _client_tracing(args: argparse.Namespace, run: Run) -> AsyncIterator[None]:
+    """With --trace-dir, the demo's `place order` spans go to DIR/web-<pid>.jsonl.
+
+    A provider of its own rather than the global one: the demo may run inside another
+    program (the tests), whose tracing it must leave alone.
+    """
+    if not args.trace_dir:
+        yield
+        return
+    from examples.order_inventory.traced import span_file_provider
+
+    provider = span_file_provider("web", Path(args.trace_dir))
+    run.tracer = provider.get_tracer(__name__)
+    try:
+        yield
+    finally:
+        provider.shutdown()  # flushes: every span is in the file when the demo reports
+
+
 async def _cleanup(what: str, step: Awaitable[object]) -> None:
     # One failed cleanup step must not skip the others, nor hide the demo's own error.
     try:
@@ -850,12 +885,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=7, help="seed of the order mix")
     parser.add_argument("--keep", action="store_true", help="keep databases, queues and logs")
+    parser.add_argument(
+        "--trace-dir",
+        help="run the services traced (needs the OpenTelemetry SDK): every process writes "
+        "its spans to DIR/<service>-<pid>.jsonl (needs --database)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log txflow at INFO")
     args = parser.parse_args(argv)
     if args.orders < 1 or args.workers < 1:
         parser.error("--orders and --workers must be at least 1")
     if args.database and not args.broker:
         parser.error("--database needs --broker amqp://... (separate processes need RabbitMQ)")
+    if args.trace_dir and not args.database:
+        parser.error("--trace-dir needs --database: each service traces in its own process")
+    if args.trace_dir:
+        args.trace_dir = str(Path(args.trace_dir).resolve())  # the services run elsewhere
     nodes = [url.strip() for urls in args.broker or [] for url in urls.split(",") if url.strip()]
     args.broker = ",".join(nodes) or None
     args.broker_display = ",".join(sa.make_url(url).render_as_string() for url in nodes) or None

@@ -16,7 +16,9 @@ service gets its own database:
   cluster) instead of classic ones;
 - `TXFLOW_EXCHANGE`: the events exchange. Queues are bound to the exchange by event type, so a
   prefix alone does not isolate two runs: both would receive each other's events. Give each
-  isolated environment its own exchange too (or its own RabbitMQ vhost).
+  isolated environment its own exchange too (or its own RabbitMQ vhost);
+- `EXAMPLE_SPANS_DIR`: where the traced services (`examples.order_inventory.traced:<service>`)
+  write their spans, one JSON-lines file per process.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ EXCHANGE_ENV = "TXFLOW_EXCHANGE"
 CONCURRENCY_ENV = "TXFLOW_CONCURRENCY"
 STATS_INTERVAL_ENV = "TXFLOW_STATS_INTERVAL"
 QUORUM_QUEUES_ENV = "TXFLOW_QUORUM_QUEUES"
+SPANS_DIR_ENV = "EXAMPLE_SPANS_DIR"
 
 # The handlers are deterministic, so what fails an attempt is the infrastructure (a database
 # restart, a full connection pool): worth a few tries spread over several seconds.

@@ -15,6 +15,7 @@ from typing import Any, Self, TypeVar
 
 import sqlalchemy as sa
 
+from txflow import _telemetry
 from txflow._app_metrics import AppMetrics
 from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow._config import open_transport, resolve_broker_url, resolve_database_url
@@ -392,6 +393,7 @@ class TxFlow:
                     _events=flow.events,
                 )
                 result = await (func(event, ctx) if wants_ctx else func(event))
+                _telemetry.compensation_ran(flow.name, request.flow_id, step)
                 ctx.emit_all(result)
                 ctx.emit(flow.compensated_event(flow=flow.name, flow_id=request.flow_id, step=step))
 

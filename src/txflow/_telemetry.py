@@ -15,19 +15,27 @@ Spans (attribute names from the OpenTelemetry messaging semantic conventions, ve
 - `publish` (PRODUCER): the relay's publish of one row, from hand-over to confirm; a child
   of the emitting context.
 - `process` (CONSUMER): one handler attempt, a child of the producer's context; events
-  `duplicate skipped`, `retry scheduled`, `dead-lettered`.
+  `duplicate skipped`, `retry scheduled`, `dead-lettered`, and for flows `flow transition`,
+  `compensation requested` (the tracker's attempt) and `compensation ran` (the
+  compensation's attempt).
+- `flow timeout` (INTERNAL): a deadline that passed, the root of a new trace (no handler's
+  span is active in the deadline scan); the compensations it requests are its children.
+- `replay` (PRODUCER): one dead letter sent back to its handler's queue, linked to the
+  trace the dead letter carried; the replayed message carries the replay's context.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
+from txflow._names import REPLAY_COUNT
 from txflow.transport import Message
 
 # The semantic-conventions release whose attribute names are used below (messaging spans,
@@ -51,9 +59,20 @@ ATTEMPT = "txflow.attempt"
 OUTCOME = "txflow.outcome"
 RETRY_DELAY = "txflow.retry.delay"
 RETRY_TIER = "txflow.retry.tier"
+FLOW = "txflow.flow.name"
+FLOW_ID = "txflow.flow.id"
+FLOW_STEP = "txflow.flow.step"
+FLOW_FROM = "txflow.flow.from_status"
+FLOW_TO = "txflow.flow.to_status"
+FLOW_REASON = "txflow.flow.reason"
+REPLAYS = "txflow.replay.count"
 
 PUBLISH = "publish"
 PROCESS = "process"
+FLOW_TIMEOUT = "flow timeout"
+REPLAY = "replay"
+# The trace-context headers a replay replaces with its own (baggage travels on unchanged).
+_TRACE_HEADERS = ("traceparent", "tracestate")
 # The headers a W3C trace context may arrive in; without one, an unconfigured API has no
 # context to carry on and the hop skips the span.
 _CONTEXT_HEADERS = ("traceparent", "baggage")
@@ -213,3 +232,98 @@ def current_ids() -> tuple[str, str] | None:
     if not context.is_valid:
         return None
     return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
+
+
+# -- flows ------------------------------------------------------------------------------------
+# Events on the current span: the tracker's `process` span (or a `flow timeout` span) for
+# transitions and requests, the compensation's `process` span when it ran. Like every event
+# of an attempt, they took effect only if the attempt committed (its outcome is `handled`).
+
+
+def flow_transition(flow: str, flow_id: str, from_status: str | None, to_status: str) -> None:
+    """A flow instance moved from `from_status` (None: it just started) to `to_status`."""
+    span = _current()
+    if span is not None:
+        attributes = {FLOW: flow, FLOW_ID: flow_id, FLOW_TO: str(to_status)}
+        if from_status is not None:
+            attributes[FLOW_FROM] = str(from_status)
+        span.add_event("flow transition", attributes)
+
+
+def compensation_requested(flow: str, flow_id: str, step: str) -> None:
+    """The tracker asked for the compensation of `step` (its request is emitted)."""
+    span = _current()
+    if span is not None:
+        span.add_event("compensation requested", {FLOW: flow, FLOW_ID: flow_id, FLOW_STEP: step})
+
+
+def compensation_ran(flow: str, flow_id: str, step: str) -> None:
+    """The compensation of `step` ran to its end (it commits with its report to the tracker)."""
+    span = _current()
+    if span is not None:
+        span.add_event("compensation ran", {FLOW: flow, FLOW_ID: flow_id, FLOW_STEP: step})
+
+
+def timeout_fired(flow: str, flow_id: str, reason: str | None) -> AbstractContextManager[None]:
+    """The `flow timeout` span of one instance whose deadline passed, current while it runs.
+
+    A new trace: the deadline scan runs in no handler's span, and the flow's own trace
+    context is not kept with its state. The compensation requests emitted inside carry it.
+    """
+    return _timeout_span(flow, flow_id, reason) if _sdk_configured() else _NOTHING
+
+
+@contextmanager
+def _timeout_span(flow: str, flow_id: str, reason: str | None) -> Iterator[None]:
+    with _tracer().start_as_current_span(
+        FLOW_TIMEOUT,
+        context=_NEW_TRACE,
+        kind=SpanKind.INTERNAL,
+        attributes={
+            FLOW: flow,
+            FLOW_ID: flow_id,
+            FLOW_REASON: reason or "timed out",
+            MESSAGING_CONVERSATION_ID: flow_id,
+        },
+    ):
+        yield
+
+
+# -- dead letters -------------------------------------------------------------------------------
+
+
+def replaying(queue: str, message: Message) -> AbstractContextManager[Message]:
+    """The `replay` span of one dead letter sent back to `queue`; yields the message to send.
+
+    The span is a child of the active context (an operator's own span, if any), linked to
+    the context the dead letter carries; the message yielded carries the replay's context
+    instead, so the replayed attempt is a child of the replay. With no SDK configured the
+    message is yielded unchanged and keeps its original context.
+    """
+    return _replay_span(queue, message) if _sdk_configured() else nullcontext(message)
+
+
+@contextmanager
+def _replay_span(queue: str, message: Message) -> Iterator[Message]:
+    original = trace.get_current_span(_parent(message.headers)).get_span_context()
+    count = message.headers.get(REPLAY_COUNT)
+    attributes: dict[str, Any] = {
+        MESSAGING_SYSTEM: "rabbitmq",
+        MESSAGING_OPERATION_NAME: REPLAY,
+        MESSAGING_OPERATION_TYPE: "send",
+        MESSAGING_DESTINATION: queue,
+        MESSAGING_ROUTING_KEY: message.type or message.routing_key,
+        MESSAGING_MESSAGE_ID: message.message_id or "",
+        MESSAGING_CONVERSATION_ID: message.correlation_id or "",
+    }
+    if isinstance(count, int):
+        attributes[REPLAYS] = count
+    with _tracer().start_as_current_span(
+        REPLAY,
+        kind=SpanKind.PRODUCER,
+        links=[Link(original)] if original.is_valid else None,
+        attributes=attributes,
+    ):
+        headers = {k: v for k, v in message.headers.items() if k not in _TRACE_HEADERS}
+        propagate.inject(headers)
+        yield replace(message, headers=headers)

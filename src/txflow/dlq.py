@@ -3,7 +3,9 @@
 They work on any `Transport`. Inspecting is non-destructive: messages are taken and put back
 in their places. Replaying sends a dead letter back to its handler's queue with its attempt
 count reset; its message id is unchanged, and since a failed attempt never commits an inbox
-row, the replayed message is handled (once), not dropped as a duplicate.
+row, the replayed message is handled (once), not dropped as a duplicate. With tracing, each
+replay is a `replay` span linked to the trace the dead letter carried, and the replayed
+message carries the replay's trace context.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
+from txflow import _telemetry
 from txflow._dead_letters import DeadLetterInfo
 from txflow._names import (
     ATTEMPT_HEADER,
@@ -130,7 +133,8 @@ async def replay(
             remaining -= len(deliveries)
             for delivery in deliveries:
                 if _selected(delivery.message, ids, exception_type, replay_all):
-                    await transport.send(target, replayable(delivery.message))
+                    with _telemetry.replaying(target, replayable(delivery.message)) as message:
+                        await transport.send(target, message)
                     await delivery.ack()
                     replayed += 1
         if not replay_all:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from txflow import _telemetry
 from txflow._messages import Envelope, Event
 from txflow._names import aware
 from txflow.errors import TxflowError
@@ -214,7 +215,10 @@ class FlowTracker:
             store.insert_ignoring_conflicts(flows), [self._values(inst, self._now())]
         )
         row = (await session.execute(self._select, {"flow_id": flow_id})).one()
-        return instance_from_row(row)
+        inst = instance_from_row(row)
+        if inst.version == 0:  # this transaction inserted it (a saved row has version >= 1)
+            self._move(inst, FlowStatus.RUNNING, started=True)
+        return inst
 
     # -- transitions -----------------------------------------------------------------------------
 
@@ -316,7 +320,7 @@ class FlowTracker:
             )
             return
         reason = getattr(event, "reason", None)
-        inst.status = FlowStatus.COMPENSATING
+        self._move(inst, FlowStatus.COMPENSATING)
         inst.failure = FlowStatus.FAILED
         inst.failed_step = step.name
         inst.reason = f"{step.name}: {reason if isinstance(reason, str) else envelope.event_type}"
@@ -336,7 +340,7 @@ class FlowTracker:
         self._note(inst, "step compensated", step, envelope)
         if inst.status is FlowStatus.COMPENSATION_FAILED:
             # An operator replayed the dead-lettered compensation and it went through.
-            inst.status = FlowStatus.COMPENSATING
+            self._move(inst, FlowStatus.COMPENSATING)
             inst.finished_at = None
         if inst.status is FlowStatus.COMPENSATING:
             await self._advance(inst, ctx)
@@ -357,7 +361,7 @@ class FlowTracker:
 
     async def time_out(self, inst: _Instance, ctx: Context) -> None:
         """The instance's deadline passed: compensate every completed step."""
-        inst.status = FlowStatus.COMPENSATING
+        self._move(inst, FlowStatus.COMPENSATING)
         inst.failure = FlowStatus.TIMED_OUT
         inst.reason = inst.deadline_reason or "timed out"
         inst.deadline = inst.deadline_reason = None
@@ -426,9 +430,10 @@ class FlowTracker:
         )
         inst.compensating = step
         self._note(inst, "compensation requested", step, None)
+        _telemetry.compensation_requested(self.flow.name, inst.flow_id, step)
 
     async def _finish(self, inst: _Instance, ctx: Context, status: FlowStatus) -> None:
-        inst.status = status
+        self._move(inst, status)
         now = self._now()
         inst.finished_at = now
         inst.deadline = inst.deadline_reason = None
@@ -439,6 +444,15 @@ class FlowTracker:
             ctx.flow = info
             for hook in hooks:
                 ctx.emit_all(await hook(info, ctx))
+
+    def _move(self, inst: _Instance, status: FlowStatus, *, started: bool = False) -> None:
+        """Every change of an instance's status goes through here (and so is reported).
+
+        `started`: the instance was just created (in `status`, from no status).
+        """
+        previous = None if started else inst.status
+        _telemetry.flow_transition(self.flow.name, inst.flow_id, previous, status)
+        inst.status = status
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -551,7 +565,8 @@ class FlowTracker:
             for row in rows:
                 inst = instance_from_row(row)
                 ctx = work.context(correlation_id=inst.flow_id)
-                await self.time_out(inst, ctx)
+                with _telemetry.timeout_fired(self.flow.name, inst.flow_id, inst.deadline_reason):
+                    await self.time_out(inst, ctx)
                 await self._save(ctx, inst)
         return len(rows)
 
