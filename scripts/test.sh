@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The test command: virtualenv, services, chromium (for tests/console/), lint, types, the docs
-# site, then the whole suite.
+# The test command: virtualenv, services, chromium (for tests/console/), pgbouncer (for
+# tests/test_pooler.py), lint, types, the docs site, then the whole suite.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k outbox
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 scripts/services.sh
 scripts/browser.sh
+scripts/pgbouncer.sh
 .venv/bin/ruff check src tests examples benchmarks
 .venv/bin/ruff format --check src tests examples benchmarks
 .venv/bin/mypy

@@ -57,17 +57,23 @@ def _own(path: Path, user: str) -> None:
 
 @dataclass
 class PrivatePostgres:
-    """A PostgreSQL cluster of one test: `start()`, `stop()` (immediate), `close()`."""
+    """A PostgreSQL cluster of one test: `start()`, `stop()` (immediate), `close()`.
+
+    It listens on loopback, and also on `extra_address` when given (say the host side of a
+    test's network namespaces), trusting clients of `extra_network` there.
+    """
 
     root: Path
     port: int = field(default_factory=free_port)
+    extra_address: str | None = None
+    extra_network: str | None = None
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
-    def database_url(self, name: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+    def database_url(self, name: str, host: str = "127.0.0.1") -> str:
+        return f"postgresql://postgres@{host}:{self.port}/{name}"
 
     @property
     def _data(self) -> Path:
@@ -88,11 +94,15 @@ class PrivatePostgres:
         self._as_postgres(
             self._pg("initdb"), "-D", str(self._data), "--auth=trust", "-U", "postgres", "-N"
         )
+        if self.extra_network:
+            with (self._data / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {self.extra_network} trust\n")
         return self.start()
 
     def start(self) -> PrivatePostgres:
+        addresses = ",".join(filter(None, ["127.0.0.1", self.extra_address]))
         options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+            f"-p {self.port} -k {self.root} -c listen_addresses={addresses} -c fsync=off "
             "-c max_connections=200"
         )
         self._as_postgres(
@@ -109,6 +119,83 @@ class PrivatePostgres:
         if (self._data / "postmaster.pid").exists():
             self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+PGBOUNCER = Path("/usr/sbin/pgbouncer")
+
+
+@dataclass
+class PrivatePgBouncer:
+    """A pgbouncer of one test in front of `server`, on its own port and config directory.
+
+    `pool_mode` is pgbouncer's (transaction pooling is the one that changes what a client
+    may do); `pool_size` is the server connections it opens per database and user. It runs
+    as the postgres user (pgbouncer refuses root) and trusts every client, as the server does.
+    """
+
+    root: Path
+    server: PrivatePostgres
+    pool_mode: str = "transaction"
+    pool_size: int = 20
+    port: int = field(default_factory=free_port)
+
+    def database_url(self, name: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def start(self) -> PrivatePgBouncer:
+        if not PGBOUNCER.exists():
+            pytest.fail(f"pgbouncer is not installed ({PGBOUNCER}); scripts/pgbouncer.sh does it")
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "userlist.txt").write_text('"postgres" ""\n')
+        (self.root / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={self.server.port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {self.root / 'userlist.txt'}\n"
+            f"pool_mode = {self.pool_mode}\ndefault_pool_size = {self.pool_size}\n"
+            "max_client_conn = 1000\nadmin_users = postgres\n"
+            f"logfile = {self.root / 'log'}\npidfile = {self.root / 'pid'}\n"
+        )
+        for path in (self.root, *self.root.iterdir()):
+            _own(path, "postgres")
+        config = str(self.root / "pgbouncer.ini")
+        _run("runuser", "-u", "postgres", "--", str(PGBOUNCER), "-d", config)
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not _accepts(self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pgbouncer did not listen on {self.port}: {self.log()}")
+            time.sleep(0.2)
+        return self
+
+    def log(self) -> str:
+        path = self.root / "log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        pidfile = self.root / "pid"
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                pid = int(pidfile.read_text().strip())
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + COMMAND_TIMEOUT
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _accepts(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @dataclass

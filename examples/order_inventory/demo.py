@@ -6,12 +6,15 @@
 
     python -m examples.order_inventory.demo --broker amqp://... --database postgresql://.../db
         [--workers N] [--quorum-queues] [--trace-dir DIR]
+        [--listen-database postgresql://.../db]
         Three services as `txflow run` processes on RabbitMQ, each with a fresh PostgreSQL
         database created on the server of --database (and dropped at the end). For a
         cluster, repeat --broker (or give the nodes' URLs comma-separated): every worker gets
         the whole list and fails over between the nodes. With --trace-dir, the services run
         traced (traced.py), each order is placed under a `place order` span, and every
-        process writes its spans to a JSON-lines file in DIR.
+        process writes its spans to a JSON-lines file in DIR. Through pgbouncer in
+        transaction mode, add ?pool_mode=transaction to --database, and give
+        --listen-database a direct connection to the same server for the relays' LISTEN.
 
 Exits 0 only if every invariant check passes.
 """
@@ -58,6 +61,7 @@ from examples.order_inventory.settings import (
     SPANS_DIR_ENV,
     STATS_INTERVAL_ENV,
     database_url_env,
+    listen_url_env,
 )
 from examples.order_inventory.workload import OrderRequest, initial_stock, make_orders
 from txflow import (
@@ -541,6 +545,7 @@ async def start_services(
     urls: Mapping[str, str],
     concurrency: int,
     log_dir: Path,
+    listen_urls: Mapping[str, str] | None = None,
 ) -> list[Service]:
     """`txflow run examples.order_inventory.<name>:app --workers N`, one per service.
 
@@ -557,8 +562,10 @@ async def start_services(
         # Running counters every second, so a worker killed mid-run still counts what it did.
         STATS_INTERVAL_ENV: "1",
         **{database_url_env(name): url for name, url in urls.items()},
+        **{listen_url_env(name): url for name, url in (listen_urls or {}).items()},
     }
     env.pop("TXFLOW_DATABASE_URL", None)
+    env.pop("TXFLOW_LISTEN_URL", None)
     # Traced: `traced.<name>` configures the SDK, then returns the service's app.
     target = "examples.order_inventory.{name}:app"
     if args.trace_dir:
@@ -683,8 +690,10 @@ async def _admin(url: sa.URL, statements: Sequence[str]) -> list[Any]:
     """Run `statements` on the server of `url`; returns the first value each one returned."""
     import asyncpg
 
-    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    conn = await asyncpg.connect(dsn, timeout=10)
+    # pool_mode is txflow's, not the driver's; no statement cache, in case it is a pooler's.
+    direct = url.difference_update_query(["pool_mode"]).set(drivername="postgresql")
+    dsn = direct.render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn, timeout=10, statement_cache_size=0)
     try:
         return [await conn.fetchval(statement) for statement in statements]
     finally:
@@ -742,6 +751,13 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
         name: server.set(database=db).render_as_string(hide_password=False)
         for name, db in names.items()
     }
+    listen_urls = {}
+    if args.listen_database:
+        listen_server = sa.make_url(args.listen_database)
+        listen_urls = {
+            name: listen_server.set(database=db).render_as_string(hide_password=False)
+            for name, db in names.items()
+        }
     print(
         f"separate processes: broker {args.broker_display}, databases "
         f"{', '.join(names.values())} on {server.set(database='').render_as_string()}, "
@@ -751,7 +767,8 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
     log_dir = Path(tempfile.mkdtemp(prefix=f"txflow-{run_id}-"))
     options = {"broker_url": args.broker, **broker_options(args, run_id)}
     apps = {
-        name: factory(database_url=urls[name], **options) for name, factory in FACTORIES.items()
+        name: factory(database_url=urls[name], listen_url=listen_urls.get(name), **options)
+        for name, factory in FACTORIES.items()
     }
     services: list[Service] = []
     ok = False
@@ -767,7 +784,9 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
         async with open_transport(args.broker) as transport:
             for app in apps.values():
                 await transport.declare(app.topology())
-            services = await start_services(args, run_id, apps, urls, concurrency, log_dir)
+            services = await start_services(
+                args, run_id, apps, urls, concurrency, log_dir, listen_urls
+            )
             await wait_consuming(args.broker, list(apps.values()), services, args.workers)
             client = orders.create_app(
                 handlers=False, relay=None, database_url=urls["orders"], **options
@@ -872,6 +891,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--database",
         help="postgresql://.../db: run the services as separate processes, each with a fresh "
         "database on this server (default: SQLite files, one process)",
+    )
+    parser.add_argument(
+        "--listen-database",
+        help="postgresql://...: a direct connection to the server of --database, for the "
+        "relays' LISTEN, when --database goes through a transaction pooler "
+        "(?pool_mode=transaction)",
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes per service")
     parser.add_argument(

@@ -6,6 +6,9 @@ service gets its own database:
 - `ORDERS_DATABASE_URL`, `INVENTORY_DATABASE_URL`, `PAYMENT_DATABASE_URL`: the service's
   database; unset falls back to txflow's `TXFLOW_DATABASE_URL`, then `sqlite:///txflow-<name>.db`
   (the CLI's `--database` overrides all of them);
+- `ORDERS_LISTEN_URL`, `INVENTORY_LISTEN_URL`, `PAYMENT_LISTEN_URL`: a direct connection to the
+  service's database for its relay's LISTEN, when the database URL goes through a
+  transaction pooler (`?pool_mode=transaction`); unset falls back to `TXFLOW_LISTEN_URL`;
 - `TXFLOW_QUEUE_PREFIX`: prepended to every queue name, so runs on one broker do not share
   queues;
 - `TXFLOW_CONCURRENCY`: messages each handler works on at once (its prefetch). Each one holds
@@ -45,10 +48,16 @@ def database_url_env(service: str) -> str:
     return f"{service.upper()}_DATABASE_URL"
 
 
+def listen_url_env(service: str) -> str:
+    """The name of the variable holding `service`'s LISTEN URL, e.g. `ORDERS_LISTEN_URL`."""
+    return f"{service.upper()}_LISTEN_URL"
+
+
 def service_options(service: str, **overrides: Any) -> dict[str, Any]:
     """`TxFlow(...)` keyword arguments for `service` from the environment, then `overrides`."""
     options: dict[str, Any] = {
         "database_url": os.environ.get(database_url_env(service)),
+        "listen_url": os.environ.get(listen_url_env(service)),
         "queue_prefix": os.environ.get(QUEUE_PREFIX_ENV, ""),
         "retry": RETRY,
     }

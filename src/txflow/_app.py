@@ -18,7 +18,12 @@ import sqlalchemy as sa
 from txflow import _telemetry
 from txflow._app_metrics import AppMetrics
 from txflow._clock import SYSTEM_CLOCK, Clock
-from txflow._config import open_transport, resolve_broker_url, resolve_database_url
+from txflow._config import (
+    open_transport,
+    resolve_broker_url,
+    resolve_database_url,
+    resolve_listen_url,
+)
 from txflow._messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
 from txflow._metrics import MetricsConfig
 from txflow._names import dead_letter_queue, handler_queue_name
@@ -88,7 +93,12 @@ class TxFlow:
             in-process broker. For a RabbitMQ cluster, the nodes' URLs comma-separated: the
             app connects to one (in a random order) and fails over to the next.
         database_url: `postgresql://...` or `sqlite:///path`; default `$TXFLOW_DATABASE_URL`,
-            else `sqlite:///txflow-<name>.db`.
+            else `sqlite:///txflow-<name>.db`. Through a transaction pooler (pgbouncer's
+            `pool_mode = transaction`) add `?pool_mode=transaction`.
+        listen_url: on PostgreSQL, a direct connection to the same database, used only for
+            the relay's LISTEN; default `$TXFLOW_LISTEN_URL`, else the database URL itself.
+            Give it when `database_url` goes through a transaction pooler, where LISTEN
+            cannot work (without it the relay then relies on its sweeps).
         exchange: the topic exchange events are published to.
         queue_prefix: prepended to every queue name (isolates environments on one broker).
         concurrency: default number of messages one handler works on at once.
@@ -133,6 +143,7 @@ class TxFlow:
         *,
         broker_url: str | None = None,
         database_url: str | None = None,
+        listen_url: str | None = None,
         exchange: str = DEFAULT_EXCHANGE,
         queue_prefix: str = "",
         concurrency: int = DEFAULT_CONCURRENCY,
@@ -160,6 +171,7 @@ class TxFlow:
         self.name = name
         self.broker_url = broker_url
         self.database_url = database_url
+        self.listen_url = listen_url
         self.exchange = exchange
         self.queue_prefix = queue_prefix
         self.concurrency = concurrency
@@ -470,6 +482,7 @@ class TxFlow:
                 resolve_database_url(self.database_url, self.name),
                 pool_size=self.db_pool_size,
                 clock=self.clock,
+                listen_url=resolve_listen_url(self.listen_url),
             )
             await store.connect()
             self._store = store

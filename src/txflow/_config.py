@@ -9,6 +9,8 @@ from txflow.transport import Transport
 
 BROKER_URL_ENV = "TXFLOW_BROKER_URL"
 DATABASE_URL_ENV = "TXFLOW_DATABASE_URL"
+# A direct connection for LISTEN when the database URL goes through a transaction pooler.
+LISTEN_URL_ENV = "TXFLOW_LISTEN_URL"
 # The embedded default: an in-process broker shared by every app in the process.
 DEFAULT_BROKER_URL = "memory://default"
 
@@ -24,6 +26,10 @@ def resolve_broker_url(explicit: str | None) -> str:
 
 def resolve_database_url(explicit: str | None, app_name: str) -> str:
     return explicit or os.environ.get(DATABASE_URL_ENV) or default_database_url(app_name)
+
+
+def resolve_listen_url(explicit: str | None) -> str | None:
+    return explicit or os.environ.get(LISTEN_URL_ENV) or None
 
 
 def open_transport(url: str) -> Transport:

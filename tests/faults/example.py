@@ -20,6 +20,7 @@ async def run_example(
     expected_dead_letters: list[ExpectedDeadLetter] | None = None,
     killed: bool = False,
     database: str = PG_URL,
+    listen_database: str | None = None,
     quorum_queues: bool = False,
     timeout: float = 240,
     released: int | None = None,
@@ -31,7 +32,9 @@ async def run_example(
     letters" check by "the dead letters are exactly these". `killed` says workers were
     SIGKILLed: a row a killed relay published but had not marked sent yet stays pending
     until its lease runs out and another relay sends it again, which may be after the run.
-    `database` is the PostgreSQL server the services' databases are created on.
+    `database` is the PostgreSQL server the services' databases are created on (a pooler's
+    URL with `?pool_mode=transaction`, say), `listen_database` a direct connection to it for
+    the relays' LISTEN.
     `amqp_url` may list a cluster's nodes, comma-separated; `quorum_queues` declares quorum
     queues; `timeout` is the seconds every order has to end. `released` places only that
     many orders until `chaos` calls `run.release(...)`; the run is appended to `runs` before
@@ -41,6 +44,7 @@ async def run_example(
         ["--orders", str(ORDERS), "--broker", amqp_url, "--database", database, "--workers", "2",
          "--concurrency", "4", "--timeout", str(timeout)]
         + (["--quorum-queues"] if quorum_queues else [])
+        + (["--listen-database", listen_database] if listen_database else [])
     )  # fmt: skip
     run = demo.new_run(args)
     run.released = released

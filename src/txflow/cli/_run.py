@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 
 from txflow._app import TxFlow
-from txflow._config import resolve_broker_url, resolve_database_url
+from txflow._config import LISTEN_URL_ENV, resolve_broker_url, resolve_database_url
 from txflow._logging import set_process_app
 from txflow._metrics import MetricsConfig, MetricsServer, check_port
 from txflow.cli._common import (
@@ -36,6 +36,11 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     run = sub.add_parser("run", help="run an app's handlers and outbox relay")
     run.add_argument("target", help="module:attribute naming a TxFlow app (or a factory)")
     add_urls(run)
+    run.add_argument(
+        "--listen-url",
+        help=f"PostgreSQL URL for the relay's LISTEN only, a direct connection when --database "
+        f"goes through a transaction pooler (default ${LISTEN_URL_ENV}, else the database URL)",
+    )
     run.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     run.add_argument(
         "--log-level",
@@ -98,6 +103,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     app = load_app(args.target)
     set_process_app(app.name)
     apply_urls(app, args)
+    if args.listen_url:
+        app.listen_url = args.listen_url
     if args.shutdown_timeout is not None:
         app.shutdown_timeout = args.shutdown_timeout
     metrics = _metrics_config(app, args)

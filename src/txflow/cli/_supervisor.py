@@ -22,7 +22,13 @@ import time
 from dataclasses import dataclass, field
 
 from txflow._app import TxFlow
-from txflow._config import BROKER_URL_ENV, open_transport, resolve_broker_url, resolve_database_url
+from txflow._config import (
+    BROKER_URL_ENV,
+    open_transport,
+    resolve_broker_url,
+    resolve_database_url,
+    resolve_listen_url,
+)
 from txflow._metrics import MetricsConfig, WorkerMetrics
 from txflow.cli._common import (
     EXIT_CRASHING,
@@ -67,7 +73,10 @@ def check_urls(app: TxFlow, *, workers: int) -> None:
             f"process; pass --broker amqp://... or set {BROKER_URL_ENV}"
         )
     open_transport(broker)
-    open_store(resolve_database_url(app.database_url, app.name))
+    open_store(
+        resolve_database_url(app.database_url, app.name),
+        listen_url=resolve_listen_url(app.listen_url),
+    )
 
 
 def _is_crash(code: int) -> bool:
@@ -148,6 +157,8 @@ class Supervisor:
             argv += ["--broker", args.broker]
         if args.database:
             argv += ["--database", args.database]
+        if args.listen_url:
+            argv += ["--listen-url", args.listen_url]
         if args.shutdown_timeout is not None:
             argv += ["--shutdown-timeout", str(args.shutdown_timeout)]
         # Only until the service served once: after that a respawned worker waits out an

@@ -447,25 +447,25 @@ _BACKENDS: dict[str, str] = {
 
 
 def open_store(
-    url: str, *, pool_size: int = DEFAULT_DB_POOL_SIZE, clock: Clock = SYSTEM_CLOCK
+    url: str,
+    *,
+    pool_size: int = DEFAULT_DB_POOL_SIZE,
+    clock: Clock = SYSTEM_CLOCK,
+    listen_url: str | None = None,
 ) -> Store:
     """A `Store` for `url` (not yet connected); `clock` stamps the times retention compares.
 
     Accepts `postgresql://`, `postgresql+asyncpg://`, `sqlite:///path` and
-    `sqlite+aiosqlite:///path`.
+    `sqlite+aiosqlite:///path`. On PostgreSQL, `?pool_mode=transaction` says `url` goes
+    through a transaction pooler (pgbouncer), and `listen_url` is a direct connection to
+    the same database for LISTEN (see docs/deployment.md).
 
     Raises:
-        UnsupportedURLError: for any other scheme.
+        UnsupportedURLError: for any other scheme, or a `listen_url` on SQLite.
     """
     import importlib
 
-    try:
-        parsed = sa.make_url(url)
-    except sa.exc.ArgumentError as exc:
-        raise UnsupportedURLError(
-            f"cannot parse database URL {mask_url(url)!r}; expected e.g. "
-            "postgresql://user@host/db or sqlite:///txflow.db"
-        ) from exc
+    parsed = _parse_url(url)
     backend = parsed.get_backend_name()
     target = _BACKENDS.get(backend)
     if target is None:
@@ -473,6 +473,23 @@ def open_store(
             f"unsupported database URL scheme {parsed.drivername!r} in {mask_url(url)}; "
             "use postgresql:// or sqlite:///path"
         )
+    options: dict[str, Any] = {"pool_size": pool_size, "clock": clock}
+    if listen_url is not None:
+        if "postgres" not in target:
+            raise UnsupportedURLError(
+                f"listen_url is for PostgreSQL; the database URL {mask_url(url)} is {backend}"
+            )
+        options["listen_url"] = _parse_url(listen_url)
     module_name, _, cls_name = target.partition(":")
     cls: type[Store] = getattr(importlib.import_module(module_name), cls_name)
-    return cls(parsed, pool_size=pool_size, clock=clock)
+    return cls(parsed, **options)
+
+
+def _parse_url(url: str) -> sa.URL:
+    try:
+        return sa.make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise UnsupportedURLError(
+            f"cannot parse database URL {mask_url(url)!r}; expected e.g. "
+            "postgresql://user@host/db or sqlite:///txflow.db"
+        ) from exc

@@ -1,4 +1,15 @@
-"""PostgreSQL through asyncpg: SKIP LOCKED claims, LISTEN/NOTIFY wake-ups, array parameters."""
+"""PostgreSQL through asyncpg: SKIP LOCKED claims, LISTEN/NOTIFY wake-ups, array parameters.
+
+Behind a pooler in transaction mode (pgbouncer's `pool_mode = transaction`), one client
+connection is served by whichever server connection is free at each transaction, so nothing
+may outlive a transaction on the server. Two things of asyncpg's do: named prepared
+statements (its statement cache, and SQLAlchemy's), which then fail with "prepared
+statement ... does not exist" on another server connection; and LISTEN, whose
+notifications go to a server connection nobody listens on. `?pool_mode=transaction` on the
+database URL turns the caches off (asyncpg then uses the unnamed statement, parsed and
+executed before the pooler may switch) and takes LISTEN to `listen_url`, a direct
+connection, or leaves the relays to their sweeps when there is none.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from txflow._clock import SYSTEM_CLOCK, Clock
+from txflow.errors import ConfigurationError, mask_url
 from txflow.store._base import DEFAULT_DB_POOL_SIZE, Listener, NotifyCallback, Store
 from txflow.store._postgres_sql import NOTIFY_CHANNEL, OutboxSeqs
 from txflow.store._postgres_unit import begin, checkout, discard
@@ -36,6 +48,30 @@ _RENEW_SQL = (
     "WHERE seq = ANY($1::bigint[]) AND leased_by = $3 AND sent_at IS NULL RETURNING seq"
 )
 
+# The database URL's query parameter naming the pooler's mode (txflow's own; it is taken
+# off the URL before the driver sees it). `session` (the default) is a direct connection or
+# a session pooler: nothing changes.
+POOL_MODE_PARAM = "pool_mode"
+POOL_MODES = ("session", "transaction")
+
+
+def pool_mode(url: sa.URL) -> str:
+    """The `pool_mode` of a database URL: `session` (default) or `transaction`.
+
+    Raises:
+        ConfigurationError: any other value (statement pooling cannot run transactions).
+    """
+    value = url.query.get(POOL_MODE_PARAM, "session")
+    mode = value[-1] if isinstance(value, tuple) else value
+    if mode not in POOL_MODES:
+        raise ConfigurationError(
+            f"unsupported {POOL_MODE_PARAM}={mode!r} in database URL "
+            f"{mask_url(url.render_as_string(hide_password=False))}; use "
+            f"{POOL_MODE_PARAM}=transaction behind a transaction pooler (pgbouncer), or leave "
+            "it out (statement pooling cannot run txflow's transactions)"
+        )
+    return mode
+
 
 class PostgresStore(Store):
     """PostgreSQL backend (asyncpg). Several processes and relays may share one database."""
@@ -45,10 +81,31 @@ class PostgresStore(Store):
     _hint = "is PostgreSQL running and does the database exist?"
 
     def __init__(
-        self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE, clock: Clock = SYSTEM_CLOCK
+        self,
+        url: sa.URL,
+        *,
+        pool_size: int = DEFAULT_DB_POOL_SIZE,
+        clock: Clock = SYSTEM_CLOCK,
+        listen_url: sa.URL | None = None,
     ) -> None:
+        #: `transaction` behind a transaction pooler (see the module docs), else `session`.
+        self.pool_mode = pool_mode(url)
+        url = url.difference_update_query([POOL_MODE_PARAM])
         super().__init__(url.set(drivername="postgresql+asyncpg"), pool_size=pool_size, clock=clock)
+        #: Where LISTEN connects: `listen_url` if given, else the database URL itself (None
+        #: behind a transaction pooler, where LISTEN cannot work: relays then sweep).
+        self.listen_url: sa.URL | None = None
+        if listen_url is not None:
+            if pool_mode(listen_url) != "session":
+                raise ConfigurationError(
+                    f"listen_url {mask_url(listen_url.render_as_string(hide_password=False))} "
+                    "must be a direct connection (or a session pooler), not a transaction pooler"
+                )
+            self.listen_url = listen_url.difference_update_query([POOL_MODE_PARAM])
+        elif self.pool_mode == "session":
+            self.listen_url = self.url
         self._autocommit: AsyncEngine | None = None
+        self._said_no_listen = False
         self.outbox_seqs = OutboxSeqs()
 
     async def connect(self) -> None:
@@ -114,14 +171,21 @@ class PostgresStore(Store):
         return [row[0] for row in rows]
 
     def _create_engine(self) -> AsyncEngine:
+        url, connect_args = self.url, {"timeout": 10}
+        if self.pool_mode == "transaction":
+            # No named prepared statements: neither asyncpg's cache nor SQLAlchemy's. Each
+            # statement is then parsed as the unnamed one and executed before the Sync that
+            # lets the pooler hand the server connection to another client.
+            url = url.update_query_dict({"prepared_statement_cache_size": "0"})
+            connect_args["statement_cache_size"] = 0
         return create_async_engine(
-            self.url,
+            url,
             pool_size=self.pool_size,
             # A hard cap: handlers beyond it wait for a connection rather than open more.
             max_overflow=0,
             pool_timeout=POOL_TIMEOUT,
             pool_pre_ping=False,
-            connect_args={"timeout": 10},
+            connect_args=connect_args,
         )
 
     def is_transient_error(self, exc: BaseException) -> bool:
@@ -140,7 +204,23 @@ class PostgresStore(Store):
         return postgresql.insert(table).on_conflict_do_nothing()
 
     async def listen(self, callback: NotifyCallback) -> Listener | None:
-        dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        """LISTEN on `listen_url`; None behind a transaction pooler without one.
+
+        Raises:
+            ConfigurationError: `listen_url` reaches another database than the pool does,
+                where this relay would never hear a notification.
+        """
+        if self.listen_url is None:
+            if not self._said_no_listen:
+                self._said_no_listen = True
+                log.info(
+                    "%s is behind a transaction pooler: no LISTEN, so rows committed by other "
+                    "processes wait for the relay's next sweep; give listen_url a direct "
+                    "connection to the database to wake the relay at once",
+                    self.masked_url,
+                )
+            return None
+        dsn = self.listen_url.set(drivername="postgresql").render_as_string(hide_password=False)
         # Shielded: a relay stopping while this connects must not leave a half-open
         # connection behind; it is closed as soon as it is made instead.
         connecting = asyncio.ensure_future(asyncpg.connect(dsn, timeout=10))
@@ -150,12 +230,27 @@ class PostgresStore(Store):
             connecting.add_done_callback(_terminate_when_made)
             raise
         try:
+            if self.listen_url is not self.url:
+                await self._check_same_database(conn)
             listener = _PgListener(conn, callback)
             await conn.add_listener(NOTIFY_CHANNEL, listener.on_notify)
         except BaseException:
             conn.terminate()
             raise
         return listener
+
+    async def _check_same_database(self, conn: asyncpg.Connection) -> None:
+        # NOTIFY reaches listeners of the same database only; a pooler may map names.
+        listening = await conn.fetchval("SELECT current_database()")
+        async with self.engine.connect() as pooled:
+            serving = (await pooled.execute(sa.text("SELECT current_database()"))).scalar_one()
+        if listening != serving:
+            assert self.listen_url is not None
+            raise ConfigurationError(
+                f"listen_url {mask_url(self.listen_url.render_as_string(hide_password=False))} "
+                f"reaches database {listening!r} but the database URL reaches {serving!r}: "
+                "notifications would never arrive; point both at the same database"
+            )
 
 
 def _terminate_when_made(connecting: asyncio.Future[asyncpg.Connection]) -> None:
