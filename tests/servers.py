@@ -67,6 +67,8 @@ class PrivatePostgres:
     port: int = field(default_factory=free_port)
     extra_address: str | None = None
     extra_network: str | None = None
+    # More server settings (`-c name=value`), e.g. TCP keepalives.
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -104,7 +106,7 @@ class PrivatePostgres:
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses={addresses} -c fsync=off "
             "-c max_connections=200"
-        )
+        ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._as_postgres(
             self._pg("pg_ctl"), "-D", str(self._data), "-l", str(self.root / "log"),
             "-o", options, "-w", "-t", "60", "start",
@@ -210,6 +212,8 @@ class PrivateRabbit:
     port: int = field(default_factory=free_port)
     dist_port: int = field(default_factory=free_port)
     name: str = field(default_factory=lambda: _node_name("txflow-test"))
+    # Also listen there (say the host side of a test's network namespaces), as on loopback.
+    extra_address: str | None = None
 
     @property
     def url(self) -> str:
@@ -237,9 +241,10 @@ class PrivateRabbit:
             pytest.fail(f"RabbitMQ is not installed ({RABBIT_SERVER} is missing)")
         for sub in ("mnesia", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        (self.root / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
-        )
+        listeners = [f"listeners.tcp.default = 127.0.0.1:{self.port}"]
+        if self.extra_address:
+            listeners.append(f"listeners.tcp.extra = {self.extra_address}:{self.port}")
+        (self.root / "rabbitmq.conf").write_text("\n".join(listeners) + "\nloopback_users = none\n")
         (self.root / "enabled_plugins").write_text("[].\n")
         for path in (self.root, *self.root.iterdir()):
             _own(path, "rabbitmq")

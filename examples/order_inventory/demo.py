@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from opentelemetry import trace
@@ -170,6 +171,8 @@ class Run:
     released: int | None = None
     # Places each order under a `place order` span (the API's no-op unless --trace-dir).
     tracer: trace.Tracer = field(default_factory=lambda: trace.get_tracer(__name__))
+    # Where the services run (see `Host`); empty: one `txflow run` per service, here.
+    hosts: Sequence[Host] = ()
     _raised: asyncio.Event = field(default_factory=asyncio.Event)
 
     def elapsed(self) -> float:
@@ -477,18 +480,53 @@ def _killed_serving(exit_code: int) -> bool:
     return exit_code < 0 and -exit_code not in (signal.SIGTERM, signal.SIGINT)
 
 
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A machine the services run on, each service as one `txflow run --workers N` there.
+
+    `prefix` is the command that runs a program on it (say `ip netns exec h1` for a network
+    namespace); `servers_at` the address its processes reach the broker and the databases
+    at, put in place of the host of every URL (None: the URLs as they are).
+    """
+
+    name: str
+    prefix: tuple[str, ...] = ()
+    servers_at: str | None = None
+
+    def reach(self, urls: str) -> str:
+        """`urls` (comma-separated) as seen from this host."""
+        if self.servers_at is None:
+            return urls
+        moved = []
+        for url in urls.split(","):
+            parts = urlsplit(url)
+            user, at, _ = parts.netloc.rpartition("@")
+            port = f":{parts.port}" if parts.port else ""
+            moved.append(parts._replace(netloc=f"{user}{at}{self.servers_at}{port}").geturl())
+        return ",".join(moved)
+
+
+HERE = Host("here")
+
+
 @dataclass(slots=True)
 class Service:
     """A `txflow run --workers N` process and its log.
 
     `app` is the demo's twin of the service's app, built with the same options: its
     `topology()` names the service's queues, and its store is the service's database.
+    `host` names the `Host` it runs on.
     """
 
     name: str
     process: asyncio.subprocess.Process
     log: Path
     app: TxFlow
+    host: str = HERE.name
+
+    @property
+    def label(self) -> str:
+        return self.name if self.host == HERE.name else f"{self.name}@{self.host}"
 
     def problems(self) -> str:
         """How many warnings and errors the service logged."""
@@ -546,55 +584,78 @@ async def start_services(
     concurrency: int,
     log_dir: Path,
     listen_urls: Mapping[str, str] | None = None,
+    hosts: Sequence[Host] = (),
 ) -> list[Service]:
-    """`txflow run examples.order_inventory.<name>:app --workers N`, one per service.
+    """`txflow run examples.order_inventory.<name>:app --workers N`, one per service and host.
 
     URLs travel in the environment rather than as arguments, so passwords stay out of `ps`.
     """
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        "TXFLOW_BROKER_URL": args.broker,
-        QUEUE_PREFIX_ENV: isolation_options(run_id)["queue_prefix"],
-        EXCHANGE_ENV: isolation_options(run_id)["exchange"],
-        CONCURRENCY_ENV: str(concurrency),
-        QUORUM_QUEUES_ENV: "1" if args.quorum_queues else "",
-        # Running counters every second, so a worker killed mid-run still counts what it did.
-        STATS_INTERVAL_ENV: "1",
-        **{database_url_env(name): url for name, url in urls.items()},
-        **{listen_url_env(name): url for name, url in (listen_urls or {}).items()},
-    }
-    env.pop("TXFLOW_DATABASE_URL", None)
-    env.pop("TXFLOW_LISTEN_URL", None)
-    # Traced: `traced.<name>` configures the SDK, then returns the service's app.
-    target = "examples.order_inventory.{name}:app"
-    if args.trace_dir:
-        env[SPANS_DIR_ENV] = args.trace_dir
-        target = "examples.order_inventory.traced:{name}"
     services = []
-    for name in FACTORIES:
-        log = log_dir / f"{name}.log"
-        command = [
-            *_txflow_command(),
-            "run",
-            target.format(name=name),
-            "--workers",
-            str(args.workers),
-        ]
-        with log.open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                # Its own process group: Ctrl-C here reaches the demo, which stops it cleanly.
-                start_new_session=True,
+    for host in hosts or [HERE]:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+            "TXFLOW_BROKER_URL": host.reach(args.broker),
+            QUEUE_PREFIX_ENV: isolation_options(run_id)["queue_prefix"],
+            EXCHANGE_ENV: isolation_options(run_id)["exchange"],
+            CONCURRENCY_ENV: str(concurrency),
+            QUORUM_QUEUES_ENV: "1" if args.quorum_queues else "",
+            # Running counters every second, so a worker killed mid-run still counts.
+            STATS_INTERVAL_ENV: "1",
+            **{database_url_env(name): host.reach(url) for name, url in urls.items()},
+            **{listen_url_env(n): host.reach(url) for n, url in (listen_urls or {}).items()},
+        }
+        env.pop("TXFLOW_DATABASE_URL", None)
+        env.pop("TXFLOW_LISTEN_URL", None)
+        # Traced: `traced.<name>` configures the SDK, then returns the service's app.
+        target = "examples.order_inventory.{name}:app"
+        if args.trace_dir:
+            env[SPANS_DIR_ENV] = args.trace_dir
+            target = "examples.order_inventory.traced:{name}"
+        for name in FACTORIES:
+            app, several = apps[name], len(hosts) > 1
+            service = await _start_service(
+                args, name, target.format(name=name), host, env, log_dir, app, several
             )
-        services.append(Service(name, process, log, apps[name]))
-        print(f"started {' '.join(command[1:])} (pid {process.pid}, log {log})")
+            services.append(service)
     return services
+
+
+async def _start_service(
+    args: argparse.Namespace,
+    name: str,
+    target: str,
+    host: Host,
+    env: Mapping[str, str],
+    log_dir: Path,
+    app: TxFlow,
+    several_hosts: bool,
+) -> Service:
+    log = log_dir / (f"{name}@{host.name}.log" if several_hosts else f"{name}.log")
+    command = [
+        *host.prefix,
+        *_txflow_command(),
+        "run",
+        target,
+        "--workers",
+        str(args.workers),
+    ]
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            # Its own process group: Ctrl-C here reaches the demo, which stops it cleanly.
+            start_new_session=True,
+        )
+    where = f" on {host.name}" if several_hosts else ""
+    print(f"started txflow {' '.join(command[-4:])}{where} (pid {process.pid}, log {log})")
+    return Service(name, process, log, app, host.name)
 
 
 def ensure_alive(services: Sequence[Service]) -> None:
@@ -602,7 +663,7 @@ def ensure_alive(services: Sequence[Service]) -> None:
         code = service.process.returncode
         if code is not None:
             raise DemoError(
-                f"service {service.name} exited with code {code}; last lines of "
+                f"service {service.label} exited with code {code}; last lines of "
                 f"{service.log}:\n{service.tail()}"
             )
 
@@ -628,7 +689,7 @@ async def wait_consuming(
         if waited > SERVICE_START_TIMEOUT:
             raise DemoError(
                 f"services did not start consuming within {SERVICE_START_TIMEOUT:.0f}s: "
-                f"{counts}\n" + "\n".join(f"  {s.name} ({s.log}):\n{s.tail()}" for s in services)
+                f"{counts}\n" + "\n".join(f"  {s.label} ({s.log}):\n{s.tail()}" for s in services)
             )
         await asyncio.sleep(0.5)
 
@@ -642,7 +703,9 @@ async def stop_services(services: Sequence[Service]) -> None:
         try:
             await asyncio.wait_for(service.process.wait(), SERVICE_STOP_TIMEOUT)
         except TimeoutError:
-            print(f"service {service.name} did not stop in {SERVICE_STOP_TIMEOUT:.0f}s; killing it")
+            print(
+                f"service {service.label} did not stop in {SERVICE_STOP_TIMEOUT:.0f}s; killing it"
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(service.process.pid, signal.SIGKILL)
             await service.process.wait()
@@ -658,7 +721,8 @@ async def collect_counts(
     stats = [service.stats() for service in services]
     total: Counter[str] = sum((s.counters for s in stats), Counter())
     republished = unsent = 0
-    for service in services:
+    # One database per service, however many hosts run it.
+    for service in {s.name: s for s in services}.values():
         status = await read_through_blips(service.app.store.outbox_status)
         republished += status.republished
         unsent += status.pending
@@ -773,8 +837,9 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
     services: list[Service] = []
     ok = False
     try:
+        processes = args.workers * max(1, len(run.hosts))
         concurrency = args.concurrency or await plan_concurrency(
-            server, args.workers, list(apps.values())
+            server, processes, list(apps.values())
         )
         print(f"handler concurrency {concurrency} (each message in flight holds a connection)")
         for app in apps.values():
@@ -785,9 +850,9 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
             for app in apps.values():
                 await transport.declare(app.topology())
             services = await start_services(
-                args, run_id, apps, urls, concurrency, log_dir, listen_urls
+                args, run_id, apps, urls, concurrency, log_dir, listen_urls, run.hosts
             )
-            await wait_consuming(args.broker, list(apps.values()), services, args.workers)
+            await wait_consuming(args.broker, list(apps.values()), services, processes)
             client = orders.create_app(
                 handlers=False, relay=None, database_url=urls["orders"], **options
             )
@@ -805,9 +870,9 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
             if run.expected_dead_letters is not None:
                 # Before the queues are deleted; reading puts them back.
                 run.dead_letter_details = await read_dead_letters(transport, dead)
-        codes = {s.name: s.process.returncode for s in services}
+        codes = {s.label: s.process.returncode for s in services}
         print(f"services stopped, exit codes {codes}")
-        print("service logs: " + "; ".join(f"{s.name} {s.problems()}" for s in services))
+        print("service logs: " + "; ".join(f"{s.label} {s.problems()}" for s in services))
         run.counts = await collect_counts(services, dead, run)
         print(format_counts(run.counts))
         ok = await report({n: a.store for n, a in apps.items()}, dead, run, finished)

@@ -25,6 +25,8 @@ async def run_example(
     timeout: float = 240,
     released: int | None = None,
     runs: list[demo.Run] | None = None,
+    workers: int = 2,
+    hosts: list[demo.Host] | None = None,
 ) -> tuple[str, demo.Run]:
     """Run the example under `chaos`; return its printed report (which must pass) and run.
 
@@ -38,16 +40,18 @@ async def run_example(
     `amqp_url` may list a cluster's nodes, comma-separated; `quorum_queues` declares quorum
     queues; `timeout` is the seconds every order has to end. `released` places only that
     many orders until `chaos` calls `run.release(...)`; the run is appended to `runs` before
-    it starts, so that `chaos` can reach it.
+    it starts, so that `chaos` can reach it. `workers` is each service's worker processes
+    per host; `hosts` where the services run (`demo.Host`; default: here, once each).
     """
     args = demo.parse_args(
-        ["--orders", str(ORDERS), "--broker", amqp_url, "--database", database, "--workers", "2",
-         "--concurrency", "4", "--timeout", str(timeout)]
+        ["--orders", str(ORDERS), "--broker", amqp_url, "--database", database,
+         "--workers", str(workers), "--concurrency", "4", "--timeout", str(timeout)]
         + (["--quorum-queues"] if quorum_queues else [])
         + (["--listen-database", listen_database] if listen_database else [])
     )  # fmt: skip
     run = demo.new_run(args)
     run.released = released
+    run.hosts = hosts or ()
     if runs is not None:
         runs.append(run)
     run.expected_dead_letters = expected_dead_letters
