@@ -28,6 +28,7 @@ from _bench.processes import (
     ENV_EXCHANGE,
     ENV_INPUT,
     ENV_QUEUE_PREFIX,
+    ENV_QUORUM_QUEUES,
 )
 from _bench.txflow_side import build_app
 from txflow import TxFlow
@@ -48,6 +49,7 @@ def app() -> TxFlow:
         queue_prefix=_env(ENV_QUEUE_PREFIX),
         exchange=_env(ENV_EXCHANGE),
         concurrency=int(_env(ENV_CONCURRENCY)),
+        quorum_queues=os.environ.get(ENV_QUORUM_QUEUES) == "1",
     )
 
 

@@ -55,6 +55,10 @@ class Env:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.amqp_url: str = args.amqp_url
+        # What the txflow side's processes are given (cluster.py: every node of a cluster,
+        # while the tools talk to the first); and whether they declare quorum queues.
+        self.worker_amqp_url: str = getattr(args, "worker_amqp_url", None) or self.amqp_url
+        self.quorum_queues: bool = bool(getattr(args, "quorum_queues", False))
         self.pg_url: str = args.pg_url
         self.run_id = secrets.token_hex(4)
         self.db_name = f"bench_{self.run_id}"
@@ -303,6 +307,7 @@ class Env:
         """The txflow side, its pool sized as the other sides' (`pool_size_for`); `options`
         go to `build_app` (the ring's `ring`, `write`, `db_pool_size`, `transport`)."""
         options.setdefault("db_pool_size", pool_size_for(concurrency))
+        options.setdefault("quorum_queues", self.quorum_queues)
         options.setdefault("write", getattr(self.args, "txflow_write", "driver"))
         app = build_app(
             amqp_url=self.amqp_url,

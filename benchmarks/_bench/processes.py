@@ -23,6 +23,7 @@ ENV_QUEUE_PREFIX = "BENCH_QUEUE_PREFIX"
 ENV_EXCHANGE = "BENCH_EXCHANGE"
 ENV_INPUT = "BENCH_INPUT"
 ENV_CONCURRENCY = "BENCH_CONCURRENCY"
+ENV_QUORUM_QUEUES = "BENCH_QUORUM_QUEUES"  # "1": the txflow side declares quorum queues
 # Seconds a process may take to start consuming, and to stop after SIGTERM.
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 90.0

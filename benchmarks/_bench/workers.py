@@ -24,6 +24,7 @@ from _bench.processes import (
     ENV_EXCHANGE,
     ENV_INPUT,
     ENV_QUEUE_PREFIX,
+    ENV_QUORUM_QUEUES,
     START_TIMEOUT,
     alive,
     bench_app,
@@ -35,6 +36,7 @@ from _bench.processes import (
 from _bench.results import failed_checks
 from _bench.runs import attempt, order
 from _bench.txflow_side import TX_TABLES
+from txflow import open_transport
 
 WORKER_SIDES = ("baseline", "txflow")
 
@@ -55,14 +57,24 @@ class WorkersResult:
 async def run_workers(
     env: Env, side: str, workers: int, concurrency: int, messages: int
 ) -> WorkersResult:
-    common = {ENV_AMQP_URL: env.amqp_url, ENV_DB_URL: env.db_url, ENV_CONCURRENCY: str(concurrency)}
+    common = {
+        ENV_AMQP_URL: env.worker_amqp_url,
+        ENV_DB_URL: env.db_url,
+        ENV_CONCURRENCY: str(concurrency),
+    }
     if side == "txflow":
         await env.truncate(*TX_TABLES)
         app = env.make_app(concurrency)
         queue, sink = env.tx_input(app), env.tx_sink
-        await env.tools().declare_queue(queue, durable=True)  # as txflow declares it
+        if env.quorum_queues:  # txflow declares it, with the arguments of a quorum queue
+            async with open_transport(env.worker_amqp_url) as transport:
+                await transport.declare(app.topology())
+        else:
+            await env.tools().declare_queue(queue, durable=True)  # as txflow declares it
         tables = ("bench_tx_items", "txflow_inbox", "txflow_outbox")
         extra = {ENV_QUEUE_PREFIX: env.tx_prefix, ENV_EXCHANGE: env.tx_exchange}
+        if env.quorum_queues:
+            extra[ENV_QUORUM_QUEUES] = "1"
         argv = [[*txflow_run("bench_app:app"), "--workers", str(workers)]]
     else:
         await env.truncate(*HW_TABLES)
