@@ -118,6 +118,19 @@ def test_statement_pooling_and_a_pooled_listen_url_are_refused() -> None:
         open_store("sqlite:///x.db", listen_url="postgresql://u@db/shop")
 
 
+def test_listen_url_reaches_every_worker_of_txflow_run() -> None:
+    from txflow.cli import build_parser
+    from txflow.cli._supervisor import Supervisor
+
+    args = build_parser().parse_args(
+        ["run", "shop:app", "--workers", "2", "--database", "postgresql://u@pooler/shop"
+         "?pool_mode=transaction", "--listen-url", "postgresql://u@db/shop"]
+    )  # fmt: skip
+    argv = Supervisor(args, 5.0)._argv()
+    assert argv[argv.index("--listen-url") + 1] == "postgresql://u@db/shop"
+    assert argv[argv.index("--database") + 1].endswith("?pool_mode=transaction")
+
+
 # -- what breaks ------------------------------------------------------------------------------
 
 
