@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any, Self, TypeVar
 
+import anyio
 import sqlalchemy as sa
 
 from txflow import _telemetry
@@ -23,6 +24,7 @@ from txflow._messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
 from txflow._metrics import MetricsConfig
 from txflow._names import dead_letter_queue, handler_queue_name
 from txflow._outbox import OutboxRelay, RelayConfig
+from txflow._tasks import TaskOwner
 from txflow.errors import ConfigurationError, DatabaseUnavailableError, TxflowError
 from txflow.flows import (
     DEFAULT_LIST_LIMIT,
@@ -181,7 +183,8 @@ class TxFlow:
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self.trackers: dict[str, FlowTracker] = {}
-        self._background: list[asyncio.Task[None]] = []
+        # Owns the cleanup, stats and deadline loops; the relay and each consumer own theirs.
+        self._background = TaskOwner(f"{name} background")
         self._stopping = asyncio.Event()
         self._transport = transport
         self._owns_transport = transport is None
@@ -602,26 +605,30 @@ class TxFlow:
             await consumer.start()
             self._consumers.append(consumer)
         self._stopping = asyncio.Event()
+        await self._background.open()
         if self.inbox_retention is not None or (self.trackers and self.flow_retention is not None):
-            self._background.append(asyncio.create_task(self._clean_up(store)))
+            self._background.start_soon(self._clean_up, store, name="cleanup")
         if self.stats_interval is not None:
-            self._background.append(asyncio.create_task(self._report(self.stats_interval)))
+            self._background.start_soon(self._report, self.stats_interval, name="stats")
         if self._metrics is not None:
-            sampling = self._metrics.sample(
+            self._background.start_soon(
+                self._metrics.sample,
                 store,
                 self._transport,
                 [spec.queue for spec in self.handlers.values()],
                 list(self.trackers),
                 self._stopping,
+                name="metrics",
             )
-            self._background.append(asyncio.create_task(sampling, name="metrics"))
         for tracker in self.trackers.values():
             if tracker.has_deadlines:
-                task = asyncio.create_task(
-                    tracker.run_deadlines(store, self._relay, self._stopping),
+                self._background.start_soon(
+                    tracker.run_deadlines,
+                    store,
+                    self._relay,
+                    self._stopping,
                     name=f"deadlines:{tracker.flow.name}",
                 )
-                self._background.append(task)
 
     async def _check_tables(self, store: Store) -> None:
         try:
@@ -648,8 +655,13 @@ class TxFlow:
         the table and are published after restart.
         """
         await self._stop_background()
+        # Every consumer stops taking deliveries first; then all in-flight handlers share one
+        # deadline, `shutdown_timeout` from now, rather than one timeout per consumer in turn.
         for consumer in self._consumers:
-            await consumer.stop(self.shutdown_timeout)
+            await consumer.pause()
+        deadline = anyio.current_time() + self.shutdown_timeout
+        for consumer in self._consumers:
+            await consumer.stop(max(0.0, deadline - anyio.current_time()))
         if self._relay is not None and self._relay.running:
             await self._relay.drain(self.shutdown_timeout)
         if self._started:
@@ -678,9 +690,9 @@ class TxFlow:
             await self.clock.wait(self._stopping, CLEANUP_INTERVAL)
 
     async def _report(self, interval: float) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
+        while not self._stopping.is_set():
+            with anyio.move_on_after(interval):
+                await self._stopping.wait()
                 return
             self._log_stats(" (running)")
 
@@ -703,15 +715,8 @@ class TxFlow:
 
     async def _stop_background(self) -> None:
         """Let background loops finish their current step, then cancel what is still running."""
-        tasks, self._background = self._background, []
         self._stopping.set()
-        if not tasks:
-            return
-        _done, pending = await asyncio.wait(tasks, timeout=BACKGROUND_STOP_TIMEOUT)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        await self._background.aclose(BACKGROUND_STOP_TIMEOUT)
 
     async def _close_resources(self) -> None:
         await self._stop_background()

@@ -29,12 +29,15 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import anyio
+
 from txflow import _metrics, _telemetry
+from txflow._tasks import TaskOwner
 from txflow.errors import PublishError, TransportClosedError, UnroutableError
 from txflow.store import Listener, OutboxRecord, Store, UnitOfWork, make_record
 from txflow.transport import Transport
@@ -164,8 +167,8 @@ class OutboxRelay:
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._loops: list[asyncio.Task[Any]] = []
+        # Owns the relay's loops and each row's publish (see `start`).
+        self._tasks = TaskOwner("outbox relay")
         self._listener: Listener | None = None
         self._running = False
 
@@ -218,28 +221,26 @@ class OutboxRelay:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start publishing, sweeping and cleaning up in background tasks owned by the relay."""
+        """Start publishing, sweeping and cleaning up in the relay's own task group."""
         if self._running:
             return
+        await self._tasks.open()
         self._running = True
-        self._loops = [
-            asyncio.create_task(self._publish_loop(), name="txflow-relay-publish"),
-            asyncio.create_task(self._flush_loop(), name="txflow-relay-mark-sent"),
-            asyncio.create_task(self._sweep_loop(), name="txflow-relay-sweep"),
-            asyncio.create_task(self._cleanup_loop(), name="txflow-relay-cleanup"),
-            asyncio.create_task(self._renew_loop(), name="txflow-relay-renew-leases"),
-        ]
+        self._tasks.start_soon(self._publish_loop, name="txflow-relay-publish")
+        self._tasks.start_soon(self._flush_loop, name="txflow-relay-mark-sent")
+        self._tasks.start_soon(self._sweep_loop, name="txflow-relay-sweep")
+        self._tasks.start_soon(self._cleanup_loop, name="txflow-relay-cleanup")
+        self._tasks.start_soon(self._renew_loop, name="txflow-relay-renew-leases")
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every handed-over row is published and marked; False on timeout."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not self._is_idle():
-                    self._idle.clear()
-                    self._wake.set()
-                    self._flush_needed.set()
-                    await self._idle.wait()
-        except TimeoutError:
+        with anyio.move_on_after(timeout):
+            while not self._is_idle():
+                self._idle.clear()
+                self._wake.set()
+                self._flush_needed.set()
+                await self._idle.wait()
+        if not self._is_idle():
             log.warning(
                 "outbox relay drain timed out with %d queued, %d unconfirmed; "
                 "they stay in the outbox and are published after restart",
@@ -259,21 +260,12 @@ class OutboxRelay:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-        loops, self._loops = self._loops, []
-        for task in [*loops, *self._tasks]:
-            task.cancel()
-        await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.aclose()
         if self._listener is not None:
             await self._listener.aclose()
             self._listener = None
 
     # -- publishing --------------------------------------------------------------------------
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _is_idle(self) -> bool:
         return not (
@@ -299,7 +291,10 @@ class OutboxRelay:
                     self._room.set()
                 self._in_flight += 1
                 # Tasks start in creation order and publish in that order on one channel.
-                self._spawn(self._publish_one(record))
+                if not self._tasks.start_soon(self._publish_one, record, name="txflow-publish"):
+                    self._in_flight -= 1  # closing: the row stays unsent, for the next relay
+                    self._window.release()
+                    return
             self._maybe_idle()
 
     async def _publish_one(self, record: OutboxRecord) -> None:
@@ -330,6 +325,12 @@ class OutboxRelay:
             self.stats.failed += 1
             self._owned.discard(record.seq)
             log.error("outbox row %d was refused and stays unsent: %s", record.seq, exc)
+        except Exception:
+            # A bug rather than an outage: the row stays unsent, and a sweep retries it once
+            # its lease ran out (it is no longer renewed).
+            self.stats.failed += 1
+            self._owned.discard(record.seq)
+            log.exception("publishing outbox row %d failed; it stays unsent", record.seq)
         else:
             if self._outage_failures:
                 log.warning("publishing resumed after %d failed attempts", self._outage_failures)
@@ -362,7 +363,8 @@ class OutboxRelay:
                 continue
             self._marking = seqs
             try:
-                await self.store.mark_sent(seqs, delete=delete)
+                with self._tasks.step():
+                    await self.store.mark_sent(seqs, delete=delete)
             except Exception as exc:
                 log.warning("marking %d outbox rows sent failed, will retry: %s", len(seqs), exc)
                 self._confirmed[:0] = seqs
@@ -386,7 +388,8 @@ class OutboxRelay:
         if self._listener is not None and self._listener.is_alive():
             return
         try:
-            self._listener = await self.store.listen(self._on_notify)
+            with self._tasks.step():
+                self._listener = await self.store.listen(self._on_notify)
         except Exception as exc:
             log.warning("LISTEN for outbox notifications failed, relying on sweeps: %s", exc)
 
@@ -409,7 +412,8 @@ class OutboxRelay:
                 # Back-pressure: let the publisher catch up before claiming more.
                 self._room.clear()
                 await self._room.wait()
-            records = await self.store.claim(batch, self.config.lease, self.relay_id)
+            with self._tasks.step():
+                records = await self.store.claim(batch, self.config.lease, self.relay_id)
             fresh = [r for r in records if r.seq not in self._owned]
             if fresh:
                 self.stats.swept += len(fresh)
@@ -426,8 +430,10 @@ class OutboxRelay:
             await clock.sleep(self.config.cleanup_interval)
             cutoff = clock.utcnow() - timedelta(seconds=self.config.retention)
             try:
-                while await self.store.delete_sent(cutoff) > 0:
-                    pass
+                more = True
+                while more:
+                    with self._tasks.step():
+                        more = await self.store.delete_sent(cutoff) > 0
             except Exception as exc:
                 log.warning("deleting sent outbox rows failed, will retry: %s", exc)
 
@@ -465,7 +471,8 @@ class OutboxRelay:
             chunk = due[start : start + RENEW_CHUNK]
             lease_until = time.time() + self.config.lease
             try:
-                held = await self.store.renew(chunk, lease_until, self.relay_id)
+                with self._tasks.step():
+                    held = await self.store.renew(chunk, lease_until, self.relay_id)
             except BaseException:
                 # Not renewed: due again in the next round (if the relay still holds them).
                 self._track_lease(0.0, due[start:])
