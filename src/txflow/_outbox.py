@@ -20,7 +20,6 @@ events one transaction emitted go out in emit order. Confirmed rows are marked s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
@@ -64,6 +63,41 @@ RECONNECT_BACKOFF = 0.5
 RENEWALS_PER_LEASE = 3
 # Rows per renewal UPDATE: short statements, so a claim by another relay never waits long.
 RENEW_CHUNK = 1000
+
+
+class _Outage:
+    """Logs one of the relay's loops failing once per outage, not once per attempt.
+
+    The first failure is a WARNING with its reason, the attempts after it DEBUG lines, and
+    the first success after them one INFO line saying how long it lasted.
+    """
+
+    __slots__ = ("_attempts", "_since", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._since: float | None = None
+        self._attempts = 0
+
+    def failed(self, exc: BaseException) -> None:
+        self._attempts += 1
+        if self._since is None:
+            self._since = time.monotonic()
+            log.warning("%s failed, will retry: %s", self.what, exc)
+        else:
+            log.debug("%s failed again (%d attempts): %s", self.what, self._attempts, exc)
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        log.info(
+            "%s recovered after %.1fs (%d failed attempts)",
+            self.what,
+            time.monotonic() - self._since,
+            self._attempts,
+        )
+        self._since = None
+        self._attempts = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +186,12 @@ class OutboxRelay:
         # seqs no longer in `_owned` are skipped when their entry comes due.
         self._leases: list[tuple[float, int, list[int]]] = []
         self._lease_ids = itertools.count()
-        self._renew_failures = 0  # renewal rounds failed since the last one that succeeded
+        # Database work of the loops below, each logged once per outage.
+        self._sweep_outage = _Outage("outbox sweep")
+        self._listen_outage = _Outage("LISTEN for outbox notifications (relying on sweeps)")
+        self._mark_outage = _Outage("marking outbox rows sent")
+        self._cleanup_outage = _Outage("deleting sent outbox rows")
+        self._renew_outage = _Outage("renewing outbox leases")
         self._failed: list[OutboxRecord] = []  # publish failed; back in the queue after a pause
         self._retry_timer: asyncio.TimerHandle | None = None
         self._outage_failures = 0  # publishes failed since the last one that succeeded
@@ -366,13 +405,14 @@ class OutboxRelay:
                 with self._tasks.step():
                     await self.store.mark_sent(seqs, delete=delete)
             except Exception as exc:
-                log.warning("marking %d outbox rows sent failed, will retry: %s", len(seqs), exc)
+                self._mark_outage.failed(exc)
                 self._confirmed[:0] = seqs
-                await asyncio.sleep(RECONNECT_BACKOFF)
+                await anyio.sleep(RECONNECT_BACKOFF)
                 self._flush_needed.set()
                 continue
             finally:
                 self._marking = []
+            self._mark_outage.succeeded()
             self.stats.marked += len(seqs)
             self._owned.difference_update(seqs)
             self._maybe_idle()
@@ -391,7 +431,9 @@ class OutboxRelay:
             with self._tasks.step():
                 self._listener = await self.store.listen(self._on_notify)
         except Exception as exc:
-            log.warning("LISTEN for outbox notifications failed, relying on sweeps: %s", exc)
+            self._listen_outage.failed(exc)
+        else:
+            self._listen_outage.succeeded()
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -399,9 +441,11 @@ class OutboxRelay:
             try:
                 await self._sweep()
             except Exception as exc:
-                log.warning("outbox sweep failed, will retry: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sweep_now.wait(), self.config.sweep_interval)
+                self._sweep_outage.failed(exc)
+            else:
+                self._sweep_outage.succeeded()
+            with anyio.move_on_after(self.config.sweep_interval):
+                await self._sweep_now.wait()
             self._sweep_now.clear()
 
     async def _sweep(self) -> None:
@@ -435,7 +479,9 @@ class OutboxRelay:
                     with self._tasks.step():
                         more = await self.store.delete_sent(cutoff) > 0
             except Exception as exc:
-                log.warning("deleting sent outbox rows failed, will retry: %s", exc)
+                self._cleanup_outage.failed(exc)
+            else:
+                self._cleanup_outage.succeeded()
 
     # -- lease renewal ------------------------------------------------------------------------
 
@@ -445,20 +491,13 @@ class OutboxRelay:
     async def _renew_loop(self) -> None:
         interval = self.config.lease / RENEWALS_PER_LEASE
         while True:
-            await asyncio.sleep(interval)
+            await anyio.sleep(interval)
             try:
                 await self._renew(horizon=time.time() + 2 * interval)
             except Exception as exc:
-                # One line per outage: the rows are retried every round until it ends.
-                if not self._renew_failures:
-                    log.warning("renewing outbox leases failed, will retry: %s", exc)
-                self._renew_failures += 1
-                continue
-            if self._renew_failures:
-                log.warning(
-                    "renewing outbox leases resumed after %d failures", self._renew_failures
-                )
-                self._renew_failures = 0
+                self._renew_outage.failed(exc)  # the rows are retried every round until it ends
+            else:
+                self._renew_outage.succeeded()
 
     async def _renew(self, horizon: float) -> None:
         """Renew the leases of held rows that end before `horizon`, a chunk per UPDATE."""
