@@ -16,7 +16,6 @@ from typing import Any, Self, TypeVar
 import anyio
 import sqlalchemy as sa
 
-from txflow import _telemetry
 from txflow._app_metrics import AppMetrics
 from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow._config import open_transport, resolve_broker_url, resolve_database_url
@@ -28,13 +27,13 @@ from txflow._tasks import TaskOwner
 from txflow.errors import ConfigurationError, DatabaseUnavailableError, TxflowError
 from txflow.flows import (
     DEFAULT_LIST_LIMIT,
-    CompensateStep,
+    Compensation,
     Flow,
     FlowHook,
     FlowInfo,
     FlowStatus,
     FlowTracker,
-    StepRecord,
+    compensation_command,
     delete_finished_flows,
     flow_state,
     list_flows,
@@ -365,57 +364,21 @@ class TxFlow:
         Raises:
             ConfigurationError: the step does not exist or does not declare `compensation=True`.
         """
-        declared = flow.step(step)
-        if not declared.compensation:
-            raise ConfigurationError(
-                f"step {step!r} of flow {flow.name!r} has no compensation; "
-                "declare it with Step(..., compensation=True)"
-            )
-        command = flow.compensate_events[step]
+        command = compensation_command(flow, step)
 
         def register(func: H) -> H:
             is_async = inspect.iscoroutinefunction(func)  # kept apart: no narrowing of `func`
             if not is_async:
                 raise ConfigurationError(f"compensation {func.__qualname__} must be `async def`")
-            wants_ctx = takes_context(func)
-
-            async def compensate(request: CompensateStep, ctx: Context) -> None:
-                event_cls = flow.events.get(request.step_event_type)
-                if event_cls is None:
-                    raise ConfigurationError(
-                        f"flow {flow.name!r} knows no event {request.step_event_type!r}"
-                    )
-                event = event_cls.model_validate(request.step_event)
-                ctx.flow = FlowInfo(
-                    flow=flow.name,
-                    flow_id=request.flow_id,
-                    status=FlowStatus.COMPENSATING,
-                    steps=tuple(StepRecord.from_json(s) for s in request.steps),
-                    failed_step=request.failed_step,
-                    reason=request.reason,
-                    _events=flow.events,
-                )
-                result = await (func(event, ctx) if wants_ctx else func(event))
-                _telemetry.compensation_ran(flow.name, request.flow_id, step)
-                ctx.emit_all(result)
-                ctx.emit(flow.compensated_event(flow=flow.name, flow_id=request.flow_id, step=step))
-
-            def exhausted(request: CompensateStep, error: Exception) -> Event:
-                return flow.compensation_failed_event(
-                    flow=flow.name,
-                    flow_id=request.flow_id,
-                    step=step,
-                    error=f"{type(error).__name__}: {error}",
-                )
-
+            undo = Compensation(flow, step, func)
             self._add(
                 name or func.__name__,
-                compensate,
+                undo.handler(),
                 (command,),
                 concurrency=concurrency,
                 retry=retry,
                 emits=tuple(emits),
-                on_exhausted=exhausted,
+                on_exhausted=undo.exhausted,
                 compensates=(flow, step),
                 origin=func,
             )
