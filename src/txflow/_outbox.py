@@ -206,8 +206,14 @@ class OutboxRelay:
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        # Owns the relay's loops and each row's publish (see `start`).
+        # Owns the relay's loops (see `start`).
         self._tasks = TaskOwner("outbox relay")
+        # Each row's publish, while it waits for its confirm. Plain asyncio tasks in a set the
+        # relay keeps, not children of `_tasks`, for a measured reason: anyio 4.16 wraps each
+        # child in a task handle and a cancel scope of its own, which doubled the relay's
+        # CPU per row (about 13 -> 29 us measured, the relay alone on the in-memory broker).
+        # The publish loop creates them; `aclose` cancels and awaits them.
+        self._publishes: set[asyncio.Task[None]] = set()
         self._listener: Listener | None = None
         self._running = False
 
@@ -300,6 +306,10 @@ class OutboxRelay:
             self._retry_timer.cancel()
             self._retry_timer = None
         await self._tasks.aclose()
+        publishes = list(self._publishes)
+        for task in publishes:
+            task.cancel()
+        await asyncio.gather(*publishes, return_exceptions=True)
         if self._listener is not None:
             await self._listener.aclose()
             self._listener = None
@@ -330,10 +340,9 @@ class OutboxRelay:
                     self._room.set()
                 self._in_flight += 1
                 # Tasks start in creation order and publish in that order on one channel.
-                if not self._tasks.start_soon(self._publish_one, record, name="txflow-publish"):
-                    self._in_flight -= 1  # closing: the row stays unsent, for the next relay
-                    self._window.release()
-                    return
+                task = asyncio.create_task(self._publish_one(record))
+                self._publishes.add(task)
+                task.add_done_callback(self._publishes.discard)
             self._maybe_idle()
 
     async def _publish_one(self, record: OutboxRecord) -> None:
