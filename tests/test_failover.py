@@ -56,6 +56,22 @@ def test_repeated_broker_options_make_one_list() -> None:
     assert parser.parse_args(["--broker", "amqp://a/"]).broker == "amqp://a/"
 
 
+async def test_rounds_of_failed_nodes_wait_half_a_second_doubling_to_five() -> None:
+    from txflow.rabbit._failover import FailoverConnection
+
+    conn = FailoverConnection([f"amqp://u:p@h{i}:5672/" for i in range(3)])
+    waits = []
+    for _ in range(6 * 3):  # six full rounds of three failed nodes
+        conn._move_on(lost=False)
+        waits.append(conn.reconnect_interval)
+    assert waits == [w for n in (0.5, 1.0, 2.0, 4.0, 5.0, 5.0) for w in (0.0, 0.0, n)]
+    conn._move_on(lost=True)  # it had connected, then lost the node: start again at once
+    assert conn.reconnect_interval == 0.0
+    for _ in range(3):
+        conn._move_on(lost=False)
+    assert conn.reconnect_interval == 0.5
+
+
 @pytest.mark.rabbitmq
 async def test_unreachable_nodes_are_all_named_masked() -> None:
     urls = [f"amqp://guest:sekrit@127.0.0.1:{free_port()}/" for _ in range(3)]

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from tests.conftest import Backend, settle
-from tests.support import Ping
+from tests.support import Ping, add_sink
 from txflow import Context, Message, RelayConfig, TxFlow
 from txflow.store import outbox
 from txflow.testing import wait_until
@@ -199,18 +201,71 @@ async def test_renewal_failures_are_logged_once_per_outage(
             failures += 1
             raise OSError("connection refused")
 
-        with caplog.at_level(logging.WARNING, logger="txflow.outbox"):
+        with caplog.at_level(logging.INFO, logger="txflow.outbox"):
             store.renew = database_down  # type: ignore[method-assign,assignment]
             await wait_until(lambda: failures >= 3, timeout=30, message="failed renewals")
             del store.renew  # the database is back
             await wait_until(lambda: relay_a.relay.stats.renewed >= 10, message="renewed")
-        logged = [r.getMessage() for r in caplog.records if "renewing" in r.getMessage()]
-        assert logged == [
-            "renewing outbox leases failed, will retry: connection refused",
-            f"renewing outbox leases resumed after {failures} failures",
+        logged = [
+            (r.levelname, r.getMessage()) for r in caplog.records if "renewing" in r.getMessage()
         ]
+        assert logged[0] == (
+            "WARNING",
+            "renewing outbox leases failed, will retry: connection refused",
+        )
+        assert len(logged) == 2
+        assert logged[1][0] == "INFO"
+        assert re.fullmatch(
+            rf"renewing outbox leases recovered after \d+\.\ds \({failures} failed attempts\)",
+            logged[1][1],
+        )
         slow.gate.set()
         await wait_until(lambda: set(seen) == set(ids), message="every row")
+
+
+async def test_sweep_and_mark_sent_log_once_per_database_outage(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = await backend.app("svc")
+    received = add_sink(app, Ping)
+    async with app:
+        store = app.relay.store
+        attempts: Counter[str] = Counter()
+
+        def database_down(what: str) -> Any:
+            async def fail(*args: object, **kwargs: object) -> Any:
+                attempts[what] += 1
+                raise OSError("connection refused")
+
+            return fail
+
+        def logged(text: str) -> Callable[[], bool]:
+            return lambda: any(text in r.getMessage() for r in caplog.records)
+
+        with caplog.at_level(logging.DEBUG, logger="txflow.outbox"):
+            store.claim = database_down("claim")  # type: ignore[method-assign]
+            store.mark_sent = database_down("mark_sent")  # type: ignore[method-assign]
+            await app.publish(Ping(n=1))  # published at once; marking it sent fails
+            await wait_until(
+                lambda: attempts["claim"] >= 3 and attempts["mark_sent"] >= 3,
+                timeout=30,
+                message="failed sweeps and marks",
+            )
+            del store.claim, store.mark_sent  # the database is back
+            await wait_until(logged("outbox sweep recovered"), message="sweep recovered")
+            await wait_until(logged("marking outbox rows sent recovered"), message="marked")
+        assert app.relay.stats.marked == 1 and len(received) == 1
+        for what, key in (("outbox sweep", "claim"), ("marking outbox rows sent", "mark_sent")):
+            lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+            lines = [(level, text) for level, text in lines if what in text]
+            assert lines[0] == ("WARNING", f"{what} failed, will retry: connection refused")
+            assert {level for level, _ in lines[1:-1]} == {"DEBUG"}
+            assert len(lines) == attempts[key] + 1  # every attempt, then the recovery
+            assert lines[-1][0] == "INFO"
+            assert re.fullmatch(
+                rf"{what} recovered after \d+\.\ds \({attempts[key]} failed attempts\)",
+                lines[-1][1],
+            )
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any, Self, TypeVar
 
+import anyio
 import sqlalchemy as sa
 
-from txflow import _telemetry
 from txflow._app_metrics import AppMetrics
 from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow._config import (
@@ -28,16 +28,17 @@ from txflow._messages import DEFAULT_MAX_MESSAGE_BYTES, Event, EventRegistry
 from txflow._metrics import MetricsConfig
 from txflow._names import dead_letter_queue, handler_queue_name
 from txflow._outbox import OutboxRelay, RelayConfig
+from txflow._tasks import TaskOwner
 from txflow.errors import ConfigurationError, DatabaseUnavailableError, TxflowError
 from txflow.flows import (
     DEFAULT_LIST_LIMIT,
-    CompensateStep,
+    Compensation,
     Flow,
     FlowHook,
     FlowInfo,
     FlowStatus,
     FlowTracker,
-    StepRecord,
+    compensation_command,
     delete_finished_flows,
     flow_state,
     list_flows,
@@ -193,7 +194,8 @@ class TxFlow:
         self.events = EventRegistry()
         self.handlers: dict[str, HandlerSpec] = {}
         self.trackers: dict[str, FlowTracker] = {}
-        self._background: list[asyncio.Task[None]] = []
+        # Owns the cleanup, stats and deadline loops; the relay and each consumer own theirs.
+        self._background = TaskOwner(f"{name} background")
         self._stopping = asyncio.Event()
         self._transport = transport
         self._owns_transport = transport is None
@@ -374,57 +376,21 @@ class TxFlow:
         Raises:
             ConfigurationError: the step does not exist or does not declare `compensation=True`.
         """
-        declared = flow.step(step)
-        if not declared.compensation:
-            raise ConfigurationError(
-                f"step {step!r} of flow {flow.name!r} has no compensation; "
-                "declare it with Step(..., compensation=True)"
-            )
-        command = flow.compensate_events[step]
+        command = compensation_command(flow, step)
 
         def register(func: H) -> H:
             is_async = inspect.iscoroutinefunction(func)  # kept apart: no narrowing of `func`
             if not is_async:
                 raise ConfigurationError(f"compensation {func.__qualname__} must be `async def`")
-            wants_ctx = takes_context(func)
-
-            async def compensate(request: CompensateStep, ctx: Context) -> None:
-                event_cls = flow.events.get(request.step_event_type)
-                if event_cls is None:
-                    raise ConfigurationError(
-                        f"flow {flow.name!r} knows no event {request.step_event_type!r}"
-                    )
-                event = event_cls.model_validate(request.step_event)
-                ctx.flow = FlowInfo(
-                    flow=flow.name,
-                    flow_id=request.flow_id,
-                    status=FlowStatus.COMPENSATING,
-                    steps=tuple(StepRecord.from_json(s) for s in request.steps),
-                    failed_step=request.failed_step,
-                    reason=request.reason,
-                    _events=flow.events,
-                )
-                result = await (func(event, ctx) if wants_ctx else func(event))
-                _telemetry.compensation_ran(flow.name, request.flow_id, step)
-                ctx.emit_all(result)
-                ctx.emit(flow.compensated_event(flow=flow.name, flow_id=request.flow_id, step=step))
-
-            def exhausted(request: CompensateStep, error: Exception) -> Event:
-                return flow.compensation_failed_event(
-                    flow=flow.name,
-                    flow_id=request.flow_id,
-                    step=step,
-                    error=f"{type(error).__name__}: {error}",
-                )
-
+            undo = Compensation(flow, step, func)
             self._add(
                 name or func.__name__,
-                compensate,
+                undo.handler(),
                 (command,),
                 concurrency=concurrency,
                 retry=retry,
                 emits=tuple(emits),
-                on_exhausted=exhausted,
+                on_exhausted=undo.exhausted,
                 compensates=(flow, step),
                 origin=func,
             )
@@ -615,26 +581,30 @@ class TxFlow:
             await consumer.start()
             self._consumers.append(consumer)
         self._stopping = asyncio.Event()
+        await self._background.open()
         if self.inbox_retention is not None or (self.trackers and self.flow_retention is not None):
-            self._background.append(asyncio.create_task(self._clean_up(store)))
+            self._background.start_soon(self._clean_up, store, name="cleanup")
         if self.stats_interval is not None:
-            self._background.append(asyncio.create_task(self._report(self.stats_interval)))
+            self._background.start_soon(self._report, self.stats_interval, name="stats")
         if self._metrics is not None:
-            sampling = self._metrics.sample(
+            self._background.start_soon(
+                self._metrics.sample,
                 store,
                 self._transport,
                 [spec.queue for spec in self.handlers.values()],
                 list(self.trackers),
                 self._stopping,
+                name="metrics",
             )
-            self._background.append(asyncio.create_task(sampling, name="metrics"))
         for tracker in self.trackers.values():
             if tracker.has_deadlines:
-                task = asyncio.create_task(
-                    tracker.run_deadlines(store, self._relay, self._stopping),
+                self._background.start_soon(
+                    tracker.run_deadlines,
+                    store,
+                    self._relay,
+                    self._stopping,
                     name=f"deadlines:{tracker.flow.name}",
                 )
-                self._background.append(task)
 
     async def _check_tables(self, store: Store) -> None:
         try:
@@ -661,8 +631,13 @@ class TxFlow:
         the table and are published after restart.
         """
         await self._stop_background()
+        # Every consumer stops taking deliveries first; then all in-flight handlers share one
+        # deadline, `shutdown_timeout` from now, rather than one timeout per consumer in turn.
         for consumer in self._consumers:
-            await consumer.stop(self.shutdown_timeout)
+            await consumer.pause()
+        deadline = anyio.current_time() + self.shutdown_timeout
+        for consumer in self._consumers:
+            await consumer.stop(max(0.0, deadline - anyio.current_time()))
         if self._relay is not None and self._relay.running:
             await self._relay.drain(self.shutdown_timeout)
         if self._started:
@@ -691,9 +666,9 @@ class TxFlow:
             await self.clock.wait(self._stopping, CLEANUP_INTERVAL)
 
     async def _report(self, interval: float) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
+        while not self._stopping.is_set():
+            with anyio.move_on_after(interval):
+                await self._stopping.wait()
                 return
             self._log_stats(" (running)")
 
@@ -716,15 +691,8 @@ class TxFlow:
 
     async def _stop_background(self) -> None:
         """Let background loops finish their current step, then cancel what is still running."""
-        tasks, self._background = self._background, []
         self._stopping.set()
-        if not tasks:
-            return
-        _done, pending = await asyncio.wait(tasks, timeout=BACKGROUND_STOP_TIMEOUT)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        await self._background.aclose(BACKGROUND_STOP_TIMEOUT)
 
     async def _close_resources(self) -> None:
         await self._stop_background()

@@ -20,7 +20,6 @@ events one transaction emitted go out in emit order. Confirmed rows are marked s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
@@ -29,12 +28,15 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import anyio
+
 from txflow import _metrics, _telemetry
+from txflow._tasks import TaskOwner
 from txflow.errors import PublishError, TransportClosedError, UnroutableError
 from txflow.store import Listener, OutboxRecord, Store, UnitOfWork, make_record
 from txflow.transport import Transport
@@ -61,6 +63,41 @@ RECONNECT_BACKOFF = 0.5
 RENEWALS_PER_LEASE = 3
 # Rows per renewal UPDATE: short statements, so a claim by another relay never waits long.
 RENEW_CHUNK = 1000
+
+
+class _Outage:
+    """Logs one of the relay's loops failing once per outage, not once per attempt.
+
+    The first failure is a WARNING with its reason, the attempts after it DEBUG lines, and
+    the first success after them one INFO line saying how long it lasted.
+    """
+
+    __slots__ = ("_attempts", "_since", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._since: float | None = None
+        self._attempts = 0
+
+    def failed(self, exc: BaseException) -> None:
+        self._attempts += 1
+        if self._since is None:
+            self._since = time.monotonic()
+            log.warning("%s failed, will retry: %s", self.what, exc)
+        else:
+            log.debug("%s failed again (%d attempts): %s", self.what, self._attempts, exc)
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        log.info(
+            "%s recovered after %.1fs (%d failed attempts)",
+            self.what,
+            time.monotonic() - self._since,
+            self._attempts,
+        )
+        self._since = None
+        self._attempts = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +186,12 @@ class OutboxRelay:
         # seqs no longer in `_owned` are skipped when their entry comes due.
         self._leases: list[tuple[float, int, list[int]]] = []
         self._lease_ids = itertools.count()
-        self._renew_failures = 0  # renewal rounds failed since the last one that succeeded
+        # Database work of the loops below, each logged once per outage.
+        self._sweep_outage = _Outage("outbox sweep")
+        self._listen_outage = _Outage("LISTEN for outbox notifications (relying on sweeps)")
+        self._mark_outage = _Outage("marking outbox rows sent")
+        self._cleanup_outage = _Outage("deleting sent outbox rows")
+        self._renew_outage = _Outage("renewing outbox leases")
         self._failed: list[OutboxRecord] = []  # publish failed; back in the queue after a pause
         self._retry_timer: asyncio.TimerHandle | None = None
         self._outage_failures = 0  # publishes failed since the last one that succeeded
@@ -164,8 +206,14 @@ class OutboxRelay:
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._loops: list[asyncio.Task[Any]] = []
+        # Owns the relay's loops (see `start`).
+        self._tasks = TaskOwner("outbox relay")
+        # Each row's publish, while it waits for its confirm. Plain asyncio tasks in a set the
+        # relay keeps, not children of `_tasks`, for a measured reason: anyio 4.16 wraps each
+        # child in a task handle and a cancel scope of its own, which doubled the relay's
+        # CPU per row (about 13 -> 29 us measured, the relay alone on the in-memory broker).
+        # The publish loop creates them; `aclose` cancels and awaits them.
+        self._publishes: set[asyncio.Task[None]] = set()
         self._listener: Listener | None = None
         self._running = False
 
@@ -218,28 +266,26 @@ class OutboxRelay:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start publishing, sweeping and cleaning up in background tasks owned by the relay."""
+        """Start publishing, sweeping and cleaning up in the relay's own task group."""
         if self._running:
             return
+        await self._tasks.open()
         self._running = True
-        self._loops = [
-            asyncio.create_task(self._publish_loop(), name="txflow-relay-publish"),
-            asyncio.create_task(self._flush_loop(), name="txflow-relay-mark-sent"),
-            asyncio.create_task(self._sweep_loop(), name="txflow-relay-sweep"),
-            asyncio.create_task(self._cleanup_loop(), name="txflow-relay-cleanup"),
-            asyncio.create_task(self._renew_loop(), name="txflow-relay-renew-leases"),
-        ]
+        self._tasks.start_soon(self._publish_loop, name="txflow-relay-publish")
+        self._tasks.start_soon(self._flush_loop, name="txflow-relay-mark-sent")
+        self._tasks.start_soon(self._sweep_loop, name="txflow-relay-sweep")
+        self._tasks.start_soon(self._cleanup_loop, name="txflow-relay-cleanup")
+        self._tasks.start_soon(self._renew_loop, name="txflow-relay-renew-leases")
 
     async def drain(self, timeout: float) -> bool:
         """Wait until every handed-over row is published and marked; False on timeout."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not self._is_idle():
-                    self._idle.clear()
-                    self._wake.set()
-                    self._flush_needed.set()
-                    await self._idle.wait()
-        except TimeoutError:
+        with anyio.move_on_after(timeout):
+            while not self._is_idle():
+                self._idle.clear()
+                self._wake.set()
+                self._flush_needed.set()
+                await self._idle.wait()
+        if not self._is_idle():
             log.warning(
                 "outbox relay drain timed out with %d queued, %d unconfirmed; "
                 "they stay in the outbox and are published after restart",
@@ -259,21 +305,16 @@ class OutboxRelay:
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
-        loops, self._loops = self._loops, []
-        for task in [*loops, *self._tasks]:
+        await self._tasks.aclose()
+        publishes = list(self._publishes)
+        for task in publishes:
             task.cancel()
-        await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*publishes, return_exceptions=True)
         if self._listener is not None:
             await self._listener.aclose()
             self._listener = None
 
     # -- publishing --------------------------------------------------------------------------
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _is_idle(self) -> bool:
         return not (
@@ -299,7 +340,9 @@ class OutboxRelay:
                     self._room.set()
                 self._in_flight += 1
                 # Tasks start in creation order and publish in that order on one channel.
-                self._spawn(self._publish_one(record))
+                task = asyncio.create_task(self._publish_one(record))
+                self._publishes.add(task)
+                task.add_done_callback(self._publishes.discard)
             self._maybe_idle()
 
     async def _publish_one(self, record: OutboxRecord) -> None:
@@ -330,6 +373,12 @@ class OutboxRelay:
             self.stats.failed += 1
             self._owned.discard(record.seq)
             log.error("outbox row %d was refused and stays unsent: %s", record.seq, exc)
+        except Exception:
+            # A bug rather than an outage: the row stays unsent, and a sweep retries it once
+            # its lease ran out (it is no longer renewed).
+            self.stats.failed += 1
+            self._owned.discard(record.seq)
+            log.exception("publishing outbox row %d failed; it stays unsent", record.seq)
         else:
             if self._outage_failures:
                 log.warning("publishing resumed after %d failed attempts", self._outage_failures)
@@ -362,15 +411,17 @@ class OutboxRelay:
                 continue
             self._marking = seqs
             try:
-                await self.store.mark_sent(seqs, delete=delete)
+                with self._tasks.step():
+                    await self.store.mark_sent(seqs, delete=delete)
             except Exception as exc:
-                log.warning("marking %d outbox rows sent failed, will retry: %s", len(seqs), exc)
+                self._mark_outage.failed(exc)
                 self._confirmed[:0] = seqs
-                await asyncio.sleep(RECONNECT_BACKOFF)
+                await anyio.sleep(RECONNECT_BACKOFF)
                 self._flush_needed.set()
                 continue
             finally:
                 self._marking = []
+            self._mark_outage.succeeded()
             self.stats.marked += len(seqs)
             self._owned.difference_update(seqs)
             self._maybe_idle()
@@ -386,9 +437,12 @@ class OutboxRelay:
         if self._listener is not None and self._listener.is_alive():
             return
         try:
-            self._listener = await self.store.listen(self._on_notify)
+            with self._tasks.step():
+                self._listener = await self.store.listen(self._on_notify)
         except Exception as exc:
-            log.warning("LISTEN for outbox notifications failed, relying on sweeps: %s", exc)
+            self._listen_outage.failed(exc)
+        else:
+            self._listen_outage.succeeded()
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -396,9 +450,11 @@ class OutboxRelay:
             try:
                 await self._sweep()
             except Exception as exc:
-                log.warning("outbox sweep failed, will retry: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sweep_now.wait(), self.config.sweep_interval)
+                self._sweep_outage.failed(exc)
+            else:
+                self._sweep_outage.succeeded()
+            with anyio.move_on_after(self.config.sweep_interval):
+                await self._sweep_now.wait()
             self._sweep_now.clear()
 
     async def _sweep(self) -> None:
@@ -409,7 +465,8 @@ class OutboxRelay:
                 # Back-pressure: let the publisher catch up before claiming more.
                 self._room.clear()
                 await self._room.wait()
-            records = await self.store.claim(batch, self.config.lease, self.relay_id)
+            with self._tasks.step():
+                records = await self.store.claim(batch, self.config.lease, self.relay_id)
             fresh = [r for r in records if r.seq not in self._owned]
             if fresh:
                 self.stats.swept += len(fresh)
@@ -426,10 +483,14 @@ class OutboxRelay:
             await clock.sleep(self.config.cleanup_interval)
             cutoff = clock.utcnow() - timedelta(seconds=self.config.retention)
             try:
-                while await self.store.delete_sent(cutoff) > 0:
-                    pass
+                more = True
+                while more:
+                    with self._tasks.step():
+                        more = await self.store.delete_sent(cutoff) > 0
             except Exception as exc:
-                log.warning("deleting sent outbox rows failed, will retry: %s", exc)
+                self._cleanup_outage.failed(exc)
+            else:
+                self._cleanup_outage.succeeded()
 
     # -- lease renewal ------------------------------------------------------------------------
 
@@ -439,20 +500,13 @@ class OutboxRelay:
     async def _renew_loop(self) -> None:
         interval = self.config.lease / RENEWALS_PER_LEASE
         while True:
-            await asyncio.sleep(interval)
+            await anyio.sleep(interval)
             try:
                 await self._renew(horizon=time.time() + 2 * interval)
             except Exception as exc:
-                # One line per outage: the rows are retried every round until it ends.
-                if not self._renew_failures:
-                    log.warning("renewing outbox leases failed, will retry: %s", exc)
-                self._renew_failures += 1
-                continue
-            if self._renew_failures:
-                log.warning(
-                    "renewing outbox leases resumed after %d failures", self._renew_failures
-                )
-                self._renew_failures = 0
+                self._renew_outage.failed(exc)  # the rows are retried every round until it ends
+            else:
+                self._renew_outage.succeeded()
 
     async def _renew(self, horizon: float) -> None:
         """Renew the leases of held rows that end before `horizon`, a chunk per UPDATE."""
@@ -465,7 +519,8 @@ class OutboxRelay:
             chunk = due[start : start + RENEW_CHUNK]
             lease_until = time.time() + self.config.lease
             try:
-                held = await self.store.renew(chunk, lease_until, self.relay_id)
+                with self._tasks.step():
+                    held = await self.store.renew(chunk, lease_until, self.relay_id)
             except BaseException:
                 # Not renewed: due again in the next round (if the relay still holds them).
                 self._track_lease(0.0, due[start:])

@@ -7,10 +7,8 @@ import asyncio
 import importlib
 import logging
 import os
-import random
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -18,6 +16,10 @@ from rich.table import Table
 from rich.text import Text
 
 from txflow._app import TxFlow
+
+# `txflow run` waits for its servers at start, and before respawning a worker, with the
+# default numbers: 0.5 s doubling to 30 s, jittered (docs/cli.md).
+from txflow._backoff import Backoff as Backoff
 from txflow._config import BROKER_URL_ENV, DATABASE_URL_ENV
 from txflow._logging import JsonFormatter
 from txflow.errors import AppNotFoundError, ConfigurationError
@@ -186,29 +188,3 @@ def _cell(value: Any) -> Text:
 def shorten(text: str, width: int) -> str:
     line = text.splitlines()[0] if text else ""
     return line if len(line) <= width else line[: width - 1] + "…"
-
-
-# Seconds before the first retry of a start or a respawn, and the most between two.
-BACKOFF_FIRST = 0.5
-BACKOFF_CAP = 30.0
-
-
-@dataclass
-class Backoff:
-    """Exponential delays with equal jitter: each is between half and all of `first * 2**n`.
-
-    The jitter spreads the reconnects of many workers that lost the same server at once.
-    """
-
-    first: float = BACKOFF_FIRST
-    cap: float = BACKOFF_CAP
-    attempts: int = 0
-    _random: random.Random = field(default_factory=random.Random, repr=False)
-
-    def next(self) -> float:
-        ceiling = min(self.cap, self.first * 2.0**self.attempts)
-        self.attempts += 1
-        return ceiling / 2 + self._random.uniform(0, ceiling / 2)
-
-    def reset(self) -> None:
-        self.attempts = 0

@@ -232,6 +232,8 @@ async def _stop_or_exit(app: TxFlow) -> None:
     database releases whatever the process's connections held.
     """
     limit = 2 * app.shutdown_timeout + STOP_MARGIN
+    # Plain asyncio, not a cancel scope: the limit must hold even if the stop never answers
+    # a cancellation, so the stop runs in a task of its own that is left behind, not awaited.
     stopping = asyncio.create_task(app.stop())
     done, _ = await asyncio.wait({stopping}, timeout=limit)
     if not done:

@@ -1,10 +1,12 @@
 """Flows (sagas): the declared model, the tracker's state machine and the flow queries.
 
 `_model` declares flows and their steps; `_tracker` keeps each instance's state in the
-tracking app's database and requests compensations; `_repository` holds the queries that
+tracking app's database and requests compensations; `_compensation` turns a step's undo
+into the handler that answers those requests; `_repository` holds the queries that
 `txflow flows` and the console read, and the retention cleanup.
 """
 
+from txflow.flows._compensation import Compensation, compensation_command
 from txflow.flows._model import (
     CompensateStep,
     Flow,
@@ -31,6 +33,7 @@ from txflow.flows._tracker import FlowHook, FlowTracker
 __all__ = [
     "DEFAULT_LIST_LIMIT",
     "CompensateStep",
+    "Compensation",
     "Flow",
     "FlowHook",
     "FlowInfo",
@@ -40,6 +43,7 @@ __all__ = [
     "Step",
     "StepCompensated",
     "StepRecord",
+    "compensation_command",
     "count_flows",
     "delete_finished_flows",
     "find_flows",

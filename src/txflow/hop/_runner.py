@@ -185,6 +185,14 @@ class HandlerConsumer:
         self.registry = EventRegistry(spec.event_types)
         self.stats = ConsumerStats()
         self._consumer: Consumer | None = None
+        # The tasks handlers run in, while they run: the transport's own tasks, so this set
+        # stays plain asyncio rather than a txflow task group. A delivery is processed inside
+        # the transport's callback because the callback's return is what marks it done (the
+        # in-memory broker logs an escaping error there, as aio-pika does, and the test
+        # harness learns there that a delivery ended), and because aiormq cancels the
+        # callback's task when its channel closes, so a handler whose delivery can no longer
+        # be settled stops at once. Handing it to a task group would break both and add a
+        # task per delivery to the two aio-pika creates.
         self._active: set[asyncio.Task[object]] = set()
         #: Told what became of each delivery, in order (see `HopObserver`).
         self.observers: tuple[HopObserver, ...] = (_Counter(self.stats), _SPANS)
@@ -203,14 +211,18 @@ class HandlerConsumer:
             self.spec.queue, self.on_delivery, prefetch=self.spec.concurrency
         )
 
+    async def pause(self) -> None:
+        """Stop taking deliveries; those in flight go on."""
+        if self._consumer is not None:
+            await self._consumer.cancel()
+            self._consumer = None
+
     async def stop(self, timeout: float) -> None:
         """Stop taking deliveries; let in-flight ones finish for `timeout` seconds, then cancel.
 
         A cancelled handler rolls back and is never acked: the broker redelivers it.
         """
-        if self._consumer is not None:
-            await self._consumer.cancel()
-            self._consumer = None
+        await self.pause()
         if self._active:
             _done, pending = await asyncio.wait(set(self._active), timeout=timeout)
             for task in pending:

@@ -18,6 +18,7 @@ from typing import Any
 import aio_pika
 from aio_pika.connection import make_url
 
+from txflow._backoff import Backoff
 from txflow.errors import ConfigurationError, UnsupportedURLError, mask_url, split_url_list
 
 log = logging.getLogger("txflow.rabbit")
@@ -66,7 +67,12 @@ class FailoverConnection(aio_pika.RobustConnection):
         self._nodes = list(nodes)
         self._index = start % len(self._nodes)
         super().__init__(make_url(self._nodes[self._index]), **kwargs)
-        self._longest_wait = min(float(self.reconnect_interval), RECONNECT_MAX)
+        # Exact doubling, no jitter: the shuffled node order already spreads processes.
+        self._backoff = Backoff(
+            first=RECONNECT_MIN,
+            cap=min(float(self.reconnect_interval), RECONNECT_MAX),
+            jitter=False,
+        )
         self._failures = 0
         self._established = False
         self.reconnect_interval = 0.0
@@ -83,6 +89,7 @@ class FailoverConnection(aio_pika.RobustConnection):
         await super()._on_connected()
         self._established = True
         self._failures = 0
+        self._backoff.reset()
         self.reconnect_interval = 0.0
         if reconnect:
             log.warning("reconnected to RabbitMQ node %s", self.node)
@@ -101,15 +108,15 @@ class FailoverConnection(aio_pika.RobustConnection):
         self.url = make_url(self._nodes[self._index])
         if lost:
             self._failures = 0
+            self._backoff.reset()
             self.reconnect_interval = 0.0
             log.warning("lost RabbitMQ node %s; trying %s", left, self.node)
             return
         self._failures += 1
-        rounds, rest = divmod(self._failures, len(self._nodes))
-        if rest:
+        if self._failures % len(self._nodes):
             self.reconnect_interval = 0.0  # untried nodes left in this round
         else:
-            self.reconnect_interval = min(RECONNECT_MIN * 2 ** (rounds - 1), self._longest_wait)
+            self.reconnect_interval = self._backoff.next()
         log.info(
             "cannot reach RabbitMQ node %s; trying %s in %.1fs",
             left,
