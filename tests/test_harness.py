@@ -128,7 +128,7 @@ async def test_settle_waits_for_the_compensations_in_order(servers: dict[str, An
         assert set(carl.compensated) == {"hotel", "book"}
         assert (await h.flow(trip, "bob")).status is FlowStatus.FAILED
         history = [(e.action, e.step) for e in await h.flow_history(trip, "broke-carl")]
-        assert history == [
+        expected = [
             ("step completed", "book"),
             ("step completed", "hotel"),
             ("step failed", "pay"),
@@ -138,6 +138,16 @@ async def test_settle_waits_for_the_compensations_in_order(servers: dict[str, An
             ("step compensated", "book"),
             ("failed", None),
         ]
+        if servers:
+            # RabbitMQ hands the tracker HotelReserved and CardDeclined at once, and either
+            # may commit first: then the late success is recorded, and compensated, after
+            # the failure. What is undone, in which order, and how it ends stays the same.
+            assert set(expected) <= set(history)
+            undoing = [step for action, step in history if action == "step compensated"]
+            assert undoing == ["hotel", "book"]
+            assert history[-1] == ("failed", None)
+        else:
+            assert history == expected
         # hotel was undone before book, and each compensation ran once
         assert undone.index("room 101 of broke-carl") < undone.index("trip broke-carl")
         assert sorted(undone) == ["room 101 of broke-carl", "trip bob", "trip broke-carl"]

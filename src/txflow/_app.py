@@ -492,14 +492,16 @@ class TxFlow:
         relay: RelayConfig | None = None,
         exchange: str | None = None,
         queue_prefix: str | None = None,
+        db_pool_size: int | None = None,
     ) -> Iterator[Self]:
         """Run the app on other infrastructure until the block exits (for test harnesses).
 
         Inside the block the app uses the given `transport`, `database_url`, `clock`,
-        `create_tables`, `relay`, `exchange` and `queue_prefix` settings instead of its own;
-        None keeps the app's. A new `queue_prefix` renames every handler's queue (and so its
-        inbox key). The transport stays the caller's: the app connects and closes it, and
-        leaves it set for the caller when it stops. On exit the app's own settings are back.
+        `create_tables`, `relay`, `exchange`, `queue_prefix` and `db_pool_size` settings
+        instead of its own; None keeps the app's. A new `queue_prefix` renames every
+        handler's queue (and so its inbox key). The transport stays the caller's: the app
+        connects and closes it, and leaves it set for the caller when it stops. On exit the
+        app's own settings are back.
 
         Raises:
             ConfigurationError: the app is started (stop it first).
@@ -516,6 +518,7 @@ class TxFlow:
             self.exchange,
             self.queue_prefix,
             self.handlers,
+            self.db_pool_size,
         )
         if transport is not None:
             self._transport, self._owns_transport = transport, False
@@ -529,6 +532,8 @@ class TxFlow:
             self.relay_config = relay
         if exchange is not None:
             self.exchange = exchange
+        if db_pool_size is not None:
+            self.db_pool_size = db_pool_size
         if queue_prefix is not None:
             self.queue_prefix = queue_prefix
             self.handlers = {
@@ -550,6 +555,7 @@ class TxFlow:
                 self.exchange,
                 self.queue_prefix,
                 self.handlers,
+                self.db_pool_size,
             ) = saved
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -49,6 +49,10 @@ from txflow.transport import Consumer, Delivery, DeliveryCallback, Message, Tran
 
 log = logging.getLogger("txflow.testing")
 
+#: Connections each app opens at most on a PostgreSQL the harness runs on (when the app
+#: allows more): test runs share one server, whose max_connections (100 by default) counts
+#: every run's; handlers beyond it wait for a connection, as in production.
+HARNESS_DB_POOL_SIZE = 4
 #: Seconds `settle()` waits for the apps to go quiet before it fails, naming what is busy.
 DEFAULT_SETTLE_TIMEOUT = 10.0
 # Seconds between two looks at the queue depths while a real broker reports messages that the
@@ -485,6 +489,11 @@ class Harness:
                 relay=app.relay_config or RelayConfig(),
                 exchange=rabbit.exchange(app.exchange) if rabbit is not None else None,
                 queue_prefix=rabbit.queue_prefix(app.queue_prefix) if rabbit is not None else None,
+                db_pool_size=(
+                    min(app.db_pool_size, HARNESS_DB_POOL_SIZE)
+                    if self._postgres is not None
+                    else None
+                ),
             )
         )
         for spec in app.handlers.values():  # named after any new queue prefix

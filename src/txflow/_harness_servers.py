@@ -186,8 +186,12 @@ def _with_vhost(url: str, vhost: str) -> str:
 # -- PostgreSQL ------------------------------------------------------------------------------
 
 # Connections the harness opens to the PostgreSQL of `database_url` to create and drop its
-# databases (several at once).
-_ADMIN_POOL = 4
+# databases (several at once); closed in between, while the apps run.
+_ADMIN_POOL = 3
+# Tries, a second apart, to drop a run's database: a server busy with other runs (too many
+# clients) must not leave it behind.
+_DROP_TRIES = 10
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 class PostgresRun:
@@ -230,6 +234,7 @@ class PostgresRun:
         results = await asyncio.gather(
             *(self._create(admin, name) for name in names), return_exceptions=True
         )
+        await admin.aclose()  # its connections are not needed until `close`
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -240,28 +245,42 @@ class PostgresRun:
             await self._execute(admin, f'CREATE DATABASE "{name}"')
         except sa.exc.SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+            hint = (
+                "; the user needs the CREATEDB privilege"
+                if sqlstate == _INSUFFICIENT_PRIVILEGE
+                else ""
+            )
             raise ConfigurationError(
-                f"cannot create the harness's database {name} on {admin.masked_url}: {reason}; "
-                "the user needs the CREATEDB privilege"
+                f"cannot create the harness's database {name} on {admin.masked_url}: {reason}"
+                + hint
             ) from exc
         self._made.append(name)
 
     async def close(self) -> None:
-        """Drop every database the run created; never raises."""
+        """Drop every database the run created; never raises (what it cannot drop is logged)."""
         admin, self._admin = self._admin, None
         if admin is None:
             return
         made, self._made = self._made, []
+        connecting = asyncio.Lock()  # one pool, however many drops find it closed
         try:
-            drops = (f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in made)
-            results = await asyncio.gather(
-                *(self._execute(admin, sql) for sql in drops), return_exceptions=True
-            )
-            for name, result in zip(made, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.warning("could not drop the harness's database %s: %s", name, result)
+            await asyncio.gather(*(self._drop(admin, name, connecting) for name in made))
         finally:
             await admin.aclose()
+
+    async def _drop(self, admin: Store, name: str, connecting: asyncio.Lock) -> None:
+        for attempt in range(1, _DROP_TRIES + 1):
+            try:
+                async with connecting:
+                    await admin.connect()
+                await self._execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except (TxflowError, sa.exc.SQLAlchemyError, OSError) as exc:
+                if attempt == _DROP_TRIES:
+                    log.warning("could not drop the harness's database %s: %s", name, exc)
+                    return
+                await asyncio.sleep(1.0)
 
     @staticmethod
     async def _execute(admin: Store, sql: str) -> None:
