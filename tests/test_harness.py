@@ -51,7 +51,7 @@ trip = Flow(
 )
 
 
-ON_SERVERS = {"broker_url": AMQP_URL, "database_url": PG_URL}
+ON_SERVERS: dict[str, Any] = {"broker_url": AMQP_URL, "database_url": PG_URL}
 
 
 @pytest.fixture(

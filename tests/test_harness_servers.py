@@ -20,14 +20,12 @@ import pytest
 
 from tests.conftest import AMQP_URL, PG_URL
 from tests.test_docs import TESTING_PAGE, clean_env, write_tutorial
-from tests.test_harness import CardCharged, TripBooked, book, trip, trip_apps
+from tests.test_harness import ON_SERVERS, CardCharged, TripBooked, book, trip, trip_apps
 from txflow import FlowStatus, TxFlow
 from txflow.errors import ConfigurationError
 from txflow.testing import Harness, InMemoryBroker, InMemoryTransport
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
-
-ON_SERVERS: dict[str, Any] = {"broker_url": AMQP_URL, "database_url": PG_URL}
 
 
 def rabbitmqctl(*args: str) -> str:

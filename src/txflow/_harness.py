@@ -398,12 +398,6 @@ class Harness:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._started: list[TxFlow] = []
 
-    @property
-    def on_servers(self) -> bool:
-        """Whether the apps run on a real RabbitMQ or PostgreSQL (a `broker_url` or
-        `database_url` was given)."""
-        return self._rabbit is not None or self._postgres is not None
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
