@@ -469,13 +469,18 @@ class TxFlow:
         clock: Clock | None = None,
         create_tables: bool | None = None,
         relay: RelayConfig | None = None,
+        exchange: str | None = None,
+        queue_prefix: str | None = None,
+        db_pool_size: int | None = None,
     ) -> Iterator[Self]:
         """Run the app on other infrastructure until the block exits (for test harnesses).
 
         Inside the block the app uses the given `transport`, `database_url`, `clock`,
-        `create_tables` and `relay` settings instead of its own; None keeps the app's. The
-        transport stays the caller's: the app connects and closes it, and leaves it set
-        for the caller when it stops. On exit the app's own settings are back.
+        `create_tables`, `relay`, `exchange`, `queue_prefix` and `db_pool_size` settings
+        instead of its own; None keeps the app's. A new `queue_prefix` renames every
+        handler's queue (and so its inbox key). The transport stays the caller's: the app
+        connects and closes it, and leaves it set for the caller when it stops. On exit the
+        app's own settings are back.
 
         Raises:
             ConfigurationError: the app is started (stop it first).
@@ -489,6 +494,10 @@ class TxFlow:
             self.clock,
             self.create_tables,
             self.relay_config,
+            self.exchange,
+            self.queue_prefix,
+            self.handlers,
+            self.db_pool_size,
         )
         if transport is not None:
             self._transport, self._owns_transport = transport, False
@@ -500,6 +509,18 @@ class TxFlow:
             self.create_tables = create_tables
         if relay is not None:
             self.relay_config = relay
+        if exchange is not None:
+            self.exchange = exchange
+        if db_pool_size is not None:
+            self.db_pool_size = db_pool_size
+        if queue_prefix is not None:
+            self.queue_prefix = queue_prefix
+            self.handlers = {
+                name: dataclasses.replace(
+                    spec, queue=handler_queue_name(queue_prefix, self.name, name)
+                )
+                for name, spec in self.handlers.items()
+            }
         try:
             yield self
         finally:
@@ -510,6 +531,10 @@ class TxFlow:
                 self.clock,
                 self.create_tables,
                 self.relay_config,
+                self.exchange,
+                self.queue_prefix,
+                self.handlers,
+                self.db_pool_size,
             ) = saved
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -41,13 +41,21 @@ class Faults:
     ```
 
     Handler names are those of `@app.handler(name=...)` (the function's name by default;
-    a compensation's is its function's, a flow's tracker is `flow.<name>`). They work on the
-    embedded broker only: on RabbitMQ and PostgreSQL each switch raises `ConfigurationError`.
+    a compensation's is its function's, a flow's tracker is `flow.<name>`). The switches
+    need the embedded broker (`fail_commit` needs SQLite instead): a harness on RabbitMQ (or
+    PostgreSQL) refuses them with `ConfigurationError` rather than pretend.
     """
 
-    def __init__(self, handlers: Callable[[], Collection[str]], *, embedded: bool) -> None:
+    def __init__(
+        self,
+        handlers: Callable[[], Collection[str]],
+        *,
+        broker: str | None = None,
+        database: str | None = None,
+    ) -> None:
         self._handlers = handlers
-        self._embedded = embedded
+        self._broker = broker
+        self._database = database
         self.twice = False
         self._crashes: Counter[str] = Counter()
         self._publish_failures = 0
@@ -67,7 +75,7 @@ class Faults:
         handler gets two deliveries of one message id, and its inbox must skip the second
         (`h.duplicates(...)` records it).
         """
-        self._check()
+        self._check("deliver_twice")
         self.twice = on
 
     def crash_before_ack(self, handler: str = ANY, *, times: int = 1) -> None:
@@ -77,6 +85,7 @@ class Faults:
         The handler's transaction committed, so the redelivery must find its inbox row: it is
         recorded as a duplicate, and the handler's effects happen once.
         """
+        self._check("crash_before_ack")
         self._count(self._crashes, handler, times)
 
     def fail_publishes(self, count: int) -> None:
@@ -88,7 +97,7 @@ class Faults:
         publishes already under way when the last of the `count` fails fail with it, so
         more than `count` attempts may fail.
         """
-        self._check()
+        self._check("fail_publishes")
         if count < 0:
             raise ConfigurationError(f"fail_publishes takes a count of 0 or more, not {count}")
         self._publish_failures = count
@@ -100,6 +109,12 @@ class Faults:
         attempt wrote stays: its rows, inbox row and emitted events roll back, and the
         attempt counts as failed (the handler's retry policy retries or dead-letters it).
         """
+        if self._database is not None:
+            raise ConfigurationError(
+                f"fail_commit breaks commits on the harness's SQLite databases; this harness "
+                f"runs on PostgreSQL ({self._database}), whose commits it cannot fail: run "
+                "this test without database_url"
+            )
         self._count(self._commit_failures, handler, times)
 
     def reorder(self, handler: str, *, seed: int | None = None, on: bool = True) -> None:
@@ -110,7 +125,7 @@ class Faults:
         a random order drawn from `seed`. For handlers that must not depend on the order of
         arrival, such as a flow's tracker (`"flow.<name>"`).
         """
-        self._check()
+        self._check("reorder")
         self._known(handler)
         if not on:
             self.reordered.pop(handler, None)
@@ -176,11 +191,12 @@ class Faults:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _check(self) -> None:
-        if not self._embedded:
+    def _check(self, switch: str) -> None:
+        if self._broker is not None:
             raise ConfigurationError(
-                "fault injection works on the embedded broker and SQLite only; this harness "
-                "runs on RabbitMQ and PostgreSQL, whose failures it cannot inject"
+                f"{switch} needs the harness's in-memory broker; this harness runs on "
+                f"RabbitMQ ({self._broker}), whose deliveries it cannot break: run this test "
+                "without broker_url"
             )
 
     def _known(self, handler: str) -> None:
@@ -191,7 +207,6 @@ class Faults:
             )
 
     def _count(self, counter: Counter[str], handler: str, times: int) -> None:
-        self._check()
         self._known(handler)
         if times < 0:
             raise ConfigurationError(f"times must be 0 or more, not {times}")

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
@@ -29,18 +30,34 @@ import sqlalchemy as sa
 from txflow._app import TxFlow
 from txflow._clock import Clock, ManualClock, SystemClock
 from txflow._faults import CrashingDelivery, Faults
+from txflow._harness_servers import (
+    DEFAULT_RABBITMQCTL,
+    BrokerIsolation,
+    CountingTransport,
+    Ledger,
+    PostgresRun,
+    RabbitRun,
+    new_run_id,
+)
 from txflow._memory import InMemoryBroker, InMemoryTransport
 from txflow._messages import Envelope, Event, EventRegistry, decode
 from txflow._outbox import RelayConfig
-from txflow.errors import ConfigurationError, HandlerControl, TxflowError
+from txflow.errors import ConfigurationError, HandlerControl, TxflowError, mask_url
 from txflow.flows import Flow, FlowInfo, FlowLogEntry, FlowTracker, flow_history, next_deadline
 from txflow.hop import HandlerSpec
-from txflow.transport import Consumer, Delivery, DeliveryCallback, Message
+from txflow.transport import Consumer, Delivery, DeliveryCallback, Message, Transport
 
 log = logging.getLogger("txflow.testing")
 
+#: Connections each app opens at most on a PostgreSQL the harness runs on (when the app
+#: allows more): test runs share one server, whose max_connections (100 by default) counts
+#: every run's; handlers beyond it wait for a connection, as in production.
+HARNESS_DB_POOL_SIZE = 4
 #: Seconds `settle()` waits for the apps to go quiet before it fails, naming what is busy.
 DEFAULT_SETTLE_TIMEOUT = 10.0
+# Seconds between two looks at the queue depths while a real broker reports messages that the
+# harness's books do not explain (put there by something else): nothing else would wake it.
+_DEPTH_POLL = 0.05
 # A deadline this close after the end of an `advance` counts as within it: deadlines are
 # computed from event times that the wire rounds to microseconds.
 _DEADLINE_SLACK = 1e-6
@@ -261,7 +278,7 @@ class _HarnessTransport(InMemoryTransport):
 
 
 class Harness:
-    """Runs apps in-process on the embedded default, records their work, knows when it is done.
+    """Runs apps in-process, records their work, and knows when it is done.
 
     ```python
     async with Harness(orders_app, inventory_app) as h:
@@ -271,15 +288,24 @@ class Harness:
         assert not h.dead_lettered()
     ```
 
-    Each app gets a transport on one in-memory broker the harness owns (so the apps talk to
-    each other, and to nothing else), a SQLite database in a temporary file (its tables
-    created at start) and the harness's clock. The apps' own settings are restored when the
-    harness exits.
+    By default each app gets a transport on one in-memory broker the harness owns (so the
+    apps talk to each other, and to nothing else), a SQLite database in a temporary file
+    (its tables created at start) and the harness's clock. The apps' own settings are
+    restored when the harness exits.
+
+    Given a `broker_url`, the apps run on that RabbitMQ instead, under names of the run's
+    own so that runs sharing the broker never see each other's messages: a queue prefix
+    and an exchange in the URL's vhost (`broker_isolation="prefix"`), or a vhost the harness
+    creates with `rabbitmqctl` (`"vhost"`); the harness deletes them at exit. Given a
+    `database_url` (PostgreSQL), each app gets a database of its own created on that server
+    (the user needs CREATEDB) and dropped at exit. Either works without the other.
 
     Time stands still unless the test moves it: the harness's `ManualClock` drives delayed
     retries, flow and step deadlines and retention, and `await h.advance(seconds)` moves it,
     running what falls due in order. With `real_time=True` the apps run on the real clock
-    instead, and `settle()` waits for delayed retries as they come due.
+    instead, and `settle()` waits for delayed retries as they come due. On RabbitMQ the
+    harness always runs on real time: the broker's retry queues hold messages on its own
+    clock, which no test can move.
 
     Args:
         *apps: the apps to run; not started yet.
@@ -288,11 +314,27 @@ class Harness:
             first delivery a handler failed unexpectedly: dead-lettered because of an
             exception other than `DeadLetter` (an attempt that failed and then succeeded on
             a retry is not a failure).
-        real_time: run on the real clock rather than the harness's manual one.
+        real_time: run on the real clock rather than the harness's manual one; by default
+            only on RabbitMQ.
+        broker_url: an `amqp://` URL (or several nodes' URLs, comma-separated) to run the
+            apps on; None for the in-memory broker.
+        database_url: a `postgresql://` URL of a database on the server to create the apps'
+            databases on (the harness only connects to it); None for SQLite files.
+        broker_isolation: how a run keeps to itself on `broker_url`: `"prefix"` (the
+            default, works for any user who may declare queues in the URL's vhost) or
+            `"vhost"` (a vhost of its own, created with `rabbitmqctl`).
+        rabbitmqctl: the command that manages vhosts for `"vhost"`, such as
+            `"docker exec rabbitmq rabbitmqctl"`; it must reach the broker's node.
+
+    Raises:
+        ConfigurationError: no apps, two apps of one name, or `real_time=False` with a
+            `broker_url`.
 
     Attributes:
         clock: the clock the apps and the broker run on (a `ManualClock` unless `real_time`).
-        faults: the fault-injection switches (see `Faults`).
+        faults: the fault-injection switches (see `Faults`); those a real server cannot
+            honour raise `ConfigurationError`.
+        run_id: the id in the names of this run's vhost, queues, exchange and databases.
     """
 
     def __init__(
@@ -300,7 +342,11 @@ class Harness:
         *apps: TxFlow,
         settle_timeout: float = DEFAULT_SETTLE_TIMEOUT,
         raise_errors: bool = True,
-        real_time: bool = False,
+        real_time: bool | None = None,
+        broker_url: str | None = None,
+        database_url: str | None = None,
+        broker_isolation: BrokerIsolation = "prefix",
+        rabbitmqctl: str | Sequence[str] = DEFAULT_RABBITMQCTL,
     ) -> None:
         if not apps:
             raise ConfigurationError("Harness needs at least one app: Harness(app, ...)")
@@ -310,11 +356,32 @@ class Harness:
         self.apps = apps
         self.settle_timeout = settle_timeout
         self.raise_errors = raise_errors
+        self.run_id = new_run_id()
+        self._rabbit = (
+            RabbitRun(broker_url, self.run_id, isolation=broker_isolation, rabbitmqctl=rabbitmqctl)
+            if broker_url
+            else None
+        )
+        self._postgres = PostgresRun(database_url, self.run_id) if database_url else None
+        if real_time is None:
+            real_time = self._rabbit is not None
+        if not real_time and self._rabbit is not None:
+            raise ConfigurationError(
+                "a harness on RabbitMQ runs on real time: the broker's retry queues hold "
+                "messages for their TTL on the broker's clock, which the harness's manual "
+                "clock cannot move; drop real_time=False (and advance()), or run this test "
+                "on the in-memory broker (no broker_url)"
+            )
         self.clock: Clock = SystemClock() if real_time else ManualClock()
         self._start = self.clock.time()
         self.broker = InMemoryBroker(clock=self.clock)
-        self.faults = Faults(self._handler_list, embedded=True)
         self._changed = asyncio.Event()
+        self._ledger = Ledger(self._changed.set) if self._rabbit is not None else None
+        self.faults = Faults(
+            self._handler_list,
+            broker=self._rabbit.masked_url if self._rabbit is not None else None,
+            database=mask_url(database_url) if database_url else None,
+        )
         if isinstance(self.clock, ManualClock):
             self.clock.add_listener(self._changed.set)
         self._published: list[Published] = []
@@ -336,8 +403,14 @@ class Harness:
     async def __aenter__(self) -> Self:
         self._tmp = tempfile.TemporaryDirectory(prefix="txflow-harness-")
         try:
-            for app in self.apps:
-                self._embed(app, Path(self._tmp.name))
+            if self._rabbit is not None:
+                await self._rabbit.open()
+            databases = [f"sqlite:///{Path(self._tmp.name) / app.name}.db" for app in self.apps]
+            if self._postgres is not None:
+                await self._postgres.open()
+                databases = await self._postgres.databases([app.name for app in self.apps])
+            for app, database_url in zip(self.apps, databases, strict=True):
+                self._embed(app, database_url)
             for app in self.apps:
                 await app.start()
                 self._started.append(app)
@@ -356,7 +429,11 @@ class Harness:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the apps, restore their settings and delete the databases; safe to call twice."""
+        """Stop the apps, restore their settings and delete the databases; safe to call twice.
+
+        On real servers it also deletes the run's vhost (or queues and exchange) and drops
+        its databases, whatever went wrong before.
+        """
         started, self._started = self._started, []
         self.faults.clear()
         try:
@@ -364,39 +441,81 @@ class Harness:
             for app in reversed(started):
                 await app.stop()
         finally:
-            self._stack.close()
-            tmp, self._tmp = self._tmp, None
-            if tmp is not None:
-                tmp.cleanup()
+            try:
+                self._stack.close()
+                tmp, self._tmp = self._tmp, None
+                if tmp is not None:
+                    tmp.cleanup()
+            finally:
+                try:
+                    if self._rabbit is not None:
+                        await self._rabbit.close()
+                finally:
+                    if self._postgres is not None:
+                        await self._postgres.close()
 
-    def _embed(self, app: TxFlow, directory: Path) -> None:
+    def _embed(self, app: TxFlow, database_url: str) -> None:
         if app.consumers:
             raise ConfigurationError(f"app {app.name!r} is already started; pass it unstarted")
         for spec in app.handlers.values():
             for event_type in spec.event_types:
                 self._registry.add(event_type)
-            self._handler_names[spec.queue] = spec.name
-        transport = _HarnessTransport(self.broker, self, app.name)
-        self._transports.append(transport)
+        rabbit = self._rabbit
+        transport: Transport
+        if rabbit is not None and self._ledger is not None:
+            transport = CountingTransport(
+                rabbit.transport(),
+                self._ledger,
+                published=partial(self._published_message, app.name),
+                delivering=self._delivering_to,
+                declared=rabbit.declared,
+            )
+        else:
+            transport = _HarnessTransport(self.broker, self, app.name)
+            self._transports.append(transport)
         self._stack.enter_context(
             app.overridden(
                 transport=transport,
-                database_url=f"sqlite:///{directory / app.name}.db",
+                database_url=database_url,
                 clock=self.clock,
                 create_tables=True,
                 # Someone has to publish the apps' events.
                 relay=app.relay_config or RelayConfig(),
+                exchange=rabbit.exchange(app.exchange) if rabbit is not None else None,
+                queue_prefix=rabbit.queue_prefix(app.queue_prefix) if rabbit is not None else None,
+                db_pool_size=(
+                    min(app.db_pool_size, HARNESS_DB_POOL_SIZE)
+                    if self._postgres is not None
+                    else None
+                ),
             )
         )
+        for spec in app.handlers.values():  # named after any new queue prefix
+            self._handler_names[spec.queue] = spec.name
+        if self._ledger is not None:
+            self._ledger.names = self._handler_names
 
     def _watch(self, app: TxFlow) -> None:
         recorder = _Recorder(self, app)
         for consumer in app.consumers:
             consumer.add_observer(recorder)
-        hook = self.faults.commit_hook(self._delivering_handler)
-        engine = app.store.engine.sync_engine
-        sa.event.listen(engine, "commit", hook)
-        self._stack.callback(sa.event.remove, engine, "commit", hook)
+        if self._postgres is None:  # PostgreSQL commits through asyncpg, not this engine
+            hook = self.faults.commit_hook(self._delivering_handler)
+            engine = app.store.engine.sync_engine
+            sa.event.listen(engine, "commit", hook)
+            self._stack.callback(sa.event.remove, engine, "commit", hook)
+
+    def _delivering_to(self, queue: str) -> Callable[[], None]:
+        """Note that the running task delivers to `queue`'s handler; returns the undo."""
+        task = asyncio.current_task()
+        if task is None:
+            return lambda: None
+        self._delivering[task] = self._handler_names.get(queue, queue)
+
+        def done() -> None:
+            self._delivering.pop(task, None)
+
+        return done
 
     def _delivering_handler(self) -> str | None:
         """The handler whose delivery the running task works on, if it is one."""
@@ -654,6 +773,7 @@ class Harness:
     async def _settle(self, deadline: float, timeout: float) -> None:
         while True:
             self._changed.clear()
+            moved = self._ledger.generation if self._ledger is not None else 0
             busy = self._busy()
             if not busy:
                 # A relay may wait on a handler (SQLite has one writer): name both then.
@@ -661,12 +781,16 @@ class Harness:
                 busy = [*self._busy(), *busy] if busy else busy
             if not busy and not self._busy():
                 busy = await self._unsent_rows()
+            poll = False
+            if not busy and not self._busy():
+                busy = await self._broker_depths()
+                poll = bool(busy)
             if not busy and not self._busy():
                 if await self._expire_overdue():
                     continue  # instances timed out: their compensations are now work
                 if self._held and self._hand_over_held(None):
                     continue  # the reordered deliveries go in now, everything else is idle
-                if not self._busy():
+                if not self._busy() and not self._moved_since(moved):
                     return
                 continue
             remaining = deadline - time.monotonic()
@@ -675,17 +799,36 @@ class Harness:
                     f"the apps did not settle within {timeout}s: " + "; ".join(busy)
                 )
             # Woken by the end of a delivery, a publish (a relay's sweep taking rows that no
-            # relay held), or a loop woken by the clock waiting on it again.
+            # relay held), or a loop woken by the clock waiting on it again; messages on a
+            # real broker that no transport of the harness put there are looked at again.
             try:
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(min(remaining, _DEPTH_POLL) if poll else remaining):
                     await self._changed.wait()
             except TimeoutError:
                 continue  # the next round names what is busy
+
+    def _moved_since(self, generation: int) -> bool:
+        """Whether a real broker's transports published, sent or delivered since `generation`:
+        then the checks that passed in between may have missed work, and run again."""
+        return self._ledger is not None and self._ledger.generation != generation
+
+    async def _broker_depths(self) -> list[str]:
+        """On a real broker: messages its queues report that the harness's books missed."""
+        if self._rabbit is None or self._ledger is None:
+            return []
+        busy = []
+        for queue in self._ledger.queues():
+            depth = await self._rabbit.depth(queue)
+            if depth:
+                busy.append(f"queue {queue!r} has {depth} message(s) ready or held")
+        return busy
 
     def _busy(self) -> list[str]:
         names = {c.spec.queue: c.spec.name for app in self._started for c in app.consumers}
         held = self._held_set
         busy = [item for transport in self._transports for item in transport.busy(names, held)]
+        if self._ledger is not None:
+            busy.extend(self._ledger.busy())
         if self._handing_over:
             busy.append("reordered deliveries are being handed over")
         clock = self.clock
@@ -693,7 +836,7 @@ class Harness:
             if clock.awake:
                 tasks = ", ".join(sorted(t.get_name() for t in clock.awake))
                 busy.append(f"{len(clock.awake)} task(s) woken by the clock still run ({tasks})")
-        elif self.broker.held:
+        elif self._rabbit is None and self.broker.held:
             busy.append(f"{self.broker.held} message(s) held for a delayed retry")
         return busy
 

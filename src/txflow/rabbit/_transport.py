@@ -349,6 +349,23 @@ class RabbitTransport(Transport):
                     },
                 )
 
+    async def delete(self, topology: Topology) -> None:
+        """Delete `topology`'s queues (messages and all) and its exchange: for test harnesses
+        that declared them under names of their own, never for a service's topology.
+        """
+        async with self._lost_is_unavailable():
+            channel = await self._conn().channel()
+            try:
+                for spec_ in topology.queues:
+                    for name in spec_.all_queues():
+                        await channel.queue_delete(name)
+                    self._specs.pop(spec_.name, None)
+                await channel.exchange_delete(topology.exchange)
+            finally:
+                await _close_quietly(channel)
+            if topology in self._topologies:
+                self._topologies.remove(topology)
+
     async def _publish(
         self, exchange: str, routing_key: str, message: Message, expiration: float | None = None
     ) -> None:
