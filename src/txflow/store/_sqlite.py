@@ -25,7 +25,8 @@ from sqlalchemy.pool import StaticPool
 from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow.store._base import DEFAULT_DB_POOL_SIZE, Store
 from txflow.store._sqlite_driver import in_loop_connector
-from txflow.store._unit_of_work import UnitOfWork
+from txflow.store._sqlite_unit import RawStatements, SQLiteUnitOfWork, begin_immediate
+from txflow.store._unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork
 
 # SQLite OperationalError texts that pass with time: another writer, a full or busy disk.
 TRANSIENT_MESSAGES = ("locked", "busy", "disk i/o error", "unable to open")
@@ -71,11 +72,14 @@ class SQLiteStore(Store):
             cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
             cursor.close()
 
-        @event.listens_for(engine.sync_engine, "begin")
-        def _begin(conn: sa.Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
+        event.listen(engine.sync_engine, "begin", begin_immediate)
+        self._raw_statements = RawStatements(engine.dialect)
         return engine
+
+    def _new_unit(self, conn: AsyncConnection) -> SQLAlchemyUnitOfWork:
+        if self.in_loop:
+            return SQLiteUnitOfWork(self, conn, self._raw_statements)
+        return super()._new_unit(conn)
 
     def is_transient_error(self, exc: BaseException) -> bool:
         # SQLite reports "database is locked" and "no such table" alike as OperationalError;
