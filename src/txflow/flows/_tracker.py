@@ -170,6 +170,12 @@ class FlowTracker:
             .where(flows.c.flow == flow.name, flows.c.flow_id == sa.bindparam("flow_id"))
             .with_for_update()
         )
+        # Built once (a statement built per save costs SQLAlchemy a cache key each time);
+        # the SET clause is the columns of the parameters it runs with.
+        self._update = sa.update(flows).where(
+            flows.c.flow == flow.name, flows.c.flow_id == sa.bindparam("key_flow_id")
+        )
+        self._log_insert = sa.insert(flow_log)
 
     def _now(self) -> datetime:
         # The app's clock (the store carries it), so that a test's manual clock moves
@@ -535,14 +541,12 @@ class FlowTracker:
         self._schedule(inst)
         inst.version += 1
         values = self._values(inst, self._now())
+        values["key_flow_id"] = values.pop("flow_id")
+        del values["flow"]
         session = ctx.session
-        await session.execute(
-            sa.update(flows)
-            .where(flows.c.flow == self.flow.name, flows.c.flow_id == inst.flow_id)
-            .values(**{k: v for k, v in values.items() if k not in ("flow", "flow_id")})
-        )
+        await session.execute(self._update, values)
         if inst.log:
-            await session.execute(sa.insert(flow_log), inst.log)
+            await session.execute(self._log_insert, inst.log)
             inst.log = []
 
     # -- deadlines -------------------------------------------------------------------------------

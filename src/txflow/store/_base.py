@@ -218,7 +218,7 @@ class Store(abc.ABC):
                 dropped during txflow's own statements.
         """
         async with self.engine.connect() as conn, self._guard_cancellation(conn):
-            unit = SQLAlchemyUnitOfWork(self, conn)
+            unit = self._new_unit(conn)
             try:
                 await unit.begin(inbox)
                 yield unit
@@ -228,6 +228,10 @@ class Store(abc.ABC):
                 raise
             finally:
                 await unit.close_session()
+
+    def _new_unit(self, conn: AsyncConnection) -> SQLAlchemyUnitOfWork:
+        """The unit of work `transaction` runs on `conn` (a backend may run its own)."""
+        return SQLAlchemyUnitOfWork(self, conn)
 
     async def listen(self, callback: NotifyCallback) -> Listener | None:
         """Call `callback` whenever another process notifies; None if the backend cannot."""

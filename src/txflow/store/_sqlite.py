@@ -1,7 +1,12 @@
-"""SQLite through aiosqlite: the embedded default, for one process.
+"""SQLite: the embedded default, for one process.
 
 SQLite has one writer at a time. Write transactions take an in-process lock and start with
 BEGIN IMMEDIATE, so concurrent handlers queue up instead of failing with "database is locked".
+
+`sqlite:///path` runs SQLite's calls on the event loop's thread (`InLoopConnection`): its
+statements take microseconds, far less than a hop to aiosqlite's worker thread and back.
+`sqlite+aiosqlite:///path` keeps aiosqlite's worker thread, for handlers that run queries
+long enough to stall the loop.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from sqlalchemy.pool import StaticPool
 
 from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow.store._base import DEFAULT_DB_POOL_SIZE, Store
-from txflow.store._unit_of_work import UnitOfWork
+from txflow.store._sqlite_driver import in_loop_connector
+from txflow.store._sqlite_unit import RawStatements, SQLiteUnitOfWork, begin_immediate
+from txflow.store._unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork
 
 # SQLite OperationalError texts that pass with time: another writer, a full or busy disk.
 TRANSIENT_MESSAGES = ("locked", "busy", "disk i/o error", "unable to open")
-# Seconds a connection waits for another process's write lock before failing.
+# Milliseconds a connection waits for another connection's write lock before failing.
 BUSY_TIMEOUT_MS = 30_000
 
 
@@ -35,6 +42,8 @@ class SQLiteStore(Store):
     def __init__(
         self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE, clock: Clock = SYSTEM_CLOCK
     ) -> None:
+        #: Whether sqlite3 runs in the loop (`sqlite://`) or on aiosqlite's thread.
+        self.in_loop = url.drivername in ("sqlite", "sqlite+pysqlite")
         super().__init__(url.set(drivername="sqlite+aiosqlite"), pool_size=pool_size, clock=clock)
         self._write_lock = asyncio.Lock()
 
@@ -46,7 +55,11 @@ class SQLiteStore(Store):
         kwargs: dict[str, Any] = {}
         if self._in_memory:
             kwargs["poolclass"] = StaticPool
+        if self.in_loop:
+            # The connection waits for locks itself, without blocking the loop.
+            kwargs["connect_args"] = {"async_creator_fn": in_loop_connector(BUSY_TIMEOUT_MS / 1000)}
         engine = create_async_engine(self.url, **kwargs)
+        busy_timeout_ms = 0 if self.in_loop else BUSY_TIMEOUT_MS
 
         @event.listens_for(engine.sync_engine, "connect")
         def _configure(dbapi_conn: Any, _record: Any) -> None:
@@ -56,14 +69,17 @@ class SQLiteStore(Store):
             if not self._in_memory:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
             cursor.close()
 
-        @event.listens_for(engine.sync_engine, "begin")
-        def _begin(conn: sa.Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-
+        event.listen(engine.sync_engine, "begin", begin_immediate)
+        self._raw_statements = RawStatements(engine.dialect)
         return engine
+
+    def _new_unit(self, conn: AsyncConnection) -> SQLAlchemyUnitOfWork:
+        if self.in_loop:
+            return SQLiteUnitOfWork(self, conn, self._raw_statements)
+        return super()._new_unit(conn)
 
     def is_transient_error(self, exc: BaseException) -> bool:
         # SQLite reports "database is locked" and "no such table" alike as OperationalError;
