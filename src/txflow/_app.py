@@ -487,55 +487,34 @@ class TxFlow:
         """
         if self._started or self._consumers:
             raise ConfigurationError(f"app {self.name!r} is started; override it before start")
-        saved = (
-            self._transport,
-            self._owns_transport,
-            self.database_url,
-            self.clock,
-            self.create_tables,
-            self.relay_config,
-            self.exchange,
-            self.queue_prefix,
-            self.handlers,
-            self.db_pool_size,
-        )
+        settings: dict[str, Any] = {
+            "database_url": database_url,
+            "clock": clock,
+            "create_tables": create_tables,
+            "relay_config": relay,
+            "exchange": exchange,
+            "db_pool_size": db_pool_size,
+            "queue_prefix": queue_prefix,
+        }
         if transport is not None:
-            self._transport, self._owns_transport = transport, False
-        if database_url is not None:
-            self.database_url = database_url
-        if clock is not None:
-            self.clock = clock
-        if create_tables is not None:
-            self.create_tables = create_tables
-        if relay is not None:
-            self.relay_config = relay
-        if exchange is not None:
-            self.exchange = exchange
-        if db_pool_size is not None:
-            self.db_pool_size = db_pool_size
+            settings.update(_transport=transport, _owns_transport=False)
         if queue_prefix is not None:
-            self.queue_prefix = queue_prefix
-            self.handlers = {
+            settings["handlers"] = {
                 name: dataclasses.replace(
                     spec, queue=handler_queue_name(queue_prefix, self.name, name)
                 )
                 for name, spec in self.handlers.items()
             }
+        changed = {name: value for name, value in settings.items() if value is not None}
+        # The transport is put back even when not overridden: starting may have made one.
+        saved = {name: getattr(self, name) for name in (*changed, "_transport", "_owns_transport")}
+        for name, value in changed.items():
+            setattr(self, name, value)
         try:
             yield self
         finally:
-            (
-                self._transport,
-                self._owns_transport,
-                self.database_url,
-                self.clock,
-                self.create_tables,
-                self.relay_config,
-                self.exchange,
-                self.queue_prefix,
-                self.handlers,
-                self.db_pool_size,
-            ) = saved
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     # -- lifecycle -------------------------------------------------------------------------
 
