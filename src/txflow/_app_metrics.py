@@ -50,21 +50,23 @@ class HopMeter:
     def __init__(self, app: str, spec: HandlerSpec) -> None:
         self._app, self._name = app, spec.name
         # Bound once: a labelled child costs a dictionary lookup and a lock per use.
-        self._handled = _metrics.MESSAGES.labels(app, spec.name, "handled", "")
-        self._duplicate = _metrics.MESSAGES.labels(app, spec.name, "duplicate", "")
-        self._duration = _metrics.HANDLER_DURATION.labels(app, spec.name)
-        self._critical = _metrics.CRITICAL_TIME.labels(app, spec.name)
+        self._handled = _metrics.counting(_metrics.MESSAGES.labels(app, spec.name, "handled", ""))
+        self._duplicate = _metrics.counting(
+            _metrics.MESSAGES.labels(app, spec.name, "duplicate", "")
+        )
+        self._duration = _metrics.observing(_metrics.HANDLER_DURATION.labels(app, spec.name))
+        self._critical = _metrics.observing(_metrics.CRITICAL_TIME.labels(app, spec.name))
 
     def handled(
         self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool, duration: float
     ) -> None:
         try:
             if duplicate:
-                self._duplicate.inc()
+                self._duplicate(1)
                 return
-            self._handled.inc()
-            self._duration.observe(duration)
-            self._critical.observe(max(0.0, time.time() - envelope.occurred_at.timestamp()))
+            self._handled(1)
+            self._duration(duration)
+            self._critical(max(0.0, time.time() - envelope.occurred_at.timestamp()))
         except Exception as exc:
             _metrics.recording_failed(exc)
 
