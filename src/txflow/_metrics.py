@@ -21,6 +21,7 @@ logged once and ignored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -42,6 +43,7 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
+from prometheus_client.mmap_dict import MmapedDict
 
 from txflow.errors import ConfigurationError, TransportClosedError, UnroutableError
 
@@ -385,17 +387,42 @@ class MetricsServer:
         self._server.server_close()
 
 
+class _SummedWorkers:
+    """The multiprocess sum of a directory, collected under a lock that compaction takes.
+
+    Without it a scrape could read a dead worker's values both in its own file and in the
+    compacted one, or find a file gone between listing and reading it (which fails it).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.lock = threading.Lock()
+        self._files = multiprocess.MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> object:
+        with self.lock:
+            return list(self._files.collect())  # type: ignore[no-untyped-call]
+
+
+# The kinds of file whose values outlive their process: summed into one file per kind.
+_COMPACTED_KINDS = ("counter", "histogram")
+
+
 class WorkerMetrics:
     """The supervisor's side of `--workers N`: its workers' directory and the summed `/metrics`.
 
     The directory is new for each supervisor (stale files of an earlier run would be added
-    in) and removed when it stops. Workers get it as `$PROMETHEUS_MULTIPROC_DIR`.
+    in) and removed when it stops. Workers get it as `$PROMETHEUS_MULTIPROC_DIR`. A dead
+    worker's counter and histogram files are added into one compacted file per kind, so a
+    service whose workers restart often does not pile up files that every scrape reads.
     """
 
     def __init__(self, host: str, port: int) -> None:
         self.directory = tempfile.mkdtemp(prefix="txflow-metrics-")
         try:
-            self.server = MetricsServer(host, port, exposition_registry(self.directory))
+            self._summed = _SummedWorkers(self.directory)
+            registry = CollectorRegistry()
+            registry.register(self._summed)  # type: ignore[arg-type]
+            self.server = MetricsServer(host, port, registry)
         except BaseException:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise
@@ -404,11 +431,41 @@ class WorkerMetrics:
         return {MULTIPROC_DIR_ENV: self.directory}
 
     def process_dead(self, pid: int) -> None:
-        """Drop a dead worker's live gauges; its counters stay in the sum."""
+        """Drop a dead worker's live gauges; add its counters and histograms to the
+        compacted files (they stay in the sum)."""
         try:
             multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+            with self._summed.lock:
+                for kind in _COMPACTED_KINDS:
+                    self._compact(kind, pid)
         except OSError as exc:
-            log.warning("could not drop the gauges of worker pid %d: %s", pid, exc)
+            log.warning("could not tidy the metrics files of worker pid %d: %s", pid, exc)
+
+    def _compact(self, kind: str, pid: int) -> None:
+        dead = os.path.join(self.directory, f"{kind}_{pid}.db")
+        if not os.path.exists(dead):
+            return
+        into = os.path.join(self.directory, f"{kind}_compacted.db")
+        totals: dict[str, tuple[float, float]] = {}
+        for path in (into, dead):
+            if not os.path.exists(path):
+                continue
+            for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+                before, stamp = totals.get(key, (0.0, 0.0))
+                totals[key] = (before + value, max(stamp, timestamp))
+        # Written under a name the collector does not read, then put in place whole; the
+        # dead file goes only after that, all under the lock scrapes take.
+        writing = os.path.join(self.directory, f".{kind}_compacted.writing")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(writing)
+        compacted = MmapedDict(writing)  # type: ignore[no-untyped-call]
+        try:
+            for key, (value, stamp) in totals.items():
+                compacted.write_value(key, value, stamp)  # type: ignore[no-untyped-call]
+        finally:
+            compacted.close()  # type: ignore[no-untyped-call]
+        os.replace(writing, into)
+        os.remove(dead)
 
     def close(self) -> None:
         self.server.close()
