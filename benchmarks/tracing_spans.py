@@ -29,8 +29,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
 
+from txflow import Message
 from txflow import _telemetry as tel
-from txflow.transport import Message
 
 
 class _Drop(SpanExporter):
