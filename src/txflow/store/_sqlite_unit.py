@@ -3,10 +3,11 @@
 With the connection running in the loop (`InLoopConnection`), a statement sent through
 SQLAlchemy costs far more in SQLAlchemy's machinery (compiled-cache lookup, execution
 context, result, greenlet switches) than in SQLite. txflow's own statements of every
-transaction, BEGIN IMMEDIATE, the inbox row and the outbox rows, therefore run on the
-sqlite3 connection directly, with the parameters converted by the same SQLAlchemy type
-processors as before, so the rows are stored exactly as SQLAlchemy would store them. The
-transaction stays SQLAlchemy's: the handler's session joins it and txflow commits it.
+transaction, BEGIN IMMEDIATE, the inbox row, the outbox rows and the prepared statements
+of the layers above (the flow tracker's), therefore run on the sqlite3 connection
+directly, with the parameters converted by the same SQLAlchemy type processors as before,
+so the rows are stored exactly as SQLAlchemy would store them. The transaction stays
+SQLAlchemy's: the handler's session joins it and txflow commits it.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import sqlalchemy as sa
 
 from txflow.store._sqlite_driver import InLoopConnection
 from txflow.store._tables import inbox, outbox
-from txflow.store._unit_of_work import SQLAlchemyUnitOfWork
+from txflow.store._unit_of_work import Params, SQLAlchemyUnitOfWork
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from txflow.store._base import Store
+    from txflow.store._prepared import Prepared
 
 
 class RawInsert:
@@ -97,15 +99,33 @@ class SQLiteUnitOfWork(SQLAlchemyUnitOfWork):
         if inbox is not None:
             self.duplicate = not await self.record_inbox(*inbox)
 
-    def _execute(self, insert: RawInsert, params: tuple[Any, ...]) -> sqlite3.Cursor:
+    def _execute(self, insert: RawInsert | Prepared, params: tuple[Any, ...]) -> sqlite3.Cursor:
         assert self._raw is not None, "begin() first"
         try:
             return self._raw.execute(insert.sql, params)
         except sqlite3.Error as exc:
-            # The error SQLAlchemy would have raised, so callers see one kind on both paths.
-            raise sa.exc.DBAPIError.instance(
-                insert.sql, params, exc, sqlite3.Error, dialect=self.statements.dialect
-            ) from exc
+            raise self._error(insert.sql, params, exc) from exc
+
+    def _error(self, sql: str, params: Any, exc: sqlite3.Error) -> sa.exc.StatementError:
+        # The error SQLAlchemy would have raised, so callers see one kind on both paths.
+        return sa.exc.DBAPIError.instance(
+            sql, params, exc, sqlite3.Error, dialect=self.statements.dialect
+        )
+
+    async def execute(self, statement: Prepared, params: Params) -> list[dict[str, Any]]:
+        self.check_open()
+        if not isinstance(params, Mapping):
+            rows = [statement.positional(values) for values in params]
+            assert self._raw is not None, "begin() first"
+            try:
+                self._raw.executemany(statement.sql, rows)
+            except sqlite3.Error as exc:
+                raise self._error(statement.sql, rows, exc) from exc
+            return []
+        cursor = self._execute(statement, statement.positional(params))
+        if not statement.columns:
+            return []
+        return [statement.decode(row) for row in cursor.fetchall()]
 
     async def record_inbox(self, handler: str, message_id: str) -> bool:
         values = {"handler": handler, "message_id": message_id, "processed_at": self.clock.utcnow()}
