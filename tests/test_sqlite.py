@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from txflow.store import flow_log, flows, inbox, open_store
+from tests.support import Ping, add_sink
+from txflow import TxFlow, UnsupportedURLError
+from txflow.store import Store, flow_log, flows, inbox, open_store, outbox
+from txflow.testing import Harness, ManualClock
 
 
 async def test_a_locked_database_is_waited_for_without_blocking_the_loop(tmp_path: Path) -> None:
@@ -140,3 +143,92 @@ async def test_a_prepared_statement_fails_with_sqlalchemys_error_and_names_what_
                 await unit.execute(duplicate, {"handler": "h"})
         async with store.engine.connect() as conn:
             assert (await conn.execute(sa.select(sa.func.count()).select_from(inbox))).scalar() == 0
+
+
+async def pragma(store: Store, name: str) -> object:
+    async with store.engine.connect() as conn:
+        return (await conn.execute(sa.text(f"PRAGMA {name}"))).scalar()
+
+
+async def test_synchronous_is_normal_unless_the_url_says_off(tmp_path: Path) -> None:
+    durable = open_store(f"sqlite:///{tmp_path / 'durable.db'}")
+    fast = open_store(f"sqlite:///{tmp_path / 'fast.db'}?synchronous=off")
+    async with durable, fast:
+        assert await pragma(durable, "synchronous") == 1  # NORMAL
+        assert await pragma(fast, "synchronous") == 0  # OFF
+        assert await pragma(fast, "journal_mode") == "wal"  # still WAL either way
+    with pytest.raises(UnsupportedURLError, match=r"synchronous=sometimes.*normal, off, full"):
+        open_store(f"sqlite:///{tmp_path / 'bad.db'}?synchronous=sometimes")
+
+
+async def test_the_harness_databases_skip_fsync_and_production_keeps_it() -> None:
+    app = TxFlow("svc")
+    add_sink(app, Ping)
+    async with Harness(app):
+        assert app.store.url.database is not None
+        assert await pragma(app.store, "synchronous") == 0
+    assert "synchronous" not in str(app.database_url or "")
+
+
+async def outbox_rows(store: Store) -> list[tuple[int, object]]:
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(sa.select(outbox.c.seq, outbox.c.sent_at).order_by("seq"))
+        return [(seq, sent) for seq, sent in rows.all()]
+
+
+async def write_outbox_rows(store: Store, count: int) -> list[int]:
+    row: dict[str, object] = {
+        "message_id": "m",
+        "event_type": "Ping",
+        "correlation_id": "c",
+        "causation_id": None,
+        "headers": {},
+        "body": b"{}",
+        "created_at": datetime.now(UTC),
+        "lease_until": None,
+        "leased_by": None,
+        "publish_attempts": 0,
+    }
+    async with store.transaction() as unit:
+        return await unit.insert_outbox([dict(row, message_id=f"m{i}") for i in range(count)])
+
+
+async def test_mark_sent_in_the_loop_stores_sent_at_as_sqlalchemy_and_waits_out_a_lock(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "marks.db"
+    store = open_store(f"sqlite:///{path}", clock=ManualClock(start=1_700_000_000.0))
+    async with store:
+        await store.create_tables()
+        seqs = await write_outbox_rows(store, 3)
+        await store.mark_sent(seqs[:2])
+        rows = await outbox_rows(store)
+        sent = datetime.fromtimestamp(1_700_000_000.0, UTC).replace(tzinfo=None)
+        assert rows == [(seqs[0], sent), (seqs[1], sent), (seqs[2], None)]
+        assert (await store.outbox_status()).pending == 1
+
+        other = sqlite3.connect(path, isolation_level=None)  # another process writes
+        other.execute("BEGIN IMMEDIATE")
+        marking = asyncio.create_task(store.mark_sent(seqs[2:], delete=True))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not marking.done()  # waiting for the lock, without blocking the loop
+        other.execute("COMMIT")
+        other.close()
+        await asyncio.wait_for(marking, 10)
+        assert [seq for seq, _ in await outbox_rows(store)] == seqs[:2]
+
+
+async def test_a_failed_transaction_leaves_the_writer_usable(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'writer.db'}")
+    async with store:
+        await store.create_tables()
+        with pytest.raises(sa.exc.IntegrityError):
+            async with store.transaction(inbox=("h", "m-1")) as unit:
+                await unit.session.execute(
+                    sa.text("INSERT INTO txflow_inbox VALUES ('h', 'm-1', 'x')")
+                )
+        async with store.transaction(inbox=("h", "m-1")) as unit:
+            assert not unit.duplicate  # the failed transaction left nothing behind
+        async with store.transaction(inbox=("h", "m-1")) as unit:
+            assert unit.duplicate

@@ -221,17 +221,28 @@ class Store(abc.ABC):
             DatabaseUnavailableError: on PostgreSQL, when no connection could be had or one
                 dropped during txflow's own statements.
         """
-        async with self.engine.connect() as conn, self._guard_cancellation(conn):
-            unit = self._new_unit(conn)
-            try:
-                await unit.begin(inbox)
-                yield unit
-                await unit.commit()
-            except BaseException:
-                await unit.rollback()
-                raise
-            finally:
-                await unit.close_session()
+        async with (
+            self.engine.connect() as conn,
+            self._guard_cancellation(conn),
+            self._unit_on(conn, inbox) as unit,
+        ):
+            yield unit
+
+    @asynccontextmanager
+    async def _unit_on(
+        self, conn: AsyncConnection, inbox: tuple[str, str] | None
+    ) -> AsyncIterator[SQLAlchemyUnitOfWork]:
+        """A unit of work on `conn`: begin, yield, commit (or roll back if the block raised)."""
+        unit = self._new_unit(conn)
+        try:
+            await unit.begin(inbox)
+            yield unit
+            await unit.commit()
+        except BaseException:
+            await unit.rollback()
+            raise
+        finally:
+            await unit.close_session()
 
     def prepare(self, statement: Statement) -> Prepared:
         """`statement` compiled for this store's database, for `UnitOfWork.execute`.

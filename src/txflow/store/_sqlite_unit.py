@@ -59,6 +59,11 @@ class RawStatements:
             inbox, ("handler", "message_id", "processed_at"), dialect, " ON CONFLICT DO NOTHING"
         )
         self._outbox: dict[tuple[str, ...], RawInsert] = {}
+        self._sent_at = outbox.c.sent_at.type.dialect_impl(dialect).bind_processor(dialect)
+
+    def sent_at(self, value: Any) -> Any:
+        """`value` as SQLAlchemy stores it in the outbox's `sent_at` column."""
+        return value if self._sent_at is None else self._sent_at(value)
 
     def outbox(self, columns: tuple[str, ...]) -> RawInsert:
         insert = self._outbox.get(columns)
