@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support import Ping, add_sink
-from txflow import TxFlow, UnsupportedURLError
+from txflow import TransactionEndedError, TxFlow, UnsupportedURLError
 from txflow.store import Store, flow_log, flows, inbox, open_store, outbox
 from txflow.testing import Harness, ManualClock
 
@@ -232,3 +232,21 @@ async def test_a_failed_transaction_leaves_the_writer_usable(tmp_path: Path) -> 
             assert not unit.duplicate  # the failed transaction left nothing behind
         async with store.transaction(inbox=("h", "m-1")) as unit:
             assert unit.duplicate
+
+
+async def test_a_commit_sent_on_the_driver_fails_the_unit_with_or_without_a_session(
+    tmp_path: Path,
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'ended.db'}")
+    async with store:
+        await store.create_tables()
+        for use_session in (False, True):
+            with pytest.raises(TransactionEndedError, match="ended inside the handler"):
+                async with store.transaction(inbox=("h", f"m-{use_session}")) as unit:
+                    if use_session:
+                        await unit.session.execute(sa.text("SELECT 1"))
+                    await unit.driver_connection.commit()
+                    await unit.insert_outbox([])
+        # Both ended on the driver; the next units of work run as usual.
+        async with store.transaction(inbox=("h", "m-next")) as unit:
+            assert not unit.duplicate

@@ -6,8 +6,14 @@ context, result, greenlet switches) than in SQLite. txflow's own statements of e
 transaction, BEGIN IMMEDIATE, the inbox row, the outbox rows and the prepared statements
 of the layers above (the flow tracker's), therefore run on the sqlite3 connection
 directly, with the parameters converted by the same SQLAlchemy type processors as before,
-so the rows are stored exactly as SQLAlchemy would store them. The transaction stays
-SQLAlchemy's: the handler's session joins it and txflow commits it.
+so the rows are stored exactly as SQLAlchemy would store them.
+
+SQLAlchemy's transaction only on demand: the unit begins on sqlite3 itself, and SQLAlchemy
+is told of the transaction (without a statement) only when the handler asks for the
+session; then the session joins it and txflow commits it through SQLAlchemy as before. A
+unit that never needed the session (a flow tracker's transition, a handler writing
+through the driver) commits on sqlite3, after running the engine's "commit" listeners
+just as SQLAlchemy's commit would (txflow's guard, a test harness's injected failures).
 """
 
 from __future__ import annotations
@@ -18,13 +24,19 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from txflow.errors import TransactionEndedError
 from txflow.store._sqlite_driver import InLoopConnection
 from txflow.store._tables import inbox, outbox
-from txflow.store._unit_of_work import Params, SQLAlchemyUnitOfWork
+from txflow.store._unit_of_work import (
+    _OPEN_UNITS,
+    ENDED_IN_HANDLER,
+    Params,
+    SQLAlchemyUnitOfWork,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
-    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
     from txflow.store._base import Store
     from txflow.store._prepared import Prepared
@@ -80,6 +92,8 @@ def begin_immediate(conn: sa.Connection) -> None:
     """
     driver = conn.connection.driver_connection
     if isinstance(driver, InLoopConnection):
+        if driver._conn.in_transaction:
+            return  # the unit of work began it on sqlite3; SQLAlchemy joins it
         try:
             driver._conn.execute("BEGIN IMMEDIATE")
             return
@@ -91,18 +105,84 @@ def begin_immediate(conn: sa.Connection) -> None:
 class SQLiteUnitOfWork(SQLAlchemyUnitOfWork):
     """The unit of work when sqlite3 runs in the loop; see the module docs."""
 
-    __slots__ = ("_raw", "statements")
+    __slots__ = ("_raw", "_raw_only", "statements")
 
     def __init__(self, store: Store, conn: AsyncConnection, statements: RawStatements) -> None:
         super().__init__(store, conn)
         self.statements = statements
         self._raw: sqlite3.Connection | None = None
+        # Begun on sqlite3, SQLAlchemy not (yet) told: no session was asked for.
+        self._raw_only = False
 
     async def begin(self, inbox: tuple[str, str] | None = None) -> None:
-        await super().begin()
         self._raw = self.driver_connection._conn
+        if not self._begin_raw():
+            await super().begin()
         if inbox is not None:
             self.duplicate = not await self.record_inbox(*inbox)
+
+    def _begin_raw(self) -> bool:
+        """BEGIN IMMEDIATE on sqlite3; False when it must go SQLAlchemy's way.
+
+        That way waits for a lock another process holds without blocking the loop, and
+        reports any other error.
+        """
+        sync = self._conn.sync_connection
+        raw = self._raw
+        if sync is None or raw is None or sync.in_transaction() or raw.in_transaction:
+            return False
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return False
+        _OPEN_UNITS[sync] = self
+        self._raw_only = True
+        return True
+
+    @property
+    def session(self) -> AsyncSession:
+        if self._session is None and self._raw_only:
+            self.check_open()
+            self._join()
+        return super().session
+
+    def _join(self) -> None:
+        """Make the transaction begun on sqlite3 SQLAlchemy's too, without a statement."""
+        sync = self._conn.sync_connection
+        assert sync is not None
+        sync.begin()  # its "begin" event (`begin_immediate`) finds sqlite3 in a transaction
+        self._trans = self._conn.get_transaction()
+        self._raw_only = False
+
+    def check_open(self) -> None:
+        if not self._raw_only:
+            super().check_open()
+        # Also when SQLAlchemy thinks its transaction open: a COMMIT or ROLLBACK sent on the
+        # driver ended it behind SQLAlchemy's back.
+        if self._raw is None or not self._raw.in_transaction:
+            raise TransactionEndedError(ENDED_IN_HANDLER)
+
+    async def commit(self) -> None:
+        if not self._raw_only:
+            await super().commit()
+            return
+        self.check_open()
+        sync = self._conn.sync_connection
+        assert sync is not None and self._raw is not None
+        self._committing = True
+        # What SQLAlchemy's commit runs first: the engine's "commit" listeners.
+        sync.dispatch.commit(sync)
+        try:
+            self._raw.commit()
+        except sqlite3.Error as exc:
+            raise self._error("COMMIT", (), exc) from exc
+
+    async def rollback(self) -> None:
+        if not self._raw_only:
+            await super().rollback()
+            return
+        if self._raw is not None and self._raw.in_transaction:
+            self._raw.rollback()
 
     def _execute(self, insert: RawInsert | Prepared, params: tuple[Any, ...]) -> sqlite3.Cursor:
         assert self._raw is not None, "begin() first"
