@@ -294,8 +294,10 @@ class Harness:
 
     By default each app gets a transport on one in-memory broker the harness owns (so the
     apps talk to each other, and to nothing else), a SQLite database in a temporary file
-    (its tables created at start) and the harness's clock. The apps' own settings are
-    restored when the harness exits.
+    (its tables created at start; opened with `?synchronous=off`, since the file is deleted
+    at exit: commits do not wait for the disk, and nothing else differs from the embedded
+    default) and the harness's clock. The apps' own settings are restored when the
+    harness exits.
 
     Given a `broker_url`, the apps run on that RabbitMQ instead, under names of the run's
     own so that runs sharing the broker never see each other's messages: a queue prefix
