@@ -22,6 +22,7 @@ from examples.order_inventory import demo
 
 from tests.faults.example import report_line, run_example
 from tests.servers import PrivatePostgres, PrivateRabbit
+from txflow.testing import wait_until
 
 # A run takes 10-40 s, and stopping the services gracefully may take a minute more.
 pytestmark = [
@@ -41,10 +42,26 @@ def _workers_of(pid: int) -> list[int]:
         return []
 
 
+# Orders that must become terminal between two kills. The kills are paced by the run's
+# progress, not by the clock alone: on a loaded machine a worker takes longer to start than
+# a fixed kill interval, every kill then hits a worker still starting, and the run tests
+# the machine's speed instead of txflow. With 1,000 orders this allows up to ~65 kills.
+ORDERS_PER_KILL = 15
+
+
 def _signal_random_workers(
-    sig: signal.Signals, kills: list[tuple[str, int]], seed: int
+    sig: signal.Signals, kills: list[tuple[str, int]], seed: int, runs: list[demo.Run]
 ) -> demo.Chaos:
     rng = random.Random(seed)
+
+    def terminal() -> int:
+        progress = runs[-1].progress if runs else []
+        return progress[-1][1] if progress else 0
+
+    async def _progressed(target: int) -> None:
+        # No progress at all fails the run at its own deadline, with its report.
+        with contextlib.suppress(TimeoutError):
+            await wait_until(lambda: terminal() >= target, timeout=runs[-1].timeout, interval=0.1)
 
     async def chaos(services: Sequence[demo.Service]) -> None:
         await asyncio.sleep(1.0)
@@ -56,15 +73,22 @@ def _signal_random_workers(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(victim, sig)
                     kills.append((service.name, victim))
-            await asyncio.sleep(rng.uniform(0.5, 1.5))
+                await asyncio.sleep(rng.uniform(0.5, 1.5))
+                await _progressed(min(terminal() + ORDERS_PER_KILL, len(runs[-1].requests)))
+            else:
+                await asyncio.sleep(0.1)
 
     return chaos
 
 
 async def test_sigkill_random_workers_while_1000_orders_flow(amqp_url: str) -> None:
     kills: list[tuple[str, int]] = []
+    runs: list[demo.Run] = []
     _, run = await run_example(
-        amqp_url, _signal_random_workers(signal.SIGKILL, kills, 20261121), killed=True
+        amqp_url,
+        _signal_random_workers(signal.SIGKILL, kills, 20261121, runs),
+        killed=True,
+        runs=runs,
     )
     print(report_line("sigkill", run, workers_killed=len(kills)))
     assert len(kills) >= 3
@@ -77,7 +101,10 @@ async def test_sigkill_random_workers_while_1000_orders_flow(amqp_url: str) -> N
 async def test_sigterm_random_workers_under_load(amqp_url: str) -> None:
     """Graceful stops under load: each stopping worker finishes or hands back its messages."""
     stopped: list[tuple[str, int]] = []
-    _, run = await run_example(amqp_url, _signal_random_workers(signal.SIGTERM, stopped, 7))
+    runs: list[demo.Run] = []
+    _, run = await run_example(
+        amqp_url, _signal_random_workers(signal.SIGTERM, stopped, 7, runs), runs=runs
+    )
     print(report_line("sigterm", run, workers_stopped=len(stopped)))
     assert len(stopped) >= 3
 
