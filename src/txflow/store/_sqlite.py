@@ -12,7 +12,7 @@ long enough to stall the loop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -94,9 +94,15 @@ class SQLiteStore(Store):
 
     @asynccontextmanager
     async def transaction(
-        self, *, inbox: tuple[str, str] | None = None
+        self,
+        *,
+        inbox: tuple[str, str] | None = None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
     ) -> AsyncIterator[UnitOfWork]:
-        async with self._write_lock, super().transaction(inbox=inbox) as unit:
+        async with (
+            self._write_lock,
+            super().transaction(inbox=inbox, inboxes=inboxes) as unit,
+        ):
             yield unit
 
     @asynccontextmanager

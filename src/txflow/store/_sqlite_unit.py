@@ -81,6 +81,9 @@ def begin_immediate(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+_INBOX_DELETE = f"DELETE FROM {inbox.name} WHERE handler = ? AND message_id = ?"
+
+
 class SQLiteUnitOfWork(SQLAlchemyUnitOfWork):
     """The unit of work when sqlite3 runs in the loop; see the module docs."""
 
@@ -91,11 +94,28 @@ class SQLiteUnitOfWork(SQLAlchemyUnitOfWork):
         self.statements = statements
         self._raw: sqlite3.Connection | None = None
 
-    async def begin(self, inbox: tuple[str, str] | None = None) -> None:
+    async def begin(
+        self,
+        inbox: tuple[str, str] | None = None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
+    ) -> None:
         await super().begin()
         self._raw = self.driver_connection._conn
-        if inbox is not None:
-            self.duplicate = not await self.record_inbox(*inbox)
+        await self._record_first(inbox, inboxes)
+
+    async def _sql(self, statement: str) -> None:
+        self.check_open()
+        assert self._raw is not None, "begin() first"
+        try:
+            self._raw.execute(statement)
+        except sqlite3.Error as exc:
+            raise sa.exc.DBAPIError.instance(
+                statement, (), exc, sqlite3.Error, dialect=self.statements.dialect
+            ) from exc
+
+    async def _forget_inbox(self, handler: str, message_id: str) -> None:
+        assert self._raw is not None, "begin() first"
+        self._raw.execute(_INBOX_DELETE, (handler, message_id))
 
     def _execute(self, insert: RawInsert, params: tuple[Any, ...]) -> sqlite3.Cursor:
         assert self._raw is not None, "begin() first"
