@@ -1,0 +1,250 @@
+"""Batched transactions (`batch=N`): group commit of the waiting deliveries of one handler.
+
+On both backends (memory + SQLite, RabbitMQ + PostgreSQL): deliveries that wait share one
+transaction, a failing one rolls back alone and is retried or dead-lettered with its reason,
+duplicates are skipped, a failed transaction acks nothing and every message is applied
+exactly once, and a stop in the middle of a batch leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import Backend, settle
+from tests.support import Ping, Pong, add_sink, effects, queue_depth_is, take_one
+from tests.support import user_metadata as md
+from txflow import ConfigurationError, Context, RetryPolicy, TxFlow, open_store
+from txflow._messages import encode, new_message_id
+from txflow.hop import GroupCommit
+from txflow.store import inbox
+from txflow.testing import wait_until
+
+BATCH = 8
+
+
+class Boom(Exception):
+    pass
+
+
+def group(app: TxFlow, name: str) -> GroupCommit:
+    """The group commit of `app`'s handler `name` (it has one: its batch is above 1)."""
+    consumer = next(c for c in app.consumers if c.spec.name == name)
+    assert consumer.group is not None, f"{name} is not batched"
+    return consumer.group
+
+
+class Gate:
+    """Holds the first delivery in its handler until `open()`, so the others queue behind it."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.opened = asyncio.Event()
+        self.first = True
+
+    async def hold_first(self) -> None:
+        if self.first:
+            self.first = False
+            self.entered.set()
+            await self.opened.wait()
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+def add_batched_effect(
+    app: TxFlow,
+    calls: list[str],
+    *,
+    gate: Gate | None = None,
+    fail: set[int] = frozenset(),  # type: ignore[assignment]
+    batch: int = BATCH,
+    retry: RetryPolicy | None = None,
+    before: Any = None,
+) -> None:
+    """Ping -> one business row + Pong, batched; raises `Boom` for the `n`s in `fail`."""
+
+    @app.handler(Ping, name="effect", batch=batch, retry=retry)
+    async def effect(event: Ping, ctx: Context) -> Pong:
+        calls.append(ctx.message_id or "")
+        if gate is not None:
+            await gate.hold_first()
+        if before is not None:
+            await before(event, ctx)
+        await ctx.session.execute(
+            sa.insert(effects).values(message_id=ctx.message_id, value=event.n)
+        )
+        if event.n in fail:
+            raise Boom(f"no {event.n}")
+        return Pong(n=event.n)
+
+
+async def effect_values(app: TxFlow) -> list[int]:
+    async with app.store.engine.connect() as conn:
+        return sorted((await conn.execute(sa.select(effects.c.value))).scalars())
+
+
+async def inbox_ids(app: TxFlow, handler: str = "effect") -> set[str]:
+    """The message ids in `handler`'s inbox."""
+    query = sa.select(inbox.c.message_id).where(inbox.c.handler == app.handlers[handler].queue)
+    async with app.store.engine.connect() as conn:
+        return set((await conn.execute(query)).scalars())
+
+
+async def producer(backend: Backend) -> TxFlow:
+    """An app with a database of its own that publishes what the tests' handlers get.
+
+    On SQLite a handler held in its transaction holds the database's one write lock, so
+    the app it runs in could not publish until it let go.
+    """
+    return await backend.app("producer", database="producer")
+
+
+async def publish_held(source: TxFlow, app: TxFlow, gate: Gate, count: int) -> list[str]:
+    """Publish Ping 0 (held in its handler), then Pings 1..count-1 that wait behind it."""
+    ids = await source.publish(Ping(n=0))
+    await asyncio.wait_for(gate.entered.wait(), 10)
+    ids += await source.publish(*(Ping(n=i) for i in range(1, count)))
+    consumer = next(c for c in app.consumers if c.spec.name == "effect")
+    await wait_until(lambda: consumer.in_progress == count, message=f"{count} deliveries waiting")
+    return ids
+
+
+pytestmark = pytest.mark.parametrize("backend", ["memory", "rabbit"], indirect=True)
+
+
+async def test_waiting_deliveries_share_one_transaction(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md, concurrency=32)
+    calls: list[str] = []
+    gate = Gate()
+    add_batched_effect(app, calls, gate=gate)
+    received = add_sink(app, Pong)
+    source = await producer(backend)
+    async with source, app:
+        ids = await publish_held(source, app, gate, 1 + 2 * BATCH)
+        gate.open()
+        await wait_until(lambda: len(received) == 1 + 2 * BATCH, message="every Pong")
+        commits = group(app, "effect")
+        # The held one alone, then the 16 that waited behind it in two full batches.
+        assert (commits.batches, commits.deliveries) == (3, 1 + 2 * BATCH)
+        assert await effect_values(app) == list(range(1 + 2 * BATCH))
+        assert sorted(calls) == sorted(ids)
+        stats = next(c for c in app.consumers if c.spec.name == "effect").stats
+        assert (stats.handled, stats.duplicates, stats.retried) == (1 + 2 * BATCH, 0, 0)
+        # Every delivery was acked: nothing is left for a redelivery.
+        await settle()
+        assert await app.transport.queue_depth(app.handlers["effect"].queue) == 0
+
+
+async def test_a_failing_delivery_rolls_back_alone_and_is_dead_lettered(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md)
+    calls: list[str] = []
+    gate = Gate()
+    add_batched_effect(app, calls, gate=gate, fail={3}, retry=RetryPolicy.immediate(2))
+    received = add_sink(app, Pong)
+    source = await producer(backend)
+    async with source, app:
+        ids = await publish_held(source, app, gate, 6)
+        gate.open()
+        dlq = app.handlers["effect"].queue + ".dlq"
+        await wait_until(queue_depth_is(app, dlq, 1), message="the poison dead-lettered")
+        await wait_until(lambda: len(received) == 5, message="the others' Pongs")
+        # The others committed once; the poison's row rolled back with its savepoint, and
+        # its inbox row too, or its retry would have been skipped as a duplicate.
+        assert await effect_values(app) == [0, 1, 2, 4, 5]
+        assert Counter(calls)[ids[3]] == 2  # the first attempt and its retry
+        assert await inbox_ids(app) == set(ids) - {ids[3]}
+        dead = await take_one(app, dlq)
+        assert dead.message_id == ids[3]
+        assert dead.headers["x-txflow-exception-type"].endswith("Boom")
+        assert dead.headers["x-txflow-dead-letter-reason"] == "no 3"
+        assert dead.headers["x-txflow-attempts"] == 2
+        await settle()
+        assert sorted(p.n for p in received) == [0, 1, 2, 4, 5]  # type: ignore[attr-defined]
+
+
+async def test_duplicates_in_and_before_a_batch_are_skipped(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md)
+    calls: list[str] = []
+    gate = Gate()
+    add_batched_effect(app, calls, gate=gate)
+    source = await producer(backend)
+    async with source, app:
+        ids = await publish_held(source, app, gate, 3)
+        # Two copies of one message id waiting in the same batch, and a copy of a message
+        # handled in the batch before (its inbox row exists once that batch committed).
+        twice = encode(
+            Ping(n=9),
+            message_id=new_message_id(),
+            correlation_id="batch-test",
+            causation_id=None,
+            occurred_at=datetime.now(UTC),
+        )
+        await app.transport.publish(app.exchange, twice)
+        await app.transport.publish(app.exchange, twice)
+        gate.open()
+        consumer = next(c for c in app.consumers if c.spec.name == "effect")
+        await wait_until(lambda: consumer.stats.handled == 4, message="4 handled")
+        first = encode(
+            Ping(n=0),
+            message_id=ids[0],
+            correlation_id="batch-test",
+            causation_id=None,
+            occurred_at=datetime.now(UTC),
+        )
+        await app.transport.publish(app.exchange, first)
+        await wait_until(lambda: consumer.stats.duplicates == 2, message="2 duplicates")
+        assert await effect_values(app) == [0, 1, 2, 9]
+        assert sorted(Counter(calls).values()) == [1, 1, 1, 1]
+
+
+async def test_a_stop_in_the_middle_of_a_batch_leaves_nothing_and_loses_nothing(
+    backend: Backend,
+) -> None:
+    app = await backend.app("svc", metadata=md, shutdown_timeout=0.5)
+    calls: list[str] = []
+    stuck = asyncio.Event()
+
+    async def hang_on_3(event: Ping, ctx: Context) -> None:
+        if event.n == 3 and ctx.attempt == 1 and not stuck.is_set():
+            stuck.set()
+            await asyncio.Event().wait()  # until the stop cancels it
+
+    gate = Gate()
+    add_batched_effect(app, calls, gate=gate, before=hang_on_3)
+    add_sink(app, Pong)
+    source = await producer(backend)
+    async with source, app:
+        ids = await publish_held(source, app, gate, 6)
+        gate.open()
+        await asyncio.wait_for(stuck.wait(), 10)
+    # Deliveries 1 and 2 ran in the batch before 3 hung: the cancelled batch rolled them
+    # back and acked none of them.
+    async with open_store(await backend.database_url()) as store:
+        async with store.engine.connect() as conn:
+            assert list((await conn.execute(sa.select(effects.c.value))).scalars()) == [0]
+    again = await backend.app("svc", metadata=md)
+    add_batched_effect(again, calls)
+    received = add_sink(again, Pong)
+    async with again:
+        await wait_until(lambda: len(received) >= 5, message="the rest handled after restart")
+        await settle()
+        assert await effect_values(again) == list(range(6))
+        assert await inbox_ids(again) == set(ids)
+
+
+async def test_batch_size_is_checked(backend: Backend) -> None:
+    app = await backend.app("svc")
+    for bad in (0, 65, True, 2.5):
+        with pytest.raises(ConfigurationError, match="batch="):
+
+            @app.handler(Ping, name=f"h{bad}", batch=bad)  # type: ignore[arg-type]
+            async def h(event: Ping) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="batch=0"):
+        TxFlow("bad", batch=0)
