@@ -13,17 +13,18 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Backend, settle
+from tests.conftest import PG_URL, Backend, settle
 from tests.support import Ping, Pong, add_sink, effects, queue_depth_is, take_one
 from tests.support import user_metadata as md
 from txflow import ConfigurationError, Context, RetryPolicy, TxFlow, open_store
 from txflow._messages import encode, new_message_id
 from txflow.hop import GroupCommit
 from txflow.store import inbox
-from txflow.testing import wait_until
+from txflow.testing import Harness, wait_until
 
 BATCH = 8
 
@@ -115,9 +116,11 @@ async def publish_held(source: TxFlow, app: TxFlow, gate: Gate, count: int) -> l
     return ids
 
 
-pytestmark = pytest.mark.parametrize("backend", ["memory", "rabbit"], indirect=True)
+# Memory + SQLite and RabbitMQ + PostgreSQL.
+both = pytest.mark.parametrize("backend", ["memory", "rabbit"], indirect=True)
 
 
+@both
 async def test_waiting_deliveries_share_one_transaction(backend: Backend) -> None:
     app = await backend.app("svc", metadata=md, concurrency=32)
     calls: list[str] = []
@@ -141,6 +144,7 @@ async def test_waiting_deliveries_share_one_transaction(backend: Backend) -> Non
         assert await app.transport.queue_depth(app.handlers["effect"].queue) == 0
 
 
+@both
 async def test_a_failing_delivery_rolls_back_alone_and_is_dead_lettered(backend: Backend) -> None:
     app = await backend.app("svc", metadata=md)
     calls: list[str] = []
@@ -168,6 +172,7 @@ async def test_a_failing_delivery_rolls_back_alone_and_is_dead_lettered(backend:
         assert sorted(p.n for p in received) == [0, 1, 2, 4, 5]  # type: ignore[attr-defined]
 
 
+@both
 async def test_duplicates_in_and_before_a_batch_are_skipped(backend: Backend) -> None:
     app = await backend.app("svc", metadata=md)
     calls: list[str] = []
@@ -203,6 +208,7 @@ async def test_duplicates_in_and_before_a_batch_are_skipped(backend: Backend) ->
         assert sorted(Counter(calls).values()) == [1, 1, 1, 1]
 
 
+@both
 async def test_a_stop_in_the_middle_of_a_batch_leaves_nothing_and_loses_nothing(
     backend: Backend,
 ) -> None:
@@ -238,6 +244,7 @@ async def test_a_stop_in_the_middle_of_a_batch_leaves_nothing_and_loses_nothing(
         assert await inbox_ids(again) == set(ids)
 
 
+@both
 async def test_batch_size_is_checked(backend: Backend) -> None:
     app = await backend.app("svc")
     for bad in (0, 65, True, 2.5):
@@ -248,3 +255,134 @@ async def test_batch_size_is_checked(backend: Backend) -> None:
 
     with pytest.raises(ConfigurationError, match="batch=0"):
         TxFlow("bad", batch=0)
+
+
+async def terminate_backend_of(ctx: Context) -> None:
+    """Kill the connection of `ctx`'s transaction from another one, as an outage would."""
+    pid = await ctx.driver_connection.fetchval("SELECT pg_backend_pid()")
+    admin = await asyncpg.connect(PG_URL, timeout=10)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+
+
+async def test_a_connection_killed_in_a_batch_acks_nothing_and_applies_each_once(
+    real: Backend,
+) -> None:
+    app = await real.app("svc", metadata=md)
+    calls: list[str] = []
+    killed: list[int] = []
+
+    async def kill_after_5(event: Ping, ctx: Context) -> None:
+        # The last of the batch, once: after it, txflow's own next statement finds the
+        # connection gone (the savepoint's release, or the COMMIT).
+        if event.n == 5 and not killed:
+            killed.append(event.n)
+            await terminate_backend_of(ctx)
+
+    gate = Gate()
+    add_batched_effect(app, calls, gate=gate, before=kill_after_5)
+    received = add_sink(app, Pong)
+    source = await producer(real)
+    async with source, app:
+        ids = await publish_held(source, app, gate, 6)
+        gate.open()
+        await wait_until(lambda: len(received) == 6, timeout=30, message="every Pong")
+        await settle()
+        stats = next(c for c in app.consumers if c.spec.name == "effect").stats
+        # 1..5 went back to the broker uncounted and came back; nothing was retried.
+        assert stats.requeued == 5
+        assert (stats.handled, stats.retried, stats.dead_lettered) == (6, 0, 0)
+        assert await effect_values(app) == list(range(6))
+        assert await inbox_ids(app) == set(ids)
+        assert sorted(Counter(calls)[i] for i in ids[1:]) == [2] * 5  # ran, rolled back, ran
+        assert sorted(p.n for p in received) == list(range(6))  # type: ignore[attr-defined]
+
+
+async def test_a_commit_refused_runs_each_delivery_alone_and_only_the_culprit_fails(
+    real: Backend,
+) -> None:
+    app = await real.app("svc", metadata=md)
+    store = await app.open_store()
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            sa.text("CREATE TABLE claims (k int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+        )
+        await conn.execute(sa.text("INSERT INTO claims VALUES (99)"))
+
+    async def claim(event: Ping, ctx: Context) -> None:
+        # Ping 3 claims a key that is taken: checked only at COMMIT (deferred).
+        key = 99 if event.n == 3 else event.n
+        await ctx.driver_connection.execute("INSERT INTO claims VALUES ($1)", key)
+
+    calls: list[str] = []
+    gate = Gate()
+    add_batched_effect(app, calls, gate=gate, before=claim, retry=RetryPolicy.immediate(2))
+    received = add_sink(app, Pong)
+    source = await producer(real)
+    async with source, app:
+        ids = await publish_held(source, app, gate, 6)
+        gate.open()
+        dlq = app.handlers["effect"].queue + ".dlq"
+        await wait_until(queue_depth_is(app, dlq, 1), timeout=30, message="Ping 3 dead-lettered")
+        await wait_until(lambda: len(received) == 5, message="the others' Pongs")
+        stats = next(c for c in app.consumers if c.spec.name == "effect").stats
+        # The batch of 1..5 failed at COMMIT; each ran again alone, and only Ping 3's commit
+        # failed: its two attempts, then the dead letter. Nothing was handed back.
+        assert (stats.handled, stats.retried, stats.dead_lettered) == (5, 1, 1)
+        assert stats.requeued == 0
+        assert await effect_values(app) == [0, 1, 2, 4, 5]
+        assert await inbox_ids(app) == set(ids) - {ids[3]}
+        dead = await take_one(app, dlq)
+        assert dead.message_id == ids[3]
+        assert "UniqueViolation" in dead.headers["x-txflow-exception-type"]
+
+
+def harness_app(before: Any = None) -> tuple[TxFlow, list[str], Gate]:
+    app = TxFlow("svc", metadata=md, retry=RetryPolicy.immediate(2))
+    calls: list[str] = []
+    gate = Gate()
+    add_batched_effect(app, calls, gate=gate, before=before)
+    return app, calls, gate
+
+
+async def test_in_the_harness_a_failed_batch_commit_runs_each_alone() -> None:
+    harness: list[Harness] = []
+
+    async def arm_in_batch(event: Ping, ctx: Context) -> None:
+        if event.n == 1 and ctx.attempt == 1 and len(harness) == 1:
+            harness.pop().faults.fail_commit("effect")  # the commit of the batch of 1..3
+
+    app, calls, gate = harness_app(arm_in_batch)
+    source, pongs = TxFlow("source"), TxFlow("pongs")
+    received = add_sink(pongs, Pong)
+    async with Harness(app, source, pongs) as h:
+        ids = await publish_held(source, app, gate, 4)
+        harness.append(h)
+        gate.open()
+        await h.settle()
+        assert len(h.handled(handler="effect")) == 4
+        assert not h.retried(handler="effect")
+        assert sorted(Counter(calls)[i] for i in ids[1:]) == [2, 2, 2]
+        assert await effect_values(app) == [0, 1, 2, 3]
+        assert sorted(p.n for p in received) == [0, 1, 2, 3]  # type: ignore[attr-defined]
+        assert group(app, "effect").batches == 2
+
+
+async def test_in_the_harness_a_crash_before_the_ack_of_a_batched_delivery_is_deduplicated() -> (
+    None
+):
+    app, calls, gate = harness_app()
+    source, pongs = TxFlow("source"), TxFlow("pongs")
+    add_sink(pongs, Pong)
+    async with Harness(app, source, pongs) as h:
+        h.faults.crash_before_ack("effect", times=2)  # Ping 0's batch and one of the next
+        ids = await publish_held(source, app, gate, 4)
+        gate.open()
+        await h.settle()
+        assert len(h.handled(handler="effect")) == 4
+        assert len(h.duplicates(handler="effect")) == 2
+        assert sorted(Counter(calls).values()) == [1, 1, 1, 1]
+        assert await effect_values(app) == [0, 1, 2, 3]
+        assert set(ids) == await inbox_ids(app)
