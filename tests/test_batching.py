@@ -9,24 +9,42 @@ exactly once, and a stop in the middle of a batch leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
 import sqlalchemy as sa
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.conftest import PG_URL, Backend, settle
 from tests.support import Ping, Pong, add_sink, effects, queue_depth_is, take_one
 from tests.support import user_metadata as md
-from txflow import ConfigurationError, Context, RetryPolicy, TxFlow, open_store
+from tests.test_tracing import handler_spans, parent_id, span_id, trace_id
+from txflow import ConfigurationError, Context, RetryPolicy, TxFlow, _logging, open_store
 from txflow._messages import encode, new_message_id
 from txflow.hop import GroupCommit
 from txflow.store import inbox
 from txflow.testing import Harness, wait_until
 
 BATCH = 8
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """An SDK recording every span in memory, for one test (as tests/test_tracing.py's)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    yield exporter
+    provider.shutdown()
 
 
 class Boom(Exception):
@@ -67,8 +85,12 @@ def add_batched_effect(
     batch: int = BATCH,
     retry: RetryPolicy | None = None,
     before: Any = None,
+    after: Any = None,
 ) -> None:
-    """Ping -> one business row + Pong, batched; raises `Boom` for the `n`s in `fail`."""
+    """Ping -> one business row + Pong, batched; raises `Boom` for the `n`s in `fail`.
+
+    `before` and `after` are awaited with the event and context around the row's insert.
+    """
 
     @app.handler(Ping, name="effect", batch=batch, retry=retry)
     async def effect(event: Ping, ctx: Context) -> Pong:
@@ -80,6 +102,8 @@ def add_batched_effect(
         await ctx.session.execute(
             sa.insert(effects).values(message_id=ctx.message_id, value=event.n)
         )
+        if after is not None:
+            await after(event, ctx)
         if event.n in fail:
             raise Boom(f"no {event.n}")
         return Pong(n=event.n)
@@ -386,3 +410,85 @@ async def test_in_the_harness_a_crash_before_the_ack_of_a_batched_delivery_is_de
         assert sorted(Counter(calls).values()) == [1, 1, 1, 1]
         assert await effect_values(app) == [0, 1, 2, 3]
         assert set(ids) == await inbox_ids(app)
+
+
+@both
+async def test_each_delivery_of_a_batch_keeps_its_own_trace_and_log_context(
+    backend: Backend, spans: InMemorySpanExporter
+) -> None:
+    app = await backend.app("svc", metadata=md)
+    calls: list[str] = []
+    wrong_context: list[str] = []
+    tracer = trace.get_tracer("tests")
+
+    async def in_own_context(event: Ping, ctx: Context) -> None:
+        hop = _logging._hop.get()
+        if hop is None or hop[2] != ctx.message_id:
+            wrong_context.append(ctx.message_id or "")
+        with tracer.start_as_current_span(f"work {event.n}"):
+            pass
+
+    gate = Gate()
+    add_batched_effect(app, calls, gate=gate, before=in_own_context)
+    sink = await backend.app("sink", database="sink")
+    received = add_sink(sink, Pong)
+    source = await producer(backend)
+    async with source, app, sink:
+        with tracer.start_as_current_span("request 0"):
+            await source.publish(Ping(n=0))
+        await asyncio.wait_for(gate.entered.wait(), 10)
+        for n in range(1, 5):
+            with tracer.start_as_current_span(f"request {n}"):
+                await source.publish(Ping(n=n))
+        consumer = next(c for c in app.consumers if c.spec.name == "effect")
+        await wait_until(lambda: consumer.in_progress == 5, message="5 deliveries waiting")
+        gate.open()
+        await wait_until(lambda: len(handler_spans(spans, "sink")) == 5, message="5 sink spans")
+        assert group(app, "effect").batches == 2
+    assert len(received) == 5
+    assert wrong_context == []
+    by_name = {s.name: s for s in spans.get_finished_spans()}
+    processes = {
+        (s.attributes or {})["messaging.message.id"]: s for s in handler_spans(spans, "effect")
+    }
+    sinks = {parent_id(s): s for s in handler_spans(spans, "sink")}
+    for n in range(5):
+        root, work = by_name[f"request {n}"], by_name[f"work {n}"]
+        (process,) = [p for p in processes.values() if parent_id(p) == span_id(root)]
+        assert trace_id(process) == trace_id(root)
+        assert (process.attributes or {})["txflow.outcome"] == "handled"
+        assert parent_id(work) == span_id(process)  # the handler ran in its delivery's span
+        # The Pong it returned carries its delivery's trace context, not the batch leader's.
+        assert trace_id(sinks[span_id(process)]) == trace_id(root)
+
+
+@pytest.mark.parametrize("culprit", [2, 5], ids=["in-the-middle", "the-last"])
+async def test_a_handler_that_leaves_the_transaction_aborted_fails_alone(
+    real: Backend, culprit: int
+) -> None:
+    app = await real.app("svc", metadata=md)
+
+    async def swallow_an_error(event: Ping, ctx: Context) -> None:
+        if event.n == culprit:
+            with contextlib.suppress(asyncpg.DivisionByZeroError):
+                await ctx.driver_connection.execute("SELECT 1 / 0")  # aborts its savepoint
+
+    calls: list[str] = []
+    gate = Gate()
+    add_batched_effect(
+        app, calls, gate=gate, after=swallow_an_error, retry=RetryPolicy.immediate(2)
+    )
+    received = add_sink(app, Pong)
+    source = await producer(real)
+    async with source, app:
+        ids = await publish_held(source, app, gate, 6)
+        gate.open()
+        dlq = app.handlers["effect"].queue + ".dlq"
+        await wait_until(queue_depth_is(app, dlq, 1), timeout=30, message="the culprit's DLQ")
+        await wait_until(lambda: len(received) == 5, message="the others' Pongs")
+        assert await effect_values(app) == sorted(set(range(6)) - {culprit})
+        assert await inbox_ids(app) == set(ids) - {ids[culprit]}
+        dead = await take_one(app, dlq)
+        assert dead.message_id == ids[culprit]
+        assert dead.headers["x-txflow-exception-type"].endswith("TransactionEndedError")
+        assert "aborted" in dead.headers["x-txflow-dead-letter-reason"]

@@ -306,10 +306,15 @@ class PostgresUnitOfWork(UnitOfWork):
             self._savepoint_open = True
 
     async def release_savepoint(self, *, reopen: bool) -> None:
-        # The next delivery's savepoint goes in the same round trip.
         self._savepoint_open = False
+        if not reopen:
+            # The batch's last: COMMIT commits an open savepoint, and fails on one the
+            # handler left aborted (then the whole batch fails and each runs alone).
+            self._check_open()
+            return
+        # The next delivery's savepoint goes in the same round trip.
         try:
-            await self._run(f"{RELEASE}; {SAVEPOINT}" if reopen else RELEASE)
+            await self._run(f"{RELEASE}; {SAVEPOINT}")
         except asyncpg.InFailedSQLTransactionError as exc:
             raise TransactionEndedError(ABORTED_IN_HANDLER) from exc
         self._savepoint_open = reopen

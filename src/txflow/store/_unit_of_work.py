@@ -97,6 +97,9 @@ class UnitOfWork(abc.ABC):
     async def release_savepoint(self, *, reopen: bool) -> None:
         """Keep what was written since `savepoint`; with `reopen`, open the next one.
 
+        Without `reopen` (the batch's last delivery) a backend may leave the check to the
+        COMMIT, which then fails with `TransactionEndedError` for the whole batch.
+
         Raises:
             TransactionEndedError: the work since the savepoint left the transaction aborted
                 (a failed statement the handler caught); `rollback_to_savepoint` next.
