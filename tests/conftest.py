@@ -34,6 +34,9 @@ from txflow.testing import Harness, InMemoryBroker, InMemoryTransport
 AMQP_URL = os.environ.get("TXFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("TXFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 RUN_ID = uuid.uuid4().hex[:8]
+# Every backend's apps' default `batch`: `TXFLOW_TEST_BATCH=8 pytest tests/test_flows.py`
+# runs a suite with every handler batched.
+TEST_BATCH = int(os.environ.get("TXFLOW_TEST_BATCH", "1"))
 # Fast relay settings so crash-recovery tests do not wait for production lease times.
 TEST_RELAY = RelayConfig(lease=1.0, sweep_interval=0.2, cleanup_interval=0.5)
 
@@ -70,7 +73,7 @@ class Backend:
     stack: AsyncExitStack = field(default_factory=AsyncExitStack)
     databases: dict[str, str] = field(default_factory=dict)
     #: the apps' default `batch` (a "-batched" backend runs every handler batched)
-    batch: int = 1
+    batch: int = field(default_factory=lambda: TEST_BATCH)
 
     @property
     def is_real(self) -> bool:
