@@ -7,7 +7,8 @@ for more to come), and runs them in one transaction:
 
 1. BEGIN, and the inbox rows of all of them in one statement; those already there are
    duplicates;
-2. for each other delivery in turn: a savepoint, the handler (in a task carrying the
+2. for each other delivery in turn (a batch of one needs none of this: it runs as it
+   would unbatched): a savepoint, the handler (in a task carrying the
    delivery's own context: its `process` span, its log lines), its session flushed, the
    savepoint released; a failure rolls back to the savepoint and deletes that delivery's
    inbox row, so it fails alone;
@@ -167,6 +168,9 @@ class GroupCommit:
     async def _run_batch(self, batch: list[Pending], own: Pending) -> None:
         self.batches += 1
         self.deliveries += len(batch)
+        if len(batch) == 1:
+            await self._run_one(batch[0])
+            return
         queue = self.spec.queue
         ids = [item.envelope.message_id for item in batch]
         kept: list[Pending] = []
@@ -206,6 +210,22 @@ class GroupCommit:
             return
         for item in kept:
             item.verdict = Verdict.COMMITTED
+
+    async def _run_one(self, item: Pending) -> None:
+        """A batch of one: the unbatched transaction (no savepoint), its failure its own."""
+        try:
+            inbox = (self.spec.queue, item.envelope.message_id)
+            async with unit_of_work(self.store, self.relay, inbox=inbox) as work:
+                if work.duplicate:
+                    item.verdict = Verdict.DUPLICATE
+                    return
+                await self._call(item, work.context(item.envelope))
+        except Exception as exc:
+            item.verdict = Verdict.FAILED
+            item.by_handler = isinstance(exc, HandlerRaised)
+            item.error = exc.error if isinstance(exc, HandlerRaised) else exc
+            return
+        item.verdict = Verdict.COMMITTED
 
     async def _call(self, item: Pending, ctx: Context) -> None:
         """Run the handler and emit what it returns, in the delivery's own context."""
