@@ -300,6 +300,9 @@ async def measure_ring(
                         f", commit->consume p50 {result.commit_to_consume_p50_ms:.2f} "
                         f"p99 {result.commit_to_consume_p99_ms:.2f} ms"
                     )
+                if result.checks.get("batches"):
+                    size = result.checks["batched"] / result.checks["batches"]
+                    delay += f", {size:.1f} deliveries per batch"
                 print(
                     f"  {what:34s} {result.hops_per_second:7.0f} hops/s  "
                     f"({result.cpu_ms_per_hop:.2f} ms CPU/hop{delay}"

@@ -170,6 +170,9 @@ def counters(consumers: Sequence[Any], relay: OutboxRelay) -> dict[str, int]:
         "dead_lettered": sum(s.dead_lettered for s in stats),
         "relay_published": relay.stats.published,
         "relay_swept": relay.stats.swept,
+        # batched handlers: the transactions their batches ran, and the deliveries in them
+        "batches": sum(c.group.batches for c in consumers if c.group is not None),
+        "batched": sum(c.group.deliveries for c in consumers if c.group is not None),
     }
 
 
