@@ -36,10 +36,9 @@ from enum import Enum
 
 from txflow._messages import Envelope, Event
 from txflow._outbox import OutboxRelay
-from txflow.errors import TransactionEndedError
 from txflow.hop._context import Context
 from txflow.hop._handlers import HandlerRaised, HandlerSpec
-from txflow.hop._unit import Work, unit_of_work
+from txflow.hop._unit import unit_of_work
 from txflow.store import Store
 
 #: The most deliveries one batch may hold. On PostgreSQL each delivery that writes in its
@@ -74,10 +73,6 @@ class Pending:
     error: Exception | None = None
     #: whether `error` came from the handler's code (else from txflow's own statements)
     by_handler: bool = False
-    #: joined the batch while it ran (its inbox row is written in its own savepoint)
-    late: bool = False
-    #: its handler's context in the batch's transaction, once it ran
-    ctx: Context | None = None
 
 
 class GroupCommit:
@@ -130,7 +125,7 @@ class GroupCommit:
         try:
             # Deliveries that arrived with this one (their tasks are ready to run) join it.
             await asyncio.sleep(0)
-            batch = self._take(self.size)
+            batch = self._take()
             await self._run_batch(batch, own)
         finally:
             with contextlib.suppress(ValueError):
@@ -142,13 +137,12 @@ class GroupCommit:
                     item.turn.set_result(False)
             self._pass_lead()
 
-    def _take(self, limit: int, ids: set[str] | None = None) -> list[Pending]:
-        """Up to `limit` waiting deliveries, none with a message id in `ids` or taken twice:
-        a second copy of a message id waits for the next batch."""
+    def _take(self) -> list[Pending]:
+        """Up to `size` waiting deliveries; a second copy of a message id waits for the next."""
         batch: list[Pending] = []
-        ids = set() if ids is None else ids
+        ids: set[str] = set()
         held: list[Pending] = []
-        while self._waiting and len(batch) < limit:
+        while self._waiting and len(batch) < self.size:
             item = self._waiting.popleft()
             if item.turn.cancelled():
                 continue
@@ -174,111 +168,64 @@ class GroupCommit:
     async def _run_batch(self, batch: list[Pending], own: Pending) -> None:
         self.batches += 1
         self.deliveries += len(batch)
+        if len(batch) == 1:
+            await self._run_one(batch[0])
+            return
         queue = self.spec.queue
         ids = [item.envelope.message_id for item in batch]
-        alone = len(batch) == 1
         kept: list[Pending] = []
         try:
-            async with unit_of_work(
-                self.store,
-                self.relay,
-                inbox=(queue, ids[0]) if alone else None,
-                inboxes=None if alone else (queue, ids),
-            ) as work:
-                await self._run_all(work, batch, kept, alone)
+            async with unit_of_work(self.store, self.relay, inboxes=(queue, ids)) as work:
+                unit = work.unit
+                fresh = []
+                for item in batch:
+                    if item.envelope.message_id in unit.duplicate_ids:
+                        item.verdict = Verdict.DUPLICATE
+                    else:
+                        fresh.append(item)
+                for index, item in enumerate(fresh):
+                    await unit.savepoint()
+                    ctx = work.context(item.envelope)
+                    try:
+                        await self._call(item, ctx)
+                        await unit.flush()
+                        await unit.drop_session()
+                        await unit.release_savepoint(reopen=index + 1 < len(fresh))
+                    except Exception as exc:
+                        work.discard(ctx)
+                        item.verdict = Verdict.FAILED
+                        item.by_handler = isinstance(exc, HandlerRaised)
+                        item.error = exc.error if isinstance(exc, HandlerRaised) else exc
+                        if not unit.is_open:
+                            raise  # ended or lost: the others' work is gone too
+                        await unit.drop_session()
+                        await unit.rollback_to_savepoint((queue, item.envelope.message_id))
+                    else:
+                        kept.append(item)
         except Exception as exc:
-            error = exc.error if isinstance(exc, HandlerRaised) else exc
-            if len(batch) == 1 and batch[0].verdict is not Verdict.FAILED:
-                # A batch of one fails as it would unbatched: its attempt failed.
-                _failed(batch[0], exc)
-                return
             for item in batch:
                 if item.verdict is None or item in kept:
                     item.verdict = Verdict.BATCH_FAILED
-                    item.error = error
+                    item.error = exc.error if isinstance(exc, HandlerRaised) else exc
             return
         for item in kept:
             item.verdict = Verdict.COMMITTED
 
-    async def _run_all(
-        self, work: Work, batch: list[Pending], kept: list[Pending], alone: bool
-    ) -> None:
-        """Each delivery of `batch` in turn, and those that join while it runs."""
-        unit = work.unit
-        queue = self.spec.queue
-        todo: deque[Pending] = deque()
-        for item in batch:
-            duplicate = unit.duplicate if alone else item.envelope.message_id in unit.duplicate_ids
-            if duplicate:
-                item.verdict = Verdict.DUPLICATE
-            else:
-                todo.append(item)
-        # A batch of one runs its first delivery without a savepoint, as unbatched: should
-        # it fail, the whole transaction rolls back, and nothing else is in it yet.
-        bare = alone and bool(todo)
-        held: Pending | None = None  # the delivery whose work the open savepoint holds
-        while todo or self._join_late(batch, todo):
-            item = todo.popleft()
-            if not bare:
-                try:
-                    inbox = (queue, item.envelope.message_id) if item.late else None
-                    new = await unit.next_savepoint(release=held is not None, inbox=inbox)
-                except TransactionEndedError as exc:
-                    assert held is not None
-                    await self._undo(work, held, exc, kept)  # it left the transaction aborted
-                    held = None
-                    todo.appendleft(item)
-                    continue
-                held = None
-                if not new:
+    async def _run_one(self, item: Pending) -> None:
+        """A batch of one: the unbatched transaction (no savepoint), its failure its own."""
+        try:
+            inbox = (self.spec.queue, item.envelope.message_id)
+            async with unit_of_work(self.store, self.relay, inbox=inbox) as work:
+                if work.duplicate:
                     item.verdict = Verdict.DUPLICATE
-                    continue
-            ctx = item.ctx = work.context(item.envelope)
-            try:
-                await self._call(item, ctx)
-                await unit.flush()
-                await unit.drop_session()
-            except Exception as exc:
-                work.discard(ctx)
-                _failed(item, exc)
-                if bare or not unit.is_open:
-                    raise  # rolled back whole, or ended or lost: the others' work is gone
-                await unit.drop_session()
-                await unit.rollback_to_savepoint(self._inbox_to_forget(item))
-                continue
-            kept.append(item)
-            held = None if bare else item
-            bare = False
-        if held is not None:
-            try:
-                await unit.end_savepoint()
-            except TransactionEndedError as exc:
-                await self._undo(work, held, exc, kept)
-
-    async def _undo(self, work: Work, item: Pending, exc: Exception, kept: list[Pending]) -> None:
-        """Roll back `item`, whose work turned out to have failed after all."""
-        kept.remove(item)
-        assert item.ctx is not None
-        work.discard(item.ctx)  # its events must not be written
-        _failed(item, exc)
-        await work.unit.rollback_to_savepoint(self._inbox_to_forget(item))
-
-    def _inbox_to_forget(self, item: Pending) -> tuple[str, str] | None:
-        # A late delivery's inbox row was written in its savepoint, and rolls back with it.
-        return None if item.late else (self.spec.queue, item.envelope.message_id)
-
-    def _join_late(self, batch: list[Pending], todo: deque[Pending]) -> bool:
-        """Deliveries that arrived while the batch ran join it, while it has room."""
-        room = self.size - len(batch)
-        if room <= 0 or not self._waiting:
-            return False
-        late = self._take(room, {item.envelope.message_id for item in batch})
-        for item in late:
-            item.late = True
-        batch.extend(late)
-        todo.extend(late)
-        self.deliveries += len(late)
-        return bool(late)
+                    return
+                await self._call(item, work.context(item.envelope))
+        except Exception as exc:
+            item.verdict = Verdict.FAILED
+            item.by_handler = isinstance(exc, HandlerRaised)
+            item.error = exc.error if isinstance(exc, HandlerRaised) else exc
+            return
+        item.verdict = Verdict.COMMITTED
 
     async def _call(self, item: Pending, ctx: Context) -> None:
         """Run the handler and emit what it returns, in the delivery's own context."""
@@ -290,12 +237,6 @@ class GroupCommit:
             # handler sets are its delivery's, as if it ran unbatched. Cancelling the batch
             # cancels it too.
             await asyncio.get_running_loop().create_task(step, context=item.context)
-
-
-def _failed(item: Pending, exc: Exception) -> None:
-    item.verdict = Verdict.FAILED
-    item.by_handler = isinstance(exc, HandlerRaised)
-    item.error = exc.error if isinstance(exc, HandlerRaised) else exc
 
 
 async def _handle(spec: HandlerSpec, event: Event, ctx: Context) -> None:

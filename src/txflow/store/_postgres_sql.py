@@ -74,14 +74,6 @@ def quoted(value: str) -> str | None:
     return "'" + value.replace("'", "''") + "'"
 
 
-def inbox_row(handler: str, message_id: str) -> str | None:
-    """The inbox row's INSERT as a simple query, or None if a value cannot be a literal."""
-    handler_literal, message_id_literal = quoted(handler), quoted(message_id)
-    if handler_literal is None or message_id_literal is None:
-        return None
-    return _INBOX_ROWS.format(f"({handler_literal}, {message_id_literal}, now())")
-
-
 def begin_with_inbox(handler: str, message_id: str) -> str | None:
     """`BEGIN; INSERT` of the inbox row as one simple query, or None if a value cannot be."""
     handler_literal, message_id_literal = quoted(handler), quoted(message_id)

@@ -37,7 +37,6 @@ from txflow.store._postgres_sql import (
     begin_with_inbox,
     begin_with_inboxes,
     commit_statements,
-    inbox_row,
 )
 from txflow.store._postgres_sql import forget_inbox as forget_inbox_sql
 from txflow.store._unit_of_work import (
@@ -301,34 +300,24 @@ class PostgresUnitOfWork(UnitOfWork):
         with self._connection_errors():
             await self._driver.execute(sql)
 
-    async def next_savepoint(self, *, release: bool, inbox: tuple[str, str] | None = None) -> bool:
-        # One round trip: the release, the next savepoint and its inbox row together.
-        parts = []
-        if release:
-            parts.append(RELEASE)
-            self._savepoint_open = False
+    async def savepoint(self) -> None:
         if not self._savepoint_open:
-            parts.append(SAVEPOINT)
-        row = None if inbox is None or not self._literals_allowed() else inbox_row(*inbox)
-        if row is not None:
-            parts.append(row)
-        if parts:
-            try:
-                self._check_open()
-                with self._connection_errors():
-                    status = await self._driver.execute("; ".join(parts))
-            except asyncpg.InFailedSQLTransactionError as exc:
-                raise TransactionEndedError(ABORTED_IN_HANDLER) from exc
+            await self._run(SAVEPOINT)
             self._savepoint_open = True
-            if row is not None:
-                return bool(status.endswith(" 1"))
-        return inbox is None or await self.record_inbox(*inbox)
 
-    async def end_savepoint(self) -> None:
-        # COMMIT commits an open savepoint, and fails on one the handler left aborted (then
-        # the whole batch fails and each delivery runs again alone).
-        self._check_open()
+    async def release_savepoint(self, *, reopen: bool) -> None:
         self._savepoint_open = False
+        if not reopen:
+            # The batch's last: COMMIT commits an open savepoint, and fails on one the
+            # handler left aborted (then the whole batch fails and each runs alone).
+            self._check_open()
+            return
+        # The next delivery's savepoint goes in the same round trip.
+        try:
+            await self._run(f"{RELEASE}; {SAVEPOINT}")
+        except asyncpg.InFailedSQLTransactionError as exc:
+            raise TransactionEndedError(ABORTED_IN_HANDLER) from exc
+        self._savepoint_open = reopen
 
     async def rollback_to_savepoint(self, forget_inbox: tuple[str, str] | None = None) -> None:
         self._savepoint_open = False

@@ -90,31 +90,24 @@ class UnitOfWork(abc.ABC):
         return frozenset(existed)
 
     @abc.abstractmethod
-    async def next_savepoint(self, *, release: bool, inbox: tuple[str, str] | None = None) -> bool:
-        """Open the savepoint the next delivery of a batch works in.
-
-        With `release`, the open savepoint's work is kept first (released). Without it an
-        open savepoint (empty: the last delivery was a duplicate) is used again. With
-        `inbox` = (handler, message id), that delivery's inbox row goes inside the new
-        savepoint (a delivery that joined the batch late); returns False if it existed.
-
-        Raises:
-            TransactionEndedError: the released work had left the transaction aborted (a
-                failed statement the handler caught); `rollback_to_savepoint` next.
-        """
+    async def savepoint(self) -> None:
+        """Open the savepoint one delivery of a batch works in (a no-op if one is open)."""
 
     @abc.abstractmethod
-    async def end_savepoint(self) -> None:
-        """Keep the last delivery's work. A backend may leave the check to the COMMIT, which
-        then fails with `TransactionEndedError` for the whole batch.
+    async def release_savepoint(self, *, reopen: bool) -> None:
+        """Keep what was written since `savepoint`; with `reopen`, open the next one.
+
+        Without `reopen` (the batch's last delivery) a backend may leave the check to the
+        COMMIT, which then fails with `TransactionEndedError` for the whole batch.
 
         Raises:
-            TransactionEndedError: as `next_savepoint`.
+            TransactionEndedError: the work since the savepoint left the transaction aborted
+                (a failed statement the handler caught); `rollback_to_savepoint` next.
         """
 
     @abc.abstractmethod
     async def rollback_to_savepoint(self, forget_inbox: tuple[str, str] | None = None) -> None:
-        """Undo what was written since the savepoint, and delete the inbox row `forget_inbox`.
+        """Undo what was written since `savepoint`, and delete the inbox row `forget_inbox`.
 
         The inbox rows of a batch are written before its savepoints, so the row of a
         delivery that failed is deleted here: its retry must not find it.
@@ -228,18 +221,16 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
         self.check_open()
         await self._conn.exec_driver_sql(statement)
 
-    async def next_savepoint(self, *, release: bool, inbox: tuple[str, str] | None = None) -> bool:
-        if release:
-            await self._sql(RELEASE)
-            self._savepoint_open = False
+    async def savepoint(self) -> None:
         if not self._savepoint_open:
             await self._sql(SAVEPOINT)
             self._savepoint_open = True
-        return inbox is None or await self.record_inbox(*inbox)
 
-    async def end_savepoint(self) -> None:
+    async def release_savepoint(self, *, reopen: bool) -> None:
         self._savepoint_open = False
         await self._sql(RELEASE)
+        if reopen:
+            await self.savepoint()
 
     async def rollback_to_savepoint(self, forget_inbox: tuple[str, str] | None = None) -> None:
         self._savepoint_open = False
