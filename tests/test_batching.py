@@ -492,3 +492,5 @@ async def test_a_handler_that_leaves_the_transaction_aborted_fails_alone(
         assert dead.message_id == ids[culprit]
         assert dead.headers["x-txflow-exception-type"].endswith("TransactionEndedError")
         assert "aborted" in dead.headers["x-txflow-dead-letter-reason"]
+        await settle()  # and no Pong of the culprit's came after
+        assert sorted(p.n for p in received) == sorted(set(range(6)) - {culprit})  # type: ignore[attr-defined]
