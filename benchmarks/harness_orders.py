@@ -1,7 +1,8 @@
 """The example's orders through `txflow.testing.Harness` on the embedded default: orders/s.
 
 Runs the order/inventory/payment example's three services in one `Harness` (one in-memory
-broker, a SQLite file per service, the manual clock) and times, per repeat, from placing
+broker, a SQLite file per service opened with `?synchronous=off` as the harness does, the
+manual clock) and times, per repeat, from placing
 the first of N orders until `await h.settle()` returns with every order's work done: each
 order placed (one transaction with its outbox row), its hops (inventory, payment, orders'
 tracker), and on the failure paths the compensations. A repeat counts only if every

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Sequence
 
 import pytest
 import sqlalchemy as sa
@@ -117,3 +118,24 @@ async def test_600_orders_on_rabbitmq_and_postgresql_with_two_workers_per_servic
     )  # fmt: skip
     assert "600 orders; not terminal none; missing none" in out
     assert "600 flow instances" in out
+
+
+@pytest.mark.slow
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+@pytest.mark.timeout(300)
+async def test_a_fault_injector_that_breaks_fails_the_run_with_its_error(amqp_url: str) -> None:
+    """Orders held back for the fault injector to release are never released when it
+    raises: the run must end with its error, not wait out the deadline for them."""
+    args = demo.parse_args(
+        ["--orders", "20", "--broker", amqp_url, "--database", PG_URL, "--workers", "1",
+         "--concurrency", "2", "--timeout", "240"]
+    )  # fmt: skip
+    run = demo.new_run(args)
+    run.released = 0  # nothing is placed until chaos releases it
+
+    async def broken(services: Sequence[demo.Service]) -> None:
+        raise RuntimeError("the injector broke")
+
+    with pytest.raises(demo.DemoError, match=r"the chaos coroutine failed.*the injector broke"):
+        await demo.amain(args, chaos=broken, run=run)

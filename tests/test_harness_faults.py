@@ -79,6 +79,24 @@ async def test_a_failed_commit_rolls_the_attempt_back_and_the_retry_commits_once
         h.handled(handler="sink").one()
 
 
+async def test_a_failed_commit_of_a_tracker_transition_rolls_back_and_is_retried() -> None:
+    # A transition with no hook never opens a session: it commits on sqlite3 itself, after
+    # the engine's commit listeners, so the injected failure reaches it all the same.
+    travel, hotels, payments = trip_apps([])
+    async with Harness(travel, hotels, payments) as h:
+        h.faults.fail_commit("flow.trip")
+        await book(travel, "ann", 3)
+        await h.settle()
+        await h.advance(3600)  # past any retry delay
+        retried = h.retried(handler="flow.trip").one()
+        assert isinstance(retried.error, sa.exc.OperationalError)
+        assert "injected" in str(retried.error)
+        assert (await h.flow(trip, "ann")).status is FlowStatus.COMPLETED
+        actions = [entry.action for entry in await h.flow_history(trip, "ann")]
+        assert actions.count("step completed") == 3  # the failed transition left no trace
+        assert actions[-1] == "completed"
+
+
 async def test_a_failed_commit_with_no_retry_left_is_dead_lettered() -> None:
     app, _ = effect_app(retry=RetryPolicy(max_attempts=1))
     async with Harness(app) as h:

@@ -82,3 +82,25 @@ def test_the_hop_context_is_set_and_reset() -> None:
         "c1",
     )
     assert outside["handler"] is None and outside["message_id"] is None
+
+
+def test_a_failing_command_says_why_in_json_when_asked() -> None:
+    import subprocess
+
+    def stderr(*args: str) -> tuple[int, list[str]]:
+        done = subprocess.run(
+            [sys.executable, "-m", "txflow", "run", *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        return done.returncode, [line for line in done.stderr.splitlines() if line.strip()]
+
+    code, lines = stderr("tests.no_such_module:app", "--log-format", "json")
+    assert code == 2
+    parsed = [json.loads(line) for line in lines]  # every line parses
+    assert [p["level"] for p in parsed] == ["ERROR"]
+    assert "tests.no_such_module" in parsed[0]["message"]
+    # The same failure in text: the one plain line scripts grep for.
+    code, lines = stderr("tests.no_such_module:app")
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("txflow: error: ")
+    assert "tests.no_such_module" in lines[0]

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import PG_URL, TEST_RELAY, Backend, _admin
 from tests.metrics_support import Samples, scrape, total, values
@@ -28,9 +29,9 @@ from tests.servers import PrivateRabbit
 from tests.support import Ping, add_sink, queue_depth_is, user_metadata
 from tests.test_flows import make_rig
 from tests.test_supervisor import handled_values
-from txflow import FlowStatus, MetricsConfig, RetryPolicy, TxFlow
+from txflow import Context, FlowStatus, MetricsConfig, RetryPolicy, TxFlow
 from txflow._messages import encode, new_message_id
-from txflow.testing import wait_until
+from txflow.testing import Harness, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = MetricsConfig(port=0, host="127.0.0.1", sample_interval=0.2)
@@ -115,6 +116,31 @@ async def test_outcomes_are_counted_by_handler_and_exception_type(real: Backend)
     assert total(samples, "txflow_outbox_commit_to_confirm_seconds_count", app="svc") == 1
     assert total(samples, "txflow_outbox_pending_rows", app="svc") == 0
     assert total(samples, "txflow_queue_consumers", app="svc") == 2
+
+
+async def test_critical_time_and_outbox_lag_run_on_the_apps_clock() -> None:
+    # Under the harness's manual clock the event is emitted at t0 and handled after a
+    # 30 s retry delay that `advance` skips in no time: critical time is 30 s of the
+    # app's clock, where the wall clock would say a few milliseconds.
+    name = f"clocked-{uuid.uuid4().hex[:8]}"
+    app = TxFlow(name, metrics=MetricsConfig(port=None), retry=RetryPolicy.ladder(30))
+
+    @app.handler()
+    async def late(event: Ping, ctx: Context) -> None:
+        if ctx.attempt < 2:
+            raise ConnectionError("not yet")
+
+    labels = {"app": name, "handler": "late"}
+    async with Harness(app) as h:
+        await app.publish(Ping(n=1))
+        await h.settle()
+        assert not h.handled(Ping)
+        await h.advance(30)
+        h.handled(Ping).one()
+    count = REGISTRY.get_sample_value("txflow_critical_time_seconds_count", labels)
+    seconds = REGISTRY.get_sample_value("txflow_critical_time_seconds_sum", labels)
+    assert count == 1
+    assert seconds == pytest.approx(30.0, abs=1e-3)
 
 
 async def test_flow_status_gauges_agree_with_txflow_flows_list(real: Backend) -> None:

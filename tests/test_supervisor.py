@@ -321,3 +321,39 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert len({round(d, 6) for d in delays[3:]}) > 1  # jittered, not all equal
     backoff.reset()
     assert backoff.next() <= 1.0
+
+
+def test_restart_delays_by_how_the_worker_ended() -> None:
+    from txflow.cli._supervisor import STOPPED_CAP, _is_crash, _Slot
+
+    def delays(code: int, n: int, *, served: bool = False, healthy: bool = False) -> list[float]:
+        slot = _Slot(index=0, ready_at=1.0 if served else None, healthy=healthy)
+        return [slot.restart_delay(code) for _ in range(n)]
+
+    # Stopped or killed from outside before it served: a short wait, never a long one, so a
+    # storm of kills while workers start slowly cannot keep the service down.
+    for code in (-signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, 0):
+        waits = delays(code, 12)
+        assert 0 < waits[0] <= 0.5 and max(waits) <= STOPPED_CAP, (code, waits)
+    # ... and at once after it served, or once it was healthy, whatever the cause.
+    for code in (-signal.SIGKILL, -signal.SIGTERM, 0, 69):
+        assert delays(code, 3, served=True) == [0.0, 0.0, 0.0]
+    assert delays(1, 3, served=True, healthy=True) == [0.0, 0.0, 0.0]
+    # Crashing on its own (an error exit, or a signal for its own fault): the long backoff,
+    # served or not, and it counts towards giving up.
+    for code in (1, -signal.SIGSEGV, -signal.SIGABRT):
+        assert _is_crash(code)
+        assert max(delays(code, 8)) > STOPPED_CAP * 2, code
+        assert max(delays(code, 8, served=True)) > STOPPED_CAP * 2, code
+    for code in (0, 3, 69, -signal.SIGKILL, -signal.SIGTERM):
+        assert not _is_crash(code), code
+    # Giving up on an unreachable server before it ever served: the long backoff.
+    assert max(delays(69, 8)) > STOPPED_CAP * 2
+    # Serving resets both backoffs.
+    slot = _Slot(index=0)
+    for _ in range(6):
+        slot.restart_delay(-signal.SIGKILL)
+        slot.restart_delay(1)
+    slot.started()
+    assert slot.restart_delay(-signal.SIGKILL) <= 0.5
+    assert slot.restart_delay(1) <= 0.5

@@ -735,3 +735,29 @@ async def test_an_order_of_the_example_is_one_trace_through_three_processes(
     assert sorted(statuses, key=str) == sorted(
         [(None, "running"), ("running", "compensating"), ("compensating", "failed")], key=str
     )
+
+
+def test_a_span_is_current_in_its_block_and_an_error_is_recorded_where_asked(
+    spans: InMemorySpanExporter,
+) -> None:
+    from txflow import _telemetry
+    from txflow.transport import Message
+
+    message = Message(body=b"{}", routing_key="Ping", message_id="m-1")
+    outer = trace.get_current_span()
+    with pytest.raises(ValueError), _telemetry.publishing("ex", message):
+        assert trace.get_current_span().get_span_context().is_valid
+        raise ValueError("refused")
+    assert trace.get_current_span() is outer  # the context is restored after an error
+    with pytest.raises(ValueError), _telemetry.processing("h", "q", message, 2):
+        raise ValueError("handler failed")
+    published, processed = named(spans, "publish")[0], named(spans, "process")[0]
+    assert published.end_time is not None and processed.end_time is not None
+    # The relay's publish: the error is the span's (as start_as_current_span would record).
+    assert published.status.status_code is trace.StatusCode.ERROR
+    assert published.status.description == "ValueError: refused"
+    assert [e.name for e in published.events] == ["exception"]
+    # A handler attempt: the hop records its own outcome, nothing automatic.
+    assert processed.status.status_code is trace.StatusCode.UNSET
+    assert processed.events == ()
+    assert processed.attributes is not None and processed.attributes["txflow.attempt"] == 2

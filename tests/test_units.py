@@ -326,3 +326,38 @@ def test_many_bound_outbox_rows_go_in_chunks_in_seq_order() -> None:
     width = len(staged[0][1]) + 1
     seqs = [params[i] for _, params in statements[:-1] for i in range(0, len(params), width)]
     assert seqs == [seq for seq, _ in staged]
+
+
+def test_the_hot_path_recorders_record_what_prometheus_clients_own_calls_do() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from txflow._metrics import LATENCY_BUCKETS, counting, observing
+
+    registry = CollectorRegistry()
+    counters = Counter("c", "", ["way"], registry=registry)
+    histograms = Histogram("h", "", ["way"], buckets=LATENCY_BUCKETS, registry=registry)
+    fast_count = counting(counters.labels("fast"))
+    fast_observe = observing(histograms.labels("fast"))
+    own = counters.labels("own"), histograms.labels("own")
+    # Below, on and between the bounds, past the last one, and zero.
+    amounts = [0.0, 0.0005, 0.001, 0.0011, 0.0999, 0.1, 3.0, 3599.0, 3600.0, 7200.0, 1e9]
+    for amount in amounts:
+        fast_count(1)
+        fast_observe(amount)
+        own[0].inc()
+        own[1].observe(amount)
+
+    def by_way(way: str) -> dict[tuple[str, str], float]:
+        return {
+            (sample.name, sample.labels.get("le", "")): sample.value
+            for metric in registry.collect()
+            for sample in metric.samples
+            if sample.labels.get("way") == way and not sample.name.endswith("_created")
+        }
+
+    fast, slow = by_way("fast"), by_way("own")
+    assert fast == slow
+    assert fast[("c_total", "")] == len(amounts)
+    assert fast[("h_bucket", "0.001")] == 3  # 0, 0.0005 and the bound itself
+    assert fast[("h_bucket", "+Inf")] == len(amounts)
+    assert fast[("h_sum", "")] == pytest.approx(sum(amounts))

@@ -858,8 +858,17 @@ async def run_distributed(args: argparse.Namespace, run: Run, chaos: Chaos | Non
             )
             async with client, _client_tracing(args, run):
                 harm = asyncio.ensure_future(chaos(services)) if chaos else None
+
+                def check_alive() -> None:
+                    # A fault injector that broke is a failed run, not a quiet one that
+                    # waits for orders it was meant to release.
+                    if harm is not None and harm.done() and not harm.cancelled():
+                        if (error := harm.exception()) is not None:
+                            raise DemoError(f"the chaos coroutine failed: {error!r}") from error
+                    ensure_alive(services)
+
                 try:
-                    finished = await drive(client, run, lambda: ensure_alive(services))
+                    finished = await drive(client, run, check_alive)
                 finally:
                     if harm is not None:
                         harm.cancel()

@@ -572,7 +572,7 @@ class TxFlow:
     async def _start(self) -> None:
         if self.metrics is not None:
             # First: a metrics port that is taken fails the start before anything connects.
-            self._metrics = AppMetrics(self.name, self.metrics)
+            self._metrics = AppMetrics(self.name, self.metrics, clock=self.clock)
         if self._transport is None:
             # Built before connecting anything, so a bad broker URL fails with no side effects.
             self._transport = open_transport(resolve_broker_url(self.broker_url))

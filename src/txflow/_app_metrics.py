@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime
 
 import anyio
 
 from txflow import _metrics
+from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow._dead_letters import exception_type_name
 from txflow._messages import Envelope, Event
 from txflow._metrics import MetricsConfig
@@ -43,28 +42,36 @@ _ACTIVE = (FlowStatus.RUNNING, FlowStatus.COMPENSATING)
 
 
 class HopMeter:
-    """The hop observer that counts outcomes and times handlers, for one consumer."""
+    """The hop observer that counts outcomes and times handlers, for one consumer.
 
-    __slots__ = ("_app", "_critical", "_duplicate", "_duration", "_handled", "_name")
+    Critical time (from the event's `occurred_at` to the commit of its handling) is read on
+    `clock`, the app's: the clock that stamped `occurred_at` when the event was emitted, so
+    under a test's `ManualClock` it is the time the test moved, not the wall clock's.
+    """
 
-    def __init__(self, app: str, spec: HandlerSpec) -> None:
+    __slots__ = ("_app", "_clock", "_critical", "_duplicate", "_duration", "_handled", "_name")
+
+    def __init__(self, app: str, spec: HandlerSpec, clock: Clock = SYSTEM_CLOCK) -> None:
         self._app, self._name = app, spec.name
+        self._clock = clock
         # Bound once: a labelled child costs a dictionary lookup and a lock per use.
-        self._handled = _metrics.MESSAGES.labels(app, spec.name, "handled", "")
-        self._duplicate = _metrics.MESSAGES.labels(app, spec.name, "duplicate", "")
-        self._duration = _metrics.HANDLER_DURATION.labels(app, spec.name)
-        self._critical = _metrics.CRITICAL_TIME.labels(app, spec.name)
+        self._handled = _metrics.counting(_metrics.MESSAGES.labels(app, spec.name, "handled", ""))
+        self._duplicate = _metrics.counting(
+            _metrics.MESSAGES.labels(app, spec.name, "duplicate", "")
+        )
+        self._duration = _metrics.observing(_metrics.HANDLER_DURATION.labels(app, spec.name))
+        self._critical = _metrics.observing(_metrics.CRITICAL_TIME.labels(app, spec.name))
 
     def handled(
         self, spec: HandlerSpec, envelope: Envelope[Event], *, duplicate: bool, duration: float
     ) -> None:
         try:
             if duplicate:
-                self._duplicate.inc()
+                self._duplicate(1)
                 return
-            self._handled.inc()
-            self._duration.observe(duration)
-            self._critical.observe(max(0.0, time.time() - envelope.occurred_at.timestamp()))
+            self._handled(1)
+            self._duration(duration)
+            self._critical(max(0.0, self._clock.time() - envelope.occurred_at.timestamp()))
         except Exception as exc:
             _metrics.recording_failed(exc)
 
@@ -104,9 +111,12 @@ class AppMetrics:
             the app connects anything).
     """
 
-    def __init__(self, app: str, config: MetricsConfig) -> None:
+    def __init__(self, app: str, config: MetricsConfig, clock: Clock = SYSTEM_CLOCK) -> None:
         self.app = app
         self.config = config
+        #: The app's clock: what stamped the times that critical time, the outbox lag and
+        #: the flows' idle time are measured from.
+        self.clock = clock
         self._consumers: list[HandlerConsumer] = []
         self._trackers: list[FlowTracker] = []
         self._server = (
@@ -129,7 +139,7 @@ class AppMetrics:
         if relay is not None:
             relay.meter = _metrics.PublishMeter(self.app)
         if consumer is not None:
-            consumer.add_observer(HopMeter(self.app, consumer.spec))
+            consumer.add_observer(HopMeter(self.app, consumer.spec, self.clock))
             self._consumers.append(consumer)
         for tracker in trackers:
             transitions = {
@@ -195,7 +205,7 @@ class AppMetrics:
 
     async def _database(self, store: Store, flows: Sequence[str]) -> None:
         pending, oldest = await store.outbox_backlog()
-        now = datetime.now(UTC)
+        now = self.clock.utcnow()
         lag = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
         _metrics.OUTBOX_PENDING.labels(self.app, store.masked_url).set(pending)
         _metrics.OUTBOX_LAG.labels(self.app, store.masked_url).set(lag)

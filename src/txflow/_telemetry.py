@@ -28,10 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import Token
 from dataclasses import replace
+from types import TracebackType
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import context, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
@@ -122,9 +124,57 @@ def publishing(exchange: str, message: Message) -> AbstractContextManager[None]:
     return _publish_span(exchange, message) if _sdk_configured() else _NOTHING
 
 
-@contextmanager
-def _publish_span(exchange: str, message: Message) -> Iterator[None]:
-    with _tracer().start_as_current_span(
+class _Current:
+    """A started span, current while the block runs and ended after it.
+
+    What `start_as_current_span` does, without its three generator-based context managers
+    (a quarter of the SDK's cost of a hop's two spans, measured). An `Exception` leaving the
+    block is recorded on the span and sets its status, as `use_span` does, when asked to.
+    """
+
+    __slots__ = ("_on_error", "_span", "_token")
+
+    def __init__(self, span: Span, *, on_error: bool) -> None:
+        self._span = span
+        self._on_error = on_error
+        self._token: Token[Context] | None = None
+
+    def __enter__(self) -> None:
+        self._token = context.attach(trace.set_span_in_context(self._span))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        try:
+            if self._on_error and isinstance(exc, Exception) and span.is_recording():
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        finally:
+            if self._token is not None:
+                context.detach(self._token)
+            span.end()
+
+
+def _ids(message: Message) -> dict[str, str]:
+    """The message's id and correlation id as attributes, each only if it has one.
+
+    The conventions leave out what a message lacks; an empty string would be a value (and
+    each attribute costs the SDK's checks and a lock).
+    """
+    ids = {}
+    if message.message_id:
+        ids[MESSAGING_MESSAGE_ID] = message.message_id
+    if message.correlation_id:
+        ids[MESSAGING_CONVERSATION_ID] = message.correlation_id
+    return ids
+
+
+def _publish_span(exchange: str, message: Message) -> _Current:
+    span = _tracer().start_span(
         PUBLISH,
         context=_parent(message.headers),
         kind=SpanKind.PRODUCER,
@@ -134,11 +184,10 @@ def _publish_span(exchange: str, message: Message) -> Iterator[None]:
             MESSAGING_OPERATION_TYPE: "send",
             MESSAGING_DESTINATION: exchange,
             MESSAGING_ROUTING_KEY: message.routing_key,
-            MESSAGING_MESSAGE_ID: message.message_id or "",
-            MESSAGING_CONVERSATION_ID: message.correlation_id or "",
+            **_ids(message),
         },
-    ):
-        yield
+    )
+    return _Current(span, on_error=True)
 
 
 def processing(
@@ -154,29 +203,26 @@ def processing(
     return _process_span(handler, queue, message, attempt, carried)
 
 
-@contextmanager
 def _process_span(
     handler: str, queue: str, message: Message, attempt: object, carried: bool
-) -> Iterator[None]:
-    with _tracer().start_as_current_span(
+) -> _Current:
+    span = _tracer().start_span(
         PROCESS,
         context=propagate.extract(message.headers) if carried else _NEW_TRACE,
         kind=SpanKind.CONSUMER,
-        record_exception=False,
-        set_status_on_exception=False,
         attributes={
             MESSAGING_SYSTEM: "rabbitmq",
             MESSAGING_OPERATION_NAME: PROCESS,
             MESSAGING_OPERATION_TYPE: "process",
             MESSAGING_DESTINATION: queue,
             MESSAGING_ROUTING_KEY: message.type or message.routing_key,
-            MESSAGING_MESSAGE_ID: message.message_id or "",
-            MESSAGING_CONVERSATION_ID: message.correlation_id or "",
+            **_ids(message),
             HANDLER: handler,
             ATTEMPT: attempt if isinstance(attempt, int) else 1,
         },
-    ):
-        yield
+    )
+    # The attempt's outcome is recorded by the hop itself (`outcome`, `retry_scheduled`, ...).
+    return _Current(span, on_error=False)
 
 
 def _current() -> Span | None:
@@ -273,9 +319,8 @@ def timeout_fired(flow: str, flow_id: str, reason: str | None) -> AbstractContex
     return _timeout_span(flow, flow_id, reason) if _sdk_configured() else _NOTHING
 
 
-@contextmanager
-def _timeout_span(flow: str, flow_id: str, reason: str | None) -> Iterator[None]:
-    with _tracer().start_as_current_span(
+def _timeout_span(flow: str, flow_id: str, reason: str | None) -> _Current:
+    span = _tracer().start_span(
         FLOW_TIMEOUT,
         context=_NEW_TRACE,
         kind=SpanKind.INTERNAL,
@@ -285,8 +330,8 @@ def _timeout_span(flow: str, flow_id: str, reason: str | None) -> Iterator[None]
             FLOW_REASON: reason or "timed out",
             MESSAGING_CONVERSATION_ID: flow_id,
         },
-    ):
-        yield
+    )
+    return _Current(span, on_error=True)
 
 
 # -- dead letters -------------------------------------------------------------------------------
@@ -313,8 +358,7 @@ def _replay_span(queue: str, message: Message) -> Iterator[Message]:
         MESSAGING_OPERATION_TYPE: "send",
         MESSAGING_DESTINATION: queue,
         MESSAGING_ROUTING_KEY: message.type or message.routing_key,
-        MESSAGING_MESSAGE_ID: message.message_id or "",
-        MESSAGING_CONVERSATION_ID: message.correlation_id or "",
+        **_ids(message),
     }
     if isinstance(count, int):
         attributes[REPLAYS] = count

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import traceback
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from txflow.cli._common import (
     load_app,
 )
 from txflow.errors import ConnectionFailedError, TxflowError
+
+_log = logging.getLogger("txflow.cli")
 
 __all__ = ["build_parser", "main"]
 
@@ -65,25 +68,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    json_lines = getattr(args, "log_format", "text") == "json"
     configure_logging(getattr(args, "log_level", "warning"), getattr(args, "log_format", "text"))
     if getattr(args, "workers", 1) < 1:
         parser.error("--workers must be at least 1")
     try:
         code: int = args.func(args)
     except ConnectionFailedError as exc:
-        print(f"txflow: error: {exc}", file=sys.stderr)
+        _error(str(exc), json_lines)
         return EXIT_UNAVAILABLE
     except TxflowError as exc:
-        print(f"txflow: error: {exc}", file=sys.stderr)
+        _error(str(exc), json_lines)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception:
+    except Exception as exc:
         # A bug in the app's code or in txflow: the traceback, and a code the supervisor
         # counts as a crash rather than as an outage or a configuration error.
-        traceback.print_exc()
+        if json_lines:
+            _log.critical("%s: %s", type(exc).__name__, exc, exc_info=exc)
+        else:
+            traceback.print_exc()
         return EXIT_ERROR
     return code
+
+
+def _error(message: str, json_lines: bool) -> None:
+    """Say why the command failed: one `txflow: error:` line, or one JSON log line."""
+    if json_lines:
+        # Under --log-format json every stderr line parses, this one included.
+        _log.error(message)
+    else:
+        print(f"txflow: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Each worker is `python -m txflow run TARGET --workers 1 ...`. A worker waits for an
 unreachable broker or database by itself, so an outage costs no respawns. A worker that
-served and was killed is started again at once; one that crashes, or dies before it served,
-after a backoff that grows while its slot keeps doing so. Healthy workers are never
+served and was killed is started again at once; one stopped or killed from outside before it
+served, after a short backoff (at most `STOPPED_CAP`); one that crashes, or exits on its own
+before it served, after a backoff that grows while its slot keeps doing so (at most 30 s).
+Healthy workers are never
 touched. The supervisor gives up only on what a restart cannot fix: a worker exiting with a
 configuration error, or workers crashing on the app's own code right after starting several
 times in a row. Workers say they serve through a pipe whose file descriptor is in
@@ -53,6 +55,15 @@ HEALTHY_AFTER = 30.0
 # Crashes in a row (exit codes other than those below, before HEALTHY_AFTER) that make the
 # supervisor give up: the app's code fails the same way every time.
 MAX_CRASHES = 5
+# Most seconds a slot waits after its worker was stopped or killed from outside before it
+# served (a kill storm while starts are slow, or the OOM killer at start): short, so that
+# kills cannot keep a service down, but never a tight loop of starts.
+STOPPED_CAP = 2.0
+# Signals someone sends a process to stop it, and those a process gets for its own fault.
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL})
+_CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+)
 # Seconds the supervisor adds to twice the shutdown timeout when waiting for workers to stop.
 STOP_GRACE = 5.0
 
@@ -80,8 +91,16 @@ def check_urls(app: TxFlow, *, workers: int) -> None:
 
 
 def _is_crash(code: int) -> bool:
-    """An exit that says the app's code failed, not the infrastructure or a signal."""
+    """An exit that says the app's code failed (an error, or a signal such as SIGSEGV for its
+    own fault), not the infrastructure nor someone stopping it."""
+    if code < 0:
+        return -code in _CRASH_SIGNALS
     return code > 0 and code not in (EXIT_UNAVAILABLE, EXIT_STUCK)
+
+
+def _stopped(code: int) -> bool:
+    """An exit that someone else caused: a stop or kill signal, or a graceful stop (0)."""
+    return code == EXIT_OK or (code < 0 and -code in _STOP_SIGNALS)
 
 
 @dataclass
@@ -93,6 +112,24 @@ class _Slot:
     healthy: bool = False
     restart_at: float = 0.0
     backoff: Backoff = field(default_factory=Backoff)
+    stopped: Backoff = field(default_factory=lambda: Backoff(cap=STOPPED_CAP))
+
+    def restart_delay(self, code: int) -> float:
+        """Seconds to wait before starting this slot's worker again, which exited `code`."""
+        if self.healthy:
+            return 0.0
+        if _is_crash(code):
+            return self.backoff.next()
+        if self.ready_at is not None:
+            return 0.0  # it served, then was stopped, killed or lost its server
+        if _stopped(code):
+            return self.stopped.next()
+        return self.backoff.next()  # e.g. 69: it gave up on a server before it served
+
+    def started(self) -> None:
+        """The worker serves: its next start is not a retry of this one."""
+        self.backoff.reset()
+        self.stopped.reset()
 
 
 class Supervisor:
@@ -189,7 +226,7 @@ class Supervisor:
         self._read_ready(slot, now)
         if slot.ready_at is not None and not slot.healthy and now - slot.ready_at >= HEALTHY_AFTER:
             slot.healthy = True
-            slot.backoff.reset()
+            slot.started()
             self._crashes = 0
         code = slot.proc.poll()
         if code is not None:
@@ -205,7 +242,7 @@ class Supervisor:
         self._close_ready(slot)
         if data:  # b"" is the worker gone without saying it was ready
             slot.ready_at = now
-            slot.backoff.reset()  # it started: the next start is not a retry of this one
+            slot.started()
             self._ever_ready = True
 
     def _close_ready(self, slot: _Slot) -> None:
@@ -254,11 +291,11 @@ class Supervisor:
                 self._result = EXIT_CRASHING
                 return
         # A worker that served and was then killed (a signal, an OOM kill, a stuck stop) is
-        # not failing to start: it comes back at once, or a storm of kills would leave the
-        # service down for the backoff's length. Backoff is for workers that die young on
-        # their own: crashing, or exiting before they ever served.
-        served = slot.ready_at is not None
-        delay = 0.0 if slot.healthy or (served and not _is_crash(code)) else slot.backoff.next()
+        # not failing to start: it comes back at once, and one stopped or killed before it
+        # served after a short wait, or a storm of kills while starts are slow would leave
+        # the service down for the backoff's length. The long backoff is for workers that
+        # die young on their own: crashing, or giving up before they ever served.
+        delay = slot.restart_delay(code)
         slot.restart_at = now + delay
         log.warning(
             "worker %d (pid %d) exited with %s; restarting in %.1fs", slot.index, pid, code, delay

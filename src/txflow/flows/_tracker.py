@@ -17,6 +17,8 @@ of those successes is recorded: an instance completes, and its `on_completed` ho
 with every step's event in hand; and compensations start only when each can see every
 completed step.
 
+Its SQL is in `_repository` (`FlowRows`), prepared once per store.
+
 Compensation: when a step's failure event arrives, the steps before it that declare a
 compensation are undone newest first, one at a time: the tracker emits a request for one, and
 the next only after txflow reported that one finished. A deadline that passes does the same
@@ -31,7 +33,6 @@ import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,6 @@ import sqlalchemy as sa
 
 from txflow import _telemetry
 from txflow._messages import Envelope, Event
-from txflow._names import aware
 from txflow.errors import TxflowError
 from txflow.flows._model import (
     CompensateStep,
@@ -48,10 +48,9 @@ from txflow.flows._model import (
     FlowInfo,
     FlowStatus,
     StepCompensated,
-    StepRecord,
 )
+from txflow.flows._repository import FlowRows, InstanceState, aware_time, instance_info
 from txflow.hop import Context, unit_of_work
-from txflow.store import flow_log, flows
 
 if TYPE_CHECKING:
     from txflow._outbox import OutboxRelay
@@ -64,86 +63,6 @@ FlowHook = Callable[[FlowInfo, Context], Awaitable[Event | Iterable[Event] | Non
 DEADLINE_SCAN_INTERVAL = 1.0
 # Instances timed out in one transaction.
 DEADLINE_BATCH = 100
-
-
-@dataclass
-class _Instance:
-    """The mutable state of one instance while a transition runs."""
-
-    flow_id: str
-    status: FlowStatus
-    started_at: datetime
-    failure: str | None = None
-    failed_step: str | None = None
-    reason: str | None = None
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    compensated: list[str] = field(default_factory=list)
-    compensating: str | None = None
-    finished_at: datetime | None = None
-    deadline: float | None = None
-    deadline_reason: str | None = None
-    version: int = 0
-    exists: bool = False
-    log: list[dict[str, Any]] = field(default_factory=list)
-    # The status as read, None for an instance this transaction created (version 0).
-    loaded: FlowStatus | None = None
-
-    def completed(self, step: str) -> dict[str, Any] | None:
-        return next((s for s in self.steps if s["step"] == step), None)
-
-
-def instance_from_row(row: sa.Row[Any]) -> _Instance:
-    m = row._mapping
-    return _Instance(
-        flow_id=m["flow_id"],
-        status=FlowStatus(m["status"]),
-        started_at=_aware(m["started_at"]),
-        failure=m["failure"],
-        failed_step=m["failed_step"],
-        reason=m["reason"],
-        steps=list(m["steps"]),
-        compensated=list(m["compensated"]),
-        compensating=m["compensating"],
-        finished_at=_aware(m["finished_at"]) if m["finished_at"] else None,
-        deadline=m["deadline"],
-        deadline_reason=m["deadline_reason"],
-        version=m["version"],
-        exists=True,
-        loaded=FlowStatus(m["status"]) if m["version"] else None,
-    )
-
-
-def info_from_row(flow: Flow | None, row: sa.Row[Any]) -> FlowInfo:
-    """A `FlowInfo` from a `txflow_flows` row (`flow` decodes step events, if known)."""
-    m = row._mapping
-    inst = instance_from_row(row)
-    return _info(m["flow"], inst, flow, _aware(m["updated_at"]))
-
-
-def _info(name: str, inst: _Instance, flow: Flow | None, updated_at: datetime) -> FlowInfo:
-    return FlowInfo(
-        flow=name,
-        flow_id=inst.flow_id,
-        status=inst.status,
-        steps=tuple(StepRecord.from_json(s) for s in inst.steps),
-        compensated=tuple(inst.compensated),
-        failed_step=inst.failed_step,
-        reason=inst.reason,
-        started_at=inst.started_at,
-        updated_at=updated_at,
-        finished_at=inst.finished_at,
-        deadline=inst.deadline,
-        _events=flow.events if flow is not None else None,
-    )
-
-
-def _aware(value: datetime | str) -> datetime:
-    value = _parse(value) if isinstance(value, str) else value
-    return aware(value)
-
-
-def _parse(value: str) -> datetime:
-    return _aware(datetime.fromisoformat(value))
 
 
 class FlowTracker:
@@ -165,17 +84,15 @@ class FlowTracker:
         self.on_failed: list[FlowHook] = []
         #: Told each status an instance enters, once its transaction committed (metrics).
         self.on_transition: Callable[[FlowStatus], None] | None = None
-        self._select = (
-            sa.select(flows)
-            .where(flows.c.flow == flow.name, flows.c.flow_id == sa.bindparam("flow_id"))
-            .with_for_update()
-        )
-        # Built once (a statement built per save costs SQLAlchemy a cache key each time);
-        # the SET clause is the columns of the parameters it runs with.
-        self._update = sa.update(flows).where(
-            flows.c.flow == flow.name, flows.c.flow_id == sa.bindparam("key_flow_id")
-        )
-        self._log_insert = sa.insert(flow_log)
+        self._prepared: FlowRows | None = None
+
+    def _rows(self, store: Store) -> FlowRows:
+        """The flow's statements prepared for `store` (prepared again for another store: an
+        app restarted on another database, as a test harness does)."""
+        rows = self._prepared
+        if rows is None or rows.store is not store:
+            rows = self._prepared = FlowRows(self.flow.name, store)
+        return rows
 
     def _now(self) -> datetime:
         # The app's clock (the store carries it), so that a test's manual clock moves
@@ -207,21 +124,15 @@ class FlowTracker:
                 await self._on_failure(inst, ctx, index, event, envelope)
         await self._save(ctx, inst)
 
-    async def _load(self, ctx: Context, envelope: Envelope[Event]) -> _Instance:
-        session = ctx.session
+    async def _load(self, ctx: Context, envelope: Envelope[Event]) -> InstanceState:
+        rows = self._rows(self._store_of())
         flow_id = envelope.correlation_id
-        row = (await session.execute(self._select, {"flow_id": flow_id})).one_or_none()
-        if row is not None:
-            return instance_from_row(row)
-        # First event seen of this instance (usually its start). Insert-or-skip, then lock: a
-        # concurrent first event of the same instance waits on the key and finds the row.
-        inst = _Instance(flow_id, FlowStatus.RUNNING, envelope.occurred_at)
-        store = self._store_of()
-        await session.execute(
-            store.insert_ignoring_conflicts(flows), [self._values(inst, self._now())]
-        )
-        row = (await session.execute(self._select, {"flow_id": flow_id})).one()
-        inst = instance_from_row(row)
+        found = await rows.lock(ctx.unit, flow_id)
+        if found is not None:
+            return found
+        # First event seen of this instance (usually its start): insert-or-skip, then lock.
+        inst = InstanceState(flow_id, FlowStatus.RUNNING, envelope.occurred_at)
+        inst = await rows.create(ctx.unit, self._values(inst, self._now()))
         if inst.version == 0:  # this transaction inserted it (a saved row has version >= 1)
             self._move(inst, FlowStatus.RUNNING, started=True)
         return inst
@@ -229,7 +140,7 @@ class FlowTracker:
     # -- transitions -----------------------------------------------------------------------------
 
     async def _on_success(
-        self, inst: _Instance, ctx: Context, index: int, envelope: Envelope[Event]
+        self, inst: InstanceState, ctx: Context, index: int, envelope: Envelope[Event]
     ) -> None:
         step = self.flow.steps[index]
         if inst.completed(step.name) is not None:
@@ -283,7 +194,7 @@ class FlowTracker:
             # Undo it too; the instance keeps its outcome (its hooks ran already).
             self._undo_late(inst, ctx)
 
-    async def _complete_when_all_recorded(self, inst: _Instance, ctx: Context) -> None:
+    async def _complete_when_all_recorded(self, inst: InstanceState, ctx: Context) -> None:
         """Complete a running instance once the success of every step is recorded.
 
         The last step's success proves that every step before it succeeded, but their events
@@ -298,16 +209,16 @@ class FlowTracker:
             return
         await self._finish(inst, ctx, FlowStatus.COMPLETED)
 
-    def _decided(self, inst: _Instance) -> bool:
+    def _decided(self, inst: InstanceState) -> bool:
         """Whether the last step's success is recorded: the instance can only complete."""
         return inst.completed(self.flow.steps[-1].name) is not None
 
-    def _missing(self, inst: _Instance, limit: int) -> list[str]:
+    def _missing(self, inst: InstanceState, limit: int) -> list[str]:
         """The steps before the `limit`th whose success is not recorded, in step order."""
         return [s.name for s in self.flow.steps[:limit] if inst.completed(s.name) is None]
 
     async def _on_failure(
-        self, inst: _Instance, ctx: Context, index: int, event: Event, envelope: Envelope[Event]
+        self, inst: InstanceState, ctx: Context, index: int, event: Event, envelope: Envelope[Event]
     ) -> None:
         step = self.flow.steps[index]
         if inst.status is not FlowStatus.RUNNING or self._decided(inst):
@@ -335,7 +246,7 @@ class FlowTracker:
         await self._advance(inst, ctx)
 
     async def _on_compensated(
-        self, inst: _Instance, ctx: Context, step: str, envelope: Envelope[Event]
+        self, inst: InstanceState, ctx: Context, step: str, envelope: Envelope[Event]
     ) -> None:
         if step in inst.compensated:
             self._note(inst, "duplicate ignored", step, envelope, "already compensated")
@@ -355,7 +266,11 @@ class FlowTracker:
             self._undo_late(inst, ctx)
 
     async def _on_compensation_failed(
-        self, inst: _Instance, ctx: Context, event: CompensationFailed, envelope: Envelope[Event]
+        self,
+        inst: InstanceState,
+        ctx: Context,
+        event: CompensationFailed,
+        envelope: Envelope[Event],
     ) -> None:
         if event.step in inst.compensated:
             self._note(inst, "late event ignored", event.step, envelope, "already compensated")
@@ -365,7 +280,7 @@ class FlowTracker:
         log.error("flow %s %s: %s", self.flow.name, inst.flow_id, inst.reason)
         await self._finish(inst, ctx, FlowStatus.COMPENSATION_FAILED)
 
-    async def time_out(self, inst: _Instance, ctx: Context) -> None:
+    async def time_out(self, inst: InstanceState, ctx: Context) -> None:
         """The instance's deadline passed: compensate every completed step."""
         self._move(inst, FlowStatus.COMPENSATING)
         inst.failure = FlowStatus.TIMED_OUT
@@ -375,7 +290,7 @@ class FlowTracker:
         log.warning("flow %s %s: %s", self.flow.name, inst.flow_id, inst.reason)
         await self._advance(inst, ctx)
 
-    async def _advance(self, inst: _Instance, ctx: Context) -> None:
+    async def _advance(self, inst: InstanceState, ctx: Context) -> None:
         """Request the next compensation, or end the instance when none is left."""
         if inst.compensating is not None:
             return  # one at a time: wait for the outstanding one to answer
@@ -403,7 +318,7 @@ class FlowTracker:
         # `failure` is the status the instance ends in: failed or timed_out.
         await self._finish(inst, ctx, FlowStatus(inst.failure or FlowStatus.FAILED))
 
-    def _undo_late(self, inst: _Instance, ctx: Context) -> None:
+    def _undo_late(self, inst: InstanceState, ctx: Context) -> None:
         """In an ended instance, request the compensation of a late success not undone yet.
 
         One at a time, like any compensation: two steps that succeeded after the instance
@@ -417,7 +332,7 @@ class FlowTracker:
                 self._request(inst, ctx, record)
                 return
 
-    def _request(self, inst: _Instance, ctx: Context, record: dict[str, Any]) -> None:
+    def _request(self, inst: InstanceState, ctx: Context, record: dict[str, Any]) -> None:
         step = record["step"]
         command = self.flow.compensate_events[step]
         assert issubclass(command, CompensateStep)
@@ -438,7 +353,7 @@ class FlowTracker:
         self._note(inst, "compensation requested", step, None)
         _telemetry.compensation_requested(self.flow.name, inst.flow_id, step)
 
-    async def _finish(self, inst: _Instance, ctx: Context, status: FlowStatus) -> None:
+    async def _finish(self, inst: InstanceState, ctx: Context, status: FlowStatus) -> None:
         self._move(inst, status)
         now = self._now()
         inst.finished_at = now
@@ -446,12 +361,12 @@ class FlowTracker:
         self._note(inst, str(status), None, None, inst.reason)
         hooks = self.on_completed if status is FlowStatus.COMPLETED else self.on_failed
         if hooks:
-            info = _info(self.flow.name, inst, self.flow, now)
+            info = instance_info(self.flow.name, inst, self.flow, now)
             ctx.flow = info
             for hook in hooks:
                 ctx.emit_all(await hook(info, ctx))
 
-    def _move(self, inst: _Instance, status: FlowStatus, *, started: bool = False) -> None:
+    def _move(self, inst: InstanceState, status: FlowStatus, *, started: bool = False) -> None:
         """Every change of an instance's status goes through here (and so is reported).
 
         `started`: the instance was just created (in `status`, from no status).
@@ -464,7 +379,7 @@ class FlowTracker:
 
     def _note(
         self,
-        inst: _Instance,
+        inst: InstanceState,
         action: str,
         step: str | None,
         envelope: Envelope[Event] | None,
@@ -483,7 +398,7 @@ class FlowTracker:
             }
         )
 
-    def _schedule(self, inst: _Instance) -> None:
+    def _schedule(self, inst: InstanceState) -> None:
         """Set the deadline of a running instance: the flow's, or its current step's if sooner.
 
         None once the last step succeeded: the instance can only complete then, and waits
@@ -510,13 +425,13 @@ class FlowTracker:
             timeout = step.timeout or 0.0
             candidates.append(
                 (
-                    _parse(previous["at"]).timestamp() + timeout,
+                    aware_time(previous["at"]).timestamp() + timeout,
                     f"step {step.name} timed out after {timeout:g}s",
                 )
             )
         inst.deadline, inst.deadline_reason = min(candidates) if candidates else (None, None)
 
-    def _values(self, inst: _Instance, now: datetime) -> dict[str, Any]:
+    def _values(self, inst: InstanceState, now: datetime) -> dict[str, Any]:
         return {
             "flow": self.flow.name,
             "flow_id": inst.flow_id,
@@ -535,44 +450,28 @@ class FlowTracker:
             "version": inst.version,
         }
 
-    async def _save(self, ctx: Context, inst: _Instance) -> None:
+    async def _save(self, ctx: Context, inst: InstanceState) -> None:
         if self.on_transition is not None and inst.status is not inst.loaded:
             ctx._after_commit(functools.partial(self.on_transition, inst.status))
         self._schedule(inst)
         inst.version += 1
-        values = self._values(inst, self._now())
-        values["key_flow_id"] = values.pop("flow_id")
-        del values["flow"]
-        session = ctx.session
-        await session.execute(self._update, values)
-        if inst.log:
-            await session.execute(self._log_insert, inst.log)
-            inst.log = []
+        rows = self._rows(self._store_of())
+        log, inst.log = inst.log, []
+        await rows.save(ctx.unit, inst.flow_id, self._values(inst, self._now()), log)
 
     # -- deadlines -------------------------------------------------------------------------------
 
     async def expire_due(self, store: Store, relay: OutboxRelay) -> int:
         """Time out the running instances past their deadline; returns how many."""
-        due = (
-            sa.select(flows)
-            .where(
-                flows.c.flow == self.flow.name,
-                flows.c.status == str(FlowStatus.RUNNING),
-                flows.c.deadline <= store.clock.time(),
-            )
-            .order_by(flows.c.deadline)
-            .limit(DEADLINE_BATCH)
-            .with_for_update(skip_locked=True)
-        )
+        rows = self._rows(store)
         async with unit_of_work(store, relay) as work:
-            rows = (await work.unit.session.execute(due)).all()
-            for row in rows:
-                inst = instance_from_row(row)
+            due = await rows.due(work.unit, store.clock.time(), DEADLINE_BATCH)
+            for inst in due:
                 ctx = work.context(correlation_id=inst.flow_id)
                 with _telemetry.timeout_fired(self.flow.name, inst.flow_id, inst.deadline_reason):
                     await self.time_out(inst, ctx)
                 await self._save(ctx, inst)
-        return len(rows)
+        return len(due)
 
     async def run_deadlines(
         self,

@@ -14,6 +14,7 @@ from txflow.store._base import (
     make_record,
     open_store,
 )
+from txflow.store._prepared import Prepared
 from txflow.store._tables import flow_log, flows, inbox, metadata, outbox
 from txflow.store._unit_of_work import UnitOfWork
 
@@ -22,6 +23,7 @@ __all__ = [
     "Listener",
     "OutboxRecord",
     "OutboxStatus",
+    "Prepared",
     "RelayBacklog",
     "Store",
     "UnitOfWork",

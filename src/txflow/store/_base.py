@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -19,9 +19,13 @@ from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow._messages import wire_message
 from txflow._names import aware
 from txflow.errors import DatabaseUnavailableError, UnsupportedURLError, mask_url
+from txflow.store._prepared import Prepared
 from txflow.store._tables import inbox, metadata, outbox
 from txflow.store._unit_of_work import SQLAlchemyUnitOfWork, UnitOfWork, guard_commits
 from txflow.transport import Message
+
+if TYPE_CHECKING:
+    from txflow.store._prepared import Statement
 
 log = logging.getLogger("txflow.store")
 
@@ -226,17 +230,39 @@ class Store(abc.ABC):
             DatabaseUnavailableError: on PostgreSQL, when no connection could be had or one
                 dropped during txflow's own statements.
         """
-        async with self.engine.connect() as conn, self._guard_cancellation(conn):
-            unit = self._new_unit(conn)
-            try:
-                await unit.begin(inbox, inboxes)
-                yield unit
-                await unit.commit()
-            except BaseException:
-                await unit.rollback()
-                raise
-            finally:
-                await unit.close_session()
+        async with (
+            self.engine.connect() as conn,
+            self._guard_cancellation(conn),
+            self._unit_on(conn, inbox, inboxes) as unit,
+        ):
+            yield unit
+
+    @asynccontextmanager
+    async def _unit_on(
+        self,
+        conn: AsyncConnection,
+        inbox: tuple[str, str] | None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
+    ) -> AsyncIterator[SQLAlchemyUnitOfWork]:
+        """A unit of work on `conn`: begin, yield, commit (or roll back if the block raised)."""
+        unit = self._new_unit(conn)
+        try:
+            await unit.begin(inbox, inboxes)
+            yield unit
+            await unit.commit()
+        except BaseException:
+            await unit.rollback()
+            raise
+        finally:
+            await unit.close_session()
+
+    def prepare(self, statement: Statement) -> Prepared:
+        """`statement` compiled for this store's database, for `UnitOfWork.execute`.
+
+        Raises:
+            RuntimeError: the store is not connected.
+        """
+        return Prepared(statement, self.engine.dialect)
 
     def _new_unit(self, conn: AsyncConnection) -> SQLAlchemyUnitOfWork:
         """The unit of work `transaction` runs on `conn` (a backend may run its own)."""

@@ -3,10 +3,17 @@
 With the connection running in the loop (`InLoopConnection`), a statement sent through
 SQLAlchemy costs far more in SQLAlchemy's machinery (compiled-cache lookup, execution
 context, result, greenlet switches) than in SQLite. txflow's own statements of every
-transaction, BEGIN IMMEDIATE, the inbox row and the outbox rows, therefore run on the
-sqlite3 connection directly, with the parameters converted by the same SQLAlchemy type
-processors as before, so the rows are stored exactly as SQLAlchemy would store them. The
-transaction stays SQLAlchemy's: the handler's session joins it and txflow commits it.
+transaction, BEGIN IMMEDIATE, the inbox row, the outbox rows and the prepared statements
+of the layers above (the flow tracker's), therefore run on the sqlite3 connection
+directly, with the parameters converted by the same SQLAlchemy type processors as before,
+so the rows are stored exactly as SQLAlchemy would store them.
+
+SQLAlchemy's transaction only on demand: the unit begins on sqlite3 itself, and SQLAlchemy
+is told of the transaction (without a statement) only when the handler asks for the
+session; then the session joins it and txflow commits it through SQLAlchemy as before. A
+unit that never needed the session (a flow tracker's transition, a handler writing
+through the driver) commits on sqlite3, after running the engine's "commit" listeners
+just as SQLAlchemy's commit would (txflow's guard, a test harness's injected failures).
 """
 
 from __future__ import annotations
@@ -17,15 +24,22 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from txflow.errors import TransactionEndedError
 from txflow.store._sqlite_driver import InLoopConnection
 from txflow.store._tables import inbox, outbox
-from txflow.store._unit_of_work import SQLAlchemyUnitOfWork
+from txflow.store._unit_of_work import (
+    _OPEN_UNITS,
+    ENDED_IN_HANDLER,
+    Params,
+    SQLAlchemyUnitOfWork,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
-    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
     from txflow.store._base import Store
+    from txflow.store._prepared import Prepared
 
 
 class RawInsert:
@@ -57,6 +71,11 @@ class RawStatements:
             inbox, ("handler", "message_id", "processed_at"), dialect, " ON CONFLICT DO NOTHING"
         )
         self._outbox: dict[tuple[str, ...], RawInsert] = {}
+        self._sent_at = outbox.c.sent_at.type.dialect_impl(dialect).bind_processor(dialect)
+
+    def sent_at(self, value: Any) -> Any:
+        """`value` as SQLAlchemy stores it in the outbox's `sent_at` column."""
+        return value if self._sent_at is None else self._sent_at(value)
 
     def outbox(self, columns: tuple[str, ...]) -> RawInsert:
         insert = self._outbox.get(columns)
@@ -73,6 +92,8 @@ def begin_immediate(conn: sa.Connection) -> None:
     """
     driver = conn.connection.driver_connection
     if isinstance(driver, InLoopConnection):
+        if driver._conn.in_transaction:
+            return  # the unit of work began it on sqlite3; SQLAlchemy joins it
         try:
             driver._conn.execute("BEGIN IMMEDIATE")
             return
@@ -87,21 +108,30 @@ _INBOX_DELETE = f"DELETE FROM {inbox.name} WHERE handler = ? AND message_id = ?"
 class SQLiteUnitOfWork(SQLAlchemyUnitOfWork):
     """The unit of work when sqlite3 runs in the loop; see the module docs."""
 
-    __slots__ = ("_raw", "statements")
+    __slots__ = ("_raw", "_raw_only", "statements")
 
     def __init__(self, store: Store, conn: AsyncConnection, statements: RawStatements) -> None:
         super().__init__(store, conn)
         self.statements = statements
         self._raw: sqlite3.Connection | None = None
+        # Begun on sqlite3, SQLAlchemy not (yet) told: no session was asked for.
+        self._raw_only = False
 
     async def begin(
         self,
         inbox: tuple[str, str] | None = None,
         inboxes: tuple[str, Sequence[str]] | None = None,
     ) -> None:
-        await super().begin()
         self._raw = self.driver_connection._conn
+        if not self._begin_raw():
+            await super().begin()
         await self._record_first(inbox, inboxes)
+
+    @property
+    def is_open(self) -> bool:
+        if self._raw is None or not self._raw.in_transaction:
+            return False
+        return self._raw_only or super().is_open
 
     async def _sql(self, statement: str) -> None:
         self.check_open()
@@ -109,23 +139,102 @@ class SQLiteUnitOfWork(SQLAlchemyUnitOfWork):
         try:
             self._raw.execute(statement)
         except sqlite3.Error as exc:
-            raise sa.exc.DBAPIError.instance(
-                statement, (), exc, sqlite3.Error, dialect=self.statements.dialect
-            ) from exc
+            raise self._error(statement, (), exc) from exc
 
     async def _forget_inbox(self, handler: str, message_id: str) -> None:
         assert self._raw is not None, "begin() first"
         self._raw.execute(_INBOX_DELETE, (handler, message_id))
 
-    def _execute(self, insert: RawInsert, params: tuple[Any, ...]) -> sqlite3.Cursor:
+    def _begin_raw(self) -> bool:
+        """BEGIN IMMEDIATE on sqlite3; False when it must go SQLAlchemy's way.
+
+        That way waits for a lock another process holds without blocking the loop, and
+        reports any other error.
+        """
+        sync = self._conn.sync_connection
+        raw = self._raw
+        if sync is None or raw is None or sync.in_transaction() or raw.in_transaction:
+            return False
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return False
+        _OPEN_UNITS[sync] = self
+        self._raw_only = True
+        return True
+
+    @property
+    def session(self) -> AsyncSession:
+        if self._session is None and self._raw_only:
+            self.check_open()
+            self._join()
+        return super().session
+
+    def _join(self) -> None:
+        """Make the transaction begun on sqlite3 SQLAlchemy's too, without a statement."""
+        sync = self._conn.sync_connection
+        assert sync is not None
+        sync.begin()  # its "begin" event (`begin_immediate`) finds sqlite3 in a transaction
+        self._trans = self._conn.get_transaction()
+        self._raw_only = False
+
+    def check_open(self) -> None:
+        if not self._raw_only:
+            super().check_open()
+        # Also when SQLAlchemy thinks its transaction open: a COMMIT or ROLLBACK sent on the
+        # driver ended it behind SQLAlchemy's back.
+        if self._raw is None or not self._raw.in_transaction:
+            raise TransactionEndedError(ENDED_IN_HANDLER)
+
+    async def commit(self) -> None:
+        if not self._raw_only:
+            await super().commit()
+            return
+        self.check_open()
+        sync = self._conn.sync_connection
+        assert sync is not None and self._raw is not None
+        self._committing = True
+        # What SQLAlchemy's commit runs first: the engine's "commit" listeners.
+        sync.dispatch.commit(sync)
+        try:
+            self._raw.commit()
+        except sqlite3.Error as exc:
+            raise self._error("COMMIT", (), exc) from exc
+
+    async def rollback(self) -> None:
+        if not self._raw_only:
+            await super().rollback()
+            return
+        if self._raw is not None and self._raw.in_transaction:
+            self._raw.rollback()
+
+    def _execute(self, insert: RawInsert | Prepared, params: tuple[Any, ...]) -> sqlite3.Cursor:
         assert self._raw is not None, "begin() first"
         try:
             return self._raw.execute(insert.sql, params)
         except sqlite3.Error as exc:
-            # The error SQLAlchemy would have raised, so callers see one kind on both paths.
-            raise sa.exc.DBAPIError.instance(
-                insert.sql, params, exc, sqlite3.Error, dialect=self.statements.dialect
-            ) from exc
+            raise self._error(insert.sql, params, exc) from exc
+
+    def _error(self, sql: str, params: Any, exc: sqlite3.Error) -> sa.exc.StatementError:
+        # The error SQLAlchemy would have raised, so callers see one kind on both paths.
+        return sa.exc.DBAPIError.instance(
+            sql, params, exc, sqlite3.Error, dialect=self.statements.dialect
+        )
+
+    async def execute(self, statement: Prepared, params: Params) -> list[dict[str, Any]]:
+        self.check_open()
+        if not isinstance(params, Mapping):
+            rows = [statement.positional(values) for values in params]
+            assert self._raw is not None, "begin() first"
+            try:
+                self._raw.executemany(statement.sql, rows)
+            except sqlite3.Error as exc:
+                raise self._error(statement.sql, rows, exc) from exc
+            return []
+        cursor = self._execute(statement, statement.positional(params))
+        if not statement.columns:
+            return []
+        return [statement.decode(row) for row in cursor.fetchall()]
 
     async def record_inbox(self, handler: str, message_id: str) -> bool:
         values = {"handler": handler, "message_id": message_id, "processed_at": self.clock.utcnow()}

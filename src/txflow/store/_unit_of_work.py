@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event
@@ -24,6 +24,10 @@ from txflow.errors import TransactionEndedError
 
 if TYPE_CHECKING:
     from txflow.store._base import Store
+    from txflow.store._prepared import Prepared
+
+#: The parameters of one statement, or of one statement per row (executemany).
+Params = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 
 def bind_session(conn: AsyncConnection) -> AsyncSession:
@@ -129,6 +133,16 @@ class UnitOfWork(abc.ABC):
     @abc.abstractmethod
     def is_open(self) -> bool:
         """Whether the transaction is still open (nobody ended or lost it)."""
+
+    async def execute(self, statement: Prepared, params: Params) -> list[dict[str, Any]]:
+        """Run one of txflow's own prepared statements in this transaction.
+
+        `params` is one mapping, or a sequence of them to run the statement once per
+        mapping. Returns the rows the statement returns, as {column: value}. This default
+        goes through the session (as a handler's statement would); backends run it cheaper.
+        """
+        result = await self.session.execute(statement.statement, params)
+        return [dict(row._mapping) for row in result] if statement.columns else []
 
 
 class SQLAlchemyUnitOfWork(UnitOfWork):
@@ -252,6 +266,14 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+    async def execute(self, statement: Prepared, params: Params) -> list[dict[str, Any]]:
+        # On the connection: Core, without the session's ORM machinery (or a session).
+        self.check_open()
+        if not isinstance(params, Mapping):
+            params = list(params)
+        result = await self._conn.execute(statement.statement, params)
+        return [dict(row._mapping) for row in result] if statement.columns else []
 
     async def commit(self) -> None:
         """Flush the session's pending ORM changes, then commit."""
