@@ -34,6 +34,9 @@ from txflow.testing import Harness, InMemoryBroker, InMemoryTransport
 AMQP_URL = os.environ.get("TXFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("TXFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 RUN_ID = uuid.uuid4().hex[:8]
+# Every backend's apps' default `batch`: `TXFLOW_TEST_BATCH=8 pytest tests/test_flows.py`
+# runs a suite with every handler batched.
+TEST_BATCH = int(os.environ.get("TXFLOW_TEST_BATCH", "1"))
 # Fast relay settings so crash-recovery tests do not wait for production lease times.
 TEST_RELAY = RelayConfig(lease=1.0, sweep_interval=0.2, cleanup_interval=0.5)
 
@@ -69,6 +72,8 @@ class Backend:
     harness: Harness | None = None
     stack: AsyncExitStack = field(default_factory=AsyncExitStack)
     databases: dict[str, str] = field(default_factory=dict)
+    #: the apps' default `batch` (a "-batched" backend runs every handler batched)
+    batch: int = field(default_factory=lambda: TEST_BATCH)
 
     @property
     def is_real(self) -> bool:
@@ -102,6 +107,7 @@ class Backend:
         kwargs.setdefault("relay", TEST_RELAY)
         kwargs.setdefault("create_tables", True)
         kwargs.setdefault("shutdown_timeout", 5.0)
+        kwargs.setdefault("batch", self.batch)
         app = TxFlow(
             name,
             database_url=await self.database_url(database),
@@ -133,19 +139,30 @@ async def _admin(sql: str) -> None:
 _counter = iter(range(1_000_000))
 
 
+# The handlers' `batch` on a "<kind>-batched" backend.
+BATCHED = 8
+
+
 @pytest.fixture(params=["memory", "rabbit"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    """The contract fixture: every test using it runs on both backends."""
+    """The contract fixture: every test using it runs on both backends.
+
+    A parameter `<kind>-batched` (tests/test_contract.py) runs every handler of the apps
+    with `batch=BATCHED`: the guarantees hold for batched transactions too.
+    """
     test_id = f"t{next(_counter)}"
-    if request.param == "rabbit":
+    kind, _, variant = str(request.param).partition("-")
+    if kind == "rabbit":
         amqp = request.getfixturevalue("amqp_url")
         b = Backend("rabbit", tmp_path, test_id, amqp_url=amqp)
-    elif request.param == "harness":
+    elif kind == "harness":
         # On real time, as the suite's waits are: the transport is what is under test.
         harness = Harness(TxFlow("contract"), real_time=True)
         b = Backend("harness", tmp_path, test_id, broker=harness.broker, harness=harness)
     else:
         b = Backend("memory", tmp_path, test_id, broker=InMemoryBroker())
+    if variant == "batched":
+        b.batch = BATCHED
     async with b.stack:
         yield b
 
@@ -184,7 +201,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
         needs = "real" in getattr(item, "fixturenames", ()) or (
-            callspec is not None and callspec.params.get("backend") == "rabbit"
+            callspec is not None and str(callspec.params.get("backend")).startswith("rabbit")
         )
         if needs:
             item.add_marker(pytest.mark.rabbitmq)

@@ -30,8 +30,12 @@ from txflow.store import inbox, outbox
 from txflow.testing import wait_until
 
 # The harness's transport passes the contract too: nothing in it short-cuts ack, redelivery
-# or dead-lettering.
-pytestmark = pytest.mark.parametrize("backend", ["memory", "harness", "rabbit"], indirect=True)
+# or dead-lettering. So does every handler batched (`batch=`, group commit).
+pytestmark = pytest.mark.parametrize(
+    "backend",
+    ["memory", "harness", "rabbit", "memory-batched", "harness-batched", "rabbit-batched"],
+    indirect=True,
+)
 
 
 class Boom(Exception):
@@ -179,8 +183,16 @@ async def test_crash_between_commit_and_ack_is_deduplicated(backend: Backend) ->
         await asyncio.Event().wait()  # the worker "dies" here, before the ack
         return result
 
+    async def settle_hangs(*args: object) -> None:
+        committed.set()  # a batch's deliveries are settled after its commit
+        await asyncio.Event().wait()
+
     async with svc:
-        svc.consumers[0]._handle = handle_then_hang.__get__(svc.consumers[0])  # type: ignore[method-assign]
+        consumer = svc.consumers[0]
+        if consumer.group is None:
+            consumer._handle = handle_then_hang.__get__(consumer)  # type: ignore[method-assign]
+        else:
+            consumer._settle = settle_hangs  # type: ignore[method-assign,assignment]
         await svc.publish(Ping(n=1))
         await asyncio.wait_for(committed.wait(), 10)
         # The connection drops without an ack: the broker requeues the delivery.

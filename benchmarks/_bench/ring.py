@@ -46,9 +46,11 @@ POOL = 10
 # Bodies of about 200 bytes: {"n":123,"pad":"xxx..."}.
 BODY_BYTES = 200
 PAD = "x" * (BODY_BYTES - len('{"n":0,"pad":""}'))
-# The sides: the hand-written loop, and txflow writing its business row each of three ways
-# (_bench.txflow_side.WRITES).
-SIDES = ("baseline", "txflow-driver", "txflow-session", "txflow-orm")
+# The sides: the hand-written loop, txflow writing its business row each of three ways
+# (_bench.txflow_side.WRITES), and txflow through the driver with batched transactions.
+SIDES = ("baseline", "txflow-driver", "txflow-session", "txflow-orm", "txflow-batched")
+# The batched side's `batch`: txflow's default concurrency; W never fills it.
+RING_BATCH = 32
 
 
 @dataclass
@@ -173,23 +175,29 @@ def _time_commits(store: Store, commits: list[float]) -> None:
     transaction = store.transaction
 
     @contextlib.asynccontextmanager
-    async def timed(*, inbox: tuple[str, str] | None = None) -> AsyncIterator[Any]:
-        async with transaction(inbox=inbox) as unit:
+    async def timed(
+        *, inbox: tuple[str, str] | None = None, inboxes: Any = None
+    ) -> AsyncIterator[Any]:
+        async with transaction(inbox=inbox, inboxes=inboxes) as unit:
             yield unit
-        if inbox is not None:  # a handler's, not the relay's or a cleanup's
+        if inbox is not None or inboxes is not None:  # a handler's, not a cleanup's
             commits.append(time.perf_counter())
 
     store.transaction = timed  # type: ignore[method-assign]
 
 
-async def ring_txflow(env: Env, args: argparse.Namespace, ring: int, write: str) -> RingResult:
+async def ring_txflow(
+    env: Env, args: argparse.Namespace, ring: int, write: str, batch: int = 1
+) -> RingResult:
     await env.truncate(*TX_TABLES)
     commits: list[float] = []
     arrivals: list[float] = []
     transport = open_transport(env.amqp_url)
     if ring == 1:
         _time_deliveries(transport, arrivals)
-    app = env.make_app(PREFETCH, ring=True, write=write, db_pool_size=POOL, transport=transport)
+    app = env.make_app(
+        PREFETCH, ring=True, write=write, db_pool_size=POOL, transport=transport, batch=batch
+    )
     queues = (app.handlers["on_ring_a"].queue, app.handlers["on_ring_b"].queue)
     try:
         await warm_txflow_pool(app)
@@ -208,7 +216,8 @@ async def ring_txflow(env: Env, args: argparse.Namespace, ring: int, write: str)
     checks = await env.counts("bench_tx_items", "txflow_inbox", "txflow_outbox", "sent_at IS NULL")
     checks.update(counters(consumers, relay))
     checks["errors"] = checks["retried"] + checks["dead_lettered"]
-    result = await _result(env, f"txflow-{write}", ring, clock, hops, checks, queues)
+    side = f"txflow-{write}" if batch == 1 else "txflow-batched"
+    result = await _result(env, side, ring, clock, hops, checks, queues)
     return _add_delays(result, commits, arrivals, clock)
 
 
@@ -266,7 +275,8 @@ async def _result(
 Run = Callable[[Env, argparse.Namespace, int], Awaitable[RingResult]]
 RING: dict[str, Run] = {
     "baseline": ring_baseline,
-    **{side: partial(ring_txflow, write=side.split("-", 1)[1]) for side in SIDES[1:]},
+    **{side: partial(ring_txflow, write=side.split("-", 1)[1]) for side in SIDES[1:4]},
+    "txflow-batched": partial(ring_txflow, write="driver", batch=RING_BATCH),
 }
 
 
@@ -290,6 +300,9 @@ async def measure_ring(
                         f", commit->consume p50 {result.commit_to_consume_p50_ms:.2f} "
                         f"p99 {result.commit_to_consume_p99_ms:.2f} ms"
                     )
+                if result.checks.get("batches"):
+                    size = result.checks["batched"] / result.checks["batches"]
+                    delay += f", {size:.1f} deliveries per batch"
                 print(
                     f"  {what:34s} {result.hops_per_second:7.0f} hops/s  "
                     f"({result.cpu_ms_per_hop:.2f} ms CPU/hop{delay}"

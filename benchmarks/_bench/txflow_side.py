@@ -85,6 +85,7 @@ def build_app(
     transport: Transport | None = None,
     metrics: MetricsConfig | None = None,
     quorum_queues: bool = False,
+    batch: int = 1,
 ) -> TxFlow:
     """The txflow side's app (also run by `txflow run bench_app:app` in scale.py).
 
@@ -94,7 +95,8 @@ def build_app(
     pool has `pool_size_for(concurrency)` connections, as the other
     sides' pools, unless `db_pool_size` says otherwise; an app without handlers (only a
     relay) keeps txflow's default pool. `transport` is passed to `TxFlow` (the ring times
-    deliveries on it; the app then leaves closing it to the caller); `quorum_queues` too.
+    deliveries on it; the app then leaves closing it to the caller); `quorum_queues` and
+    `batch` (its handlers' batched transactions) too.
     """
     if db_pool_size is None:
         db_pool_size = pool_size_for(concurrency) if handlers else TXFLOW_DEFAULT_POOL
@@ -112,6 +114,7 @@ def build_app(
         transport=transport,
         metrics=metrics,
         quorum_queues=quorum_queues,
+        batch=batch,
     )
     write_item = WRITES[write]
     if handlers and chain_length is not None:
@@ -167,6 +170,9 @@ def counters(consumers: Sequence[Any], relay: OutboxRelay) -> dict[str, int]:
         "dead_lettered": sum(s.dead_lettered for s in stats),
         "relay_published": relay.stats.published,
         "relay_swept": relay.stats.swept,
+        # batched handlers: the transactions their batches ran, and the deliveries in them
+        "batches": sum(c.group.batches for c in consumers if c.group is not None),
+        "batched": sum(c.group.deliveries for c in consumers if c.group is not None),
     }
 
 

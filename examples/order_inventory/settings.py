@@ -14,6 +14,9 @@ service gets its own database:
 - `TXFLOW_CONCURRENCY`: messages each handler works on at once (its prefetch). Each one holds
   a database connection, so processes x handlers x concurrency must fit PostgreSQL's
   `max_connections`;
+- `TXFLOW_BATCH`: above 1, every handler (and the flow's tracker) handles up to that many of
+  its waiting deliveries in one transaction (`TxFlow(batch=...)`, group commit); at most
+  its concurrency. The fault scenarios run with it set to show the guarantees hold batched;
 - `TXFLOW_STATS_INTERVAL`: seconds between the workers' log lines of running counters;
 - `TXFLOW_QUORUM_QUEUES`: `1` to declare quorum queues (replicated across a RabbitMQ
   cluster) instead of classic ones;
@@ -34,6 +37,7 @@ from txflow import RetryPolicy
 QUEUE_PREFIX_ENV = "TXFLOW_QUEUE_PREFIX"
 EXCHANGE_ENV = "TXFLOW_EXCHANGE"
 CONCURRENCY_ENV = "TXFLOW_CONCURRENCY"
+BATCH_ENV = "TXFLOW_BATCH"
 STATS_INTERVAL_ENV = "TXFLOW_STATS_INTERVAL"
 QUORUM_QUEUES_ENV = "TXFLOW_QUORUM_QUEUES"
 SPANS_DIR_ENV = "EXAMPLE_SPANS_DIR"
@@ -64,6 +68,9 @@ def service_options(service: str, **overrides: Any) -> dict[str, Any]:
     concurrency = os.environ.get(CONCURRENCY_ENV)
     if concurrency:
         options["concurrency"] = int(concurrency)
+    batch = os.environ.get(BATCH_ENV)
+    if batch:
+        options["batch"] = int(batch)
     exchange = os.environ.get(EXCHANGE_ENV)
     if exchange:
         options["exchange"] = exchange

@@ -44,6 +44,7 @@ from txflow.flows import (
     list_flows,
 )
 from txflow.hop import (
+    MAX_BATCH,
     ConsumerStats,
     Context,
     ExhaustedHook,
@@ -103,6 +104,8 @@ class TxFlow:
         exchange: the topic exchange events are published to.
         queue_prefix: prepended to every queue name (isolates environments on one broker).
         concurrency: default number of messages one handler works on at once.
+        batch: default most deliveries of one handler, among those already waiting, that
+            share one transaction (1: a transaction per delivery); see `handler`.
         retry: default retry policy of every handler.
         relay: outbox relay settings, or None to run no relay in this process (rows are then
             published by a relay elsewhere, woken by NOTIFY on PostgreSQL).
@@ -148,6 +151,7 @@ class TxFlow:
         exchange: str = DEFAULT_EXCHANGE,
         queue_prefix: str = "",
         concurrency: int = DEFAULT_CONCURRENCY,
+        batch: int = 1,
         retry: RetryPolicy | None = None,
         relay: RelayConfig | None = RelayConfig(),  # noqa: B008 - frozen, shared safely
         metadata: sa.MetaData | None = None,
@@ -176,6 +180,7 @@ class TxFlow:
         self.exchange = exchange
         self.queue_prefix = queue_prefix
         self.concurrency = concurrency
+        self.batch = _check_batch(batch, f"app {name!r}")
         self.retry = retry or RetryPolicy()
         self.relay_config = relay
         self.metadata = metadata
@@ -212,6 +217,7 @@ class TxFlow:
         *event_types: type[Event],
         name: str | None = None,
         concurrency: int | None = None,
+        batch: int | None = None,
         retry: RetryPolicy | None = None,
         emits: Iterable[type[Event]] = (),
         on_exhausted: ExhaustedHook | None = None,
@@ -226,8 +232,14 @@ class TxFlow:
         returns (say a flow's failure event) is emitted in its own transaction just before
         the message is dead-lettered, so a step that keeps failing is also compensated.
 
+        `batch` (default: the app's, 1) above 1 turns on group commit: up to that many
+        deliveries already waiting for this handler (never more than its `concurrency`)
+        share one transaction, each in a savepoint of its own, with one COMMIT; it never
+        waits for more to arrive. See docs/concepts/unit-of-work.md#batched-transactions.
+
         Guarantee: for one message id its database effects and emitted events commit at most
-        once; a failure rolls all of it back.
+        once; a failure rolls all of it back. In a batch, too: a failing delivery rolls back
+        alone, and each is acked only after the batch committed.
 
         Raises:
             ConfigurationError: unknown events, a duplicate handler name, or a bad signature.
@@ -242,6 +254,7 @@ class TxFlow:
                 func,
                 tuple(event_types or events_from_annotation(func)),
                 concurrency=concurrency,
+                batch=batch,
                 retry=retry,
                 emits=tuple(emits),
                 on_exhausted=on_exhausted,
@@ -257,6 +270,7 @@ class TxFlow:
         event_types: tuple[type[Event], ...],
         *,
         concurrency: int | None,
+        batch: int | None,
         retry: RetryPolicy | None,
         **extra: Any,
     ) -> HandlerSpec:
@@ -274,6 +288,7 @@ class TxFlow:
             queue=handler_queue_name(self.queue_prefix, self.name, name),
             retry=retry or self.retry,
             concurrency=concurrency or self.concurrency,
+            batch=self.batch if batch is None else _check_batch(batch, f"handler {name!r}"),
             takes_context=takes_context(func),
             **extra,
         )
@@ -282,7 +297,9 @@ class TxFlow:
 
     # -- flows -------------------------------------------------------------------------------
 
-    def track(self, flow: Flow, *, concurrency: int | None = None) -> FlowTracker:
+    def track(
+        self, flow: Flow, *, concurrency: int | None = None, batch: int | None = None
+    ) -> FlowTracker:
         """Keep the state of `flow`'s instances in this app's database and run its saga.
 
         This app then consumes every outcome event of the flow on its own queue
@@ -290,6 +307,8 @@ class TxFlow:
         reverse order when a step fails or a deadline passes, and runs the `on_completed`
         and `on_failed` hooks. Track a flow in one app (the one that owns it); run as many
         processes of that app as you like. Calling it again returns the same tracker.
+        `batch` (default: the app's) lets the tracker record several outcome events in one
+        transaction, as a handler's `batch` does.
         """
         tracker = self.trackers.get(flow.name)
         if tracker is not None:
@@ -302,6 +321,7 @@ class TxFlow:
             tracker.handle,
             flow.tracked_events(),
             concurrency=concurrency,
+            batch=batch,
             retry=None,
             internal=True,
         )
@@ -361,6 +381,7 @@ class TxFlow:
         *,
         name: str | None = None,
         concurrency: int | None = None,
+        batch: int | None = None,
         retry: RetryPolicy | None = None,
         emits: Iterable[type[Event]] = (),
     ) -> Callable[[H], H]:
@@ -388,6 +409,7 @@ class TxFlow:
                 undo.handler(),
                 (command,),
                 concurrency=concurrency,
+                batch=batch,
                 retry=retry,
                 emits=tuple(emits),
                 on_exhausted=undo.exhausted,
@@ -752,3 +774,14 @@ class TxFlow:
 
     def __repr__(self) -> str:
         return f"TxFlow({self.name!r}, handlers={list(self.handlers)})"
+
+
+def _check_batch(batch: int, owner: str) -> int:
+    """`batch` if it is a batch size txflow can run (1 to `MAX_BATCH`)."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise ConfigurationError(
+            f"{owner}: batch={batch!r} must be a whole number from 1 (a transaction per "
+            f"delivery) to {MAX_BATCH} (on PostgreSQL each delivery of a batch takes a "
+            "subtransaction, and more than 64 in one transaction slow down every session)"
+        )
+    return batch

@@ -108,6 +108,10 @@ class Faults:
         The database raises `sqlalchemy.exc.OperationalError` at COMMIT, so nothing the
         attempt wrote stays: its rows, inbox row and emitted events roll back, and the
         attempt counts as failed (the handler's retry policy retries or dead-letters it).
+
+        A batched handler's (`batch=`) commit is its batch's: when it fails, each of the
+        batch's deliveries runs again at once alone, which is a commit of its own (used up
+        by `times` too), and only those whose own commit fails count an attempt.
         """
         if self._database is not None:
             raise ConfigurationError(

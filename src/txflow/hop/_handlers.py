@@ -35,6 +35,8 @@ class HandlerSpec:
             name (or the app's queue_prefix) starts deduplication afresh.
         retry: its retry policy (the app's default unless given).
         concurrency: most messages it handles at once (the queue's prefetch).
+        batch: most deliveries, among those already waiting, handled in one transaction
+            (each in a savepoint of its own); 1 is a transaction per delivery.
         takes_context: whether `func` accepts the `Context` as second argument.
         emits: events it emits through `ctx.emit`, declared for `txflow graph` (those it
             returns are read from its return annotation).
@@ -57,6 +59,7 @@ class HandlerSpec:
     compensates: tuple[Flow, str] | None = None
     origin: HandlerFunc | None = None
     internal: bool = False
+    batch: int = 1
 
     async def call(self, event: Event, ctx: Context) -> HandlerResult:
         """Run the handler; whatever it raises comes out wrapped in `HandlerRaised`."""

@@ -29,6 +29,7 @@ from txflow._messages import (
 from txflow._names import ATTEMPT_HEADER, dead_letter_queue
 from txflow._outbox import OutboxRelay
 from txflow.errors import PoisonMessageError, TxflowError
+from txflow.hop._batch import GroupCommit, Pending, Verdict
 from txflow.hop._handlers import HandlerRaised, HandlerSpec
 from txflow.hop._retry import Outcome
 from txflow.hop._unit import unit_of_work
@@ -196,6 +197,9 @@ class HandlerConsumer:
         self._active: set[asyncio.Task[object]] = set()
         #: Told what became of each delivery, in order (see `HopObserver`).
         self.observers: tuple[HopObserver, ...] = (_Counter(self.stats), _SPANS)
+        size = min(spec.batch, spec.concurrency)
+        #: The handler's batches (see `hop._batch`), when it takes more than one at a time.
+        self.group: GroupCommit | None = GroupCommit(spec, store, relay, size) if size > 1 else None
 
     def add_observer(self, observer: HopObserver) -> None:
         """Tell `observer` too what becomes of each delivery from now on."""
@@ -263,27 +267,73 @@ class HandlerConsumer:
         except PoisonMessageError as exc:
             await self._dead_letter(delivery, exc, attempt if isinstance(attempt, int) else 1)
             return
+        if self.group is not None:
+            await self._settle(delivery, await self.group.run(envelope), started)
+            return
+        await self._process_alone(delivery, envelope, started)
+
+    async def _process_alone(
+        self, delivery: Delivery, envelope: Envelope[Event], started: float
+    ) -> None:
+        """The delivery in a transaction of its own; then settle it."""
         try:
             handled = await self._handle(envelope)
         except HandlerRaised as raised:
-            if self.store.is_transient_error(raised.error):
-                await self._requeue(delivery, raised.error)
-            else:
-                await self._after_failure(delivery, envelope, raised.error)
+            await self._failed(delivery, envelope, raised.error, by_handler=True)
             return
         except Exception as exc:
             # Raised by txflow's own steps: begin, inbox, outbox, commit.
-            if self.store.is_transient_error(exc) or isinstance(exc, (OSError, TimeoutError)):
-                await self._requeue(delivery, exc)
-            else:
-                await self._after_failure(delivery, envelope, exc)
+            await self._failed(delivery, envelope, exc, by_handler=False)
             return
-        if not handled:
+        self._handled(envelope, duplicate=not handled, started=started)
+        await delivery.ack()
+
+    def _handled(self, envelope: Envelope[Event], *, duplicate: bool, started: float) -> None:
+        if duplicate:
             log.debug("%s: duplicate %s skipped", self.spec.name, envelope.message_id)
         duration = time.perf_counter() - started
         for observer in self.observers:
-            observer.handled(self.spec, envelope, duplicate=not handled, duration=duration)
-        await delivery.ack()
+            observer.handled(self.spec, envelope, duplicate=duplicate, duration=duration)
+
+    async def _failed(
+        self, delivery: Delivery, envelope: Envelope[Event], exc: Exception, *, by_handler: bool
+    ) -> None:
+        """An attempt failed: hand it back on a database outage, else apply the retry policy."""
+        outage = self.store.is_transient_error(exc)
+        if not by_handler:
+            # txflow's own statement: a socket error or a timeout is the database's too.
+            outage = outage or isinstance(exc, (OSError, TimeoutError))
+        if outage:
+            await self._requeue(delivery, exc)
+        else:
+            await self._after_failure(delivery, envelope, exc)
+
+    async def _settle(self, delivery: Delivery, item: Pending, started: float) -> None:
+        """Settle a delivery of a batch by its verdict (see `hop._batch`)."""
+        verdict, envelope, error = item.verdict, item.envelope, item.error
+        if verdict is Verdict.COMMITTED or verdict is Verdict.DUPLICATE:
+            self._handled(envelope, duplicate=verdict is Verdict.DUPLICATE, started=started)
+            await delivery.ack()
+        elif verdict is Verdict.FAILED:
+            assert error is not None
+            await self._failed(delivery, envelope, error, by_handler=item.by_handler)
+        elif verdict is Verdict.BATCH_FAILED:
+            assert error is not None
+            if self.store.is_transient_error(error) or isinstance(error, (OSError, TimeoutError)):
+                await self._requeue(delivery, error)
+                return
+            # Which delivery broke the batch is unknown: each runs alone, so that only the
+            # one at fault fails its attempt.
+            log.info(
+                "%s: the batch holding %s failed (%s: %s); handling it alone",
+                self.spec.name,
+                envelope.message_id,
+                exception_type_name(error),
+                error,
+            )
+            await self._process_alone(delivery, envelope, started)
+        else:  # abandoned: the batch was cancelled under it
+            await delivery.reject(requeue=True)
 
     async def _handle(self, envelope: Envelope[Event]) -> bool:
         """Run the handler in one transaction; False when the inbox says it already ran."""

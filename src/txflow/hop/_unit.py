@@ -8,7 +8,7 @@ written in the transaction that emitted them and handed to the relay only once i
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,6 +40,13 @@ class Work:
         self._contexts.append(ctx)
         return ctx
 
+    def discard(self, ctx: Context) -> None:
+        """Forget `ctx`: its events are not written, its after-commit calls never run.
+
+        For a delivery of a batch that failed and was rolled back to its savepoint.
+        """
+        self._contexts.remove(ctx)
+
     def committed(self) -> None:
         """Run what the contexts asked to run once the transaction committed."""
         for ctx in self._contexts:
@@ -53,18 +60,24 @@ class Work:
 
 @asynccontextmanager
 async def unit_of_work(
-    store: Store, relay: OutboxRelay, *, inbox: tuple[str, str] | None = None
+    store: Store,
+    relay: OutboxRelay,
+    *,
+    inbox: tuple[str, str] | None = None,
+    inboxes: tuple[str, Sequence[str]] | None = None,
 ) -> AsyncIterator[Work]:
     """One transaction; the events its contexts emit are published if and only if it commits.
 
     With `inbox` = (handler queue, message id) the inbox row is the transaction's first
-    write (`work.duplicate` says it was there already).
+    write (`work.duplicate` says it was there already); with `inboxes` = (handler queue,
+    message ids) a batch's rows are (`work.unit.duplicate_ids` names those there already).
+    However many contexts emitted, the rows go in one insert and to the relay at once.
 
     Raises:
         DatabaseUnavailableError: no connection, or it dropped (also during COMMIT).
     """
     records: list[OutboxRecord]
-    async with store.transaction(inbox=inbox) as unit:
+    async with store.transaction(inbox=inbox, inboxes=inboxes) as unit:
         work = Work(unit)
         yield work
         records = await relay.write(unit, work.outbox_rows())

@@ -148,6 +148,10 @@ class Store(abc.ABC):
         self._engine: AsyncEngine | None = None
         # The statements of every unit of work (SQLAlchemyUnitOfWork executes them).
         self.inbox_insert = self.insert_ignoring_conflicts(inbox)
+        self.inbox_delete = sa.delete(inbox).where(
+            inbox.c.handler == sa.bindparam("handler"),
+            inbox.c.message_id == sa.bindparam("message_id"),
+        )
         self.outbox_insert = sa.insert(outbox).returning(outbox.c.seq, sort_by_parameter_order=True)
         # Built once: mark-sent runs for nearly every confirm batch.
         self._mark_sent = {delete: self._mark_sent_stmt(delete) for delete in (False, True)}
@@ -208,14 +212,19 @@ class Store(abc.ABC):
 
     @asynccontextmanager
     async def transaction(
-        self, *, inbox: tuple[str, str] | None = None
+        self,
+        *,
+        inbox: tuple[str, str] | None = None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
     ) -> AsyncIterator[UnitOfWork]:
         """One database transaction: commit when the block ends, roll back if it raises.
 
         Yields the `UnitOfWork` that txflow's inbox and outbox statements and the handler's own
         statements share. Pending ORM changes of its session are flushed before the commit.
         With `inbox` = (handler, message id) the inbox row is the transaction's first write,
-        and `unit.duplicate` says whether it already existed.
+        and `unit.duplicate` says whether it already existed. With `inboxes` = (handler,
+        distinct message ids), a batch's, their rows are, and `unit.duplicate_ids` says
+        which existed.
 
         Raises:
             DatabaseUnavailableError: on PostgreSQL, when no connection could be had or one
@@ -224,18 +233,21 @@ class Store(abc.ABC):
         async with (
             self.engine.connect() as conn,
             self._guard_cancellation(conn),
-            self._unit_on(conn, inbox) as unit,
+            self._unit_on(conn, inbox, inboxes) as unit,
         ):
             yield unit
 
     @asynccontextmanager
     async def _unit_on(
-        self, conn: AsyncConnection, inbox: tuple[str, str] | None
+        self,
+        conn: AsyncConnection,
+        inbox: tuple[str, str] | None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
     ) -> AsyncIterator[SQLAlchemyUnitOfWork]:
         """A unit of work on `conn`: begin, yield, commit (or roll back if the block raised)."""
         unit = self._new_unit(conn)
         try:
-            await unit.begin(inbox)
+            await unit.begin(inbox, inboxes)
             yield unit
             await unit.commit()
         except BaseException:

@@ -121,9 +121,12 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def transaction(
-        self, *, inbox: tuple[str, str] | None = None
+        self,
+        *,
+        inbox: tuple[str, str] | None = None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
     ) -> AsyncIterator[UnitOfWork]:
-        unit = await begin(self, inbox)
+        unit = await begin(self, inbox, inboxes)
         try:
             yield unit
             await unit.flush()

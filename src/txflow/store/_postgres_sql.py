@@ -24,6 +24,15 @@ _BEGIN_WITH_INBOX = (
     "BEGIN; INSERT INTO txflow_inbox (handler, message_id, processed_at) VALUES ({}, {}, now()) "
     "ON CONFLICT DO NOTHING"
 )
+_INBOX_ROWS = (
+    "INSERT INTO txflow_inbox (handler, message_id, processed_at) VALUES {} ON CONFLICT DO NOTHING"
+)
+# A batch's inbox rows as bound parameters: those inserted come back (the others existed).
+INBOXES_SQL = (
+    "INSERT INTO txflow_inbox (handler, message_id, processed_at) "
+    "SELECT $1, unnest($2::text[]), $3 ON CONFLICT DO NOTHING RETURNING message_id"
+)
+INBOX_DELETE_SQL = "DELETE FROM txflow_inbox WHERE handler = $1 AND message_id = $2"
 INBOX_SQL = (
     "INSERT INTO txflow_inbox (handler, message_id, processed_at) VALUES ($1, $2, $3) "
     "ON CONFLICT DO NOTHING"
@@ -71,6 +80,30 @@ def begin_with_inbox(handler: str, message_id: str) -> str | None:
     if handler_literal is None or message_id_literal is None:
         return None
     return _BEGIN_WITH_INBOX.format(handler_literal, message_id_literal)
+
+
+def begin_with_inboxes(handler: str, message_ids: Sequence[str]) -> str | None:
+    """`BEGIN; INSERT` of a batch's inbox rows (in the given order) as one simple query.
+
+    Its status says how many rows went in; None if a value cannot be a literal.
+    """
+    handler_literal = quoted(handler)
+    literals = [quoted(message_id) for message_id in message_ids]
+    if handler_literal is None or None in literals:
+        return None
+    values = ", ".join(f"({handler_literal}, {literal}, now())" for literal in literals)
+    return "BEGIN; " + _INBOX_ROWS.format(values)
+
+
+def forget_inbox(handler: str, message_id: str) -> str | None:
+    """The DELETE of one inbox row as a simple query, or None if a value cannot be a literal."""
+    handler_literal, message_id_literal = quoted(handler), quoted(message_id)
+    if handler_literal is None or message_id_literal is None:
+        return None
+    return (
+        f"DELETE FROM txflow_inbox WHERE handler = {handler_literal} "
+        f"AND message_id = {message_id_literal}"
+    )
 
 
 @functools.cache

@@ -30,15 +30,22 @@ from sqlalchemy.util import greenlet_spawn
 
 from txflow.errors import DatabaseUnavailableError, TransactionEndedError
 from txflow.store._postgres_sql import (
+    INBOX_DELETE_SQL,
     INBOX_SQL,
+    INBOXES_SQL,
     NOTIFY_CHANNEL,
     begin_with_inbox,
+    begin_with_inboxes,
     commit_statements,
 )
+from txflow.store._postgres_sql import forget_inbox as forget_inbox_sql
 from txflow.store._unit_of_work import (
     ABORTED_IN_HANDLER,
     ENDED_IN_HANDLER,
     NO_COMMIT_IN_HANDLER,
+    RELEASE,
+    ROLLBACK_TO,
+    SAVEPOINT,
     UnitOfWork,
     bind_session,
 )
@@ -64,8 +71,12 @@ async def checkout(store: PostgresStore) -> PoolProxiedConnection:
         ) from exc
 
 
-async def begin(store: PostgresStore, inbox: tuple[str, str] | None) -> PostgresUnitOfWork:
-    """A unit of work whose BEGIN (and inbox row, if `inbox` is given) went through.
+async def begin(
+    store: PostgresStore,
+    inbox: tuple[str, str] | None,
+    inboxes: tuple[str, Sequence[str]] | None = None,
+) -> PostgresUnitOfWork:
+    """A unit of work whose BEGIN (and inbox rows of `inbox` or `inboxes`) went through.
 
     A pooled connection the server closed while it sat idle (a restart, an administrator's
     pg_terminate_backend) fails at this first statement: it is discarded and the next one
@@ -83,7 +94,7 @@ async def begin(store: PostgresStore, inbox: tuple[str, str] | None) -> Postgres
             continue
         unit = PostgresUnitOfWork(store, pooled)
         try:
-            await unit.start(inbox)
+            await unit.start(inbox, inboxes)
         except asyncio.CancelledError:
             discard(pooled)
             raise
@@ -169,12 +180,14 @@ class PostgresUnitOfWork(UnitOfWork):
         "_ended",
         "_notify",
         "_pooled",
+        "_savepoint_open",
         "_session",
         "_settled",
         "_staged",
         "_store",
         "clock",
         "duplicate",
+        "duplicate_ids",
     )
 
     def __init__(self, store: PostgresStore, pooled: PoolProxiedConnection) -> None:
@@ -190,7 +203,9 @@ class PostgresUnitOfWork(UnitOfWork):
         # Outbox rows (seq, row) and a NOTIFY that go with the COMMIT, in one round trip.
         self._staged: list[tuple[int, dict[str, Any]]] = []
         self._notify = False
+        self._savepoint_open = False
         self.duplicate = False
+        self.duplicate_ids = frozenset()
 
     @property
     def driver_connection(self) -> asyncpg.Connection:
@@ -230,12 +245,22 @@ class PostgresUnitOfWork(UnitOfWork):
         if self._ended or not self._driver.is_in_transaction():
             raise TransactionEndedError(ENDED_IN_HANDLER)
 
-    async def start(self, inbox: tuple[str, str] | None) -> None:
-        """BEGIN, and the inbox row when `inbox` = (handler, message id) is given.
+    async def start(
+        self,
+        inbox: tuple[str, str] | None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
+    ) -> None:
+        """BEGIN, and the inbox row when `inbox` = (handler, message id) is given, or the
+        rows of a batch's `inboxes` = (handler, message ids).
 
         Both go in one round trip when they can: a simple-query "BEGIN; INSERT ...", the
-        values quoted as literals (see `postgres_sql`), which saves a round trip.
+        values quoted as literals (see `postgres_sql`), which saves a round trip. A batch's
+        status says how many rows went in; when some existed (a redelivery), the rare case,
+        the transaction starts over with an insert that names them.
         """
+        if inboxes is not None:
+            await self._start_batch(*inboxes)
+            return
         if inbox is not None and self._literals_allowed():
             query = begin_with_inbox(*inbox)
             if query is not None:
@@ -245,6 +270,72 @@ class PostgresUnitOfWork(UnitOfWork):
         await self._driver.execute("BEGIN")
         if inbox is not None:
             self.duplicate = not await self.record_inbox(*inbox)
+
+    async def _start_batch(self, handler: str, message_ids: Sequence[str]) -> None:
+        ordered = sorted(message_ids)
+        if self._literals_allowed():
+            query = begin_with_inboxes(handler, ordered)
+            if query is not None:
+                status = await self._driver.execute(query)
+                if status == f"INSERT 0 {len(ordered)}":
+                    return
+                await self._driver.execute("ROLLBACK")
+        await self._driver.execute("BEGIN")
+        self.duplicate_ids = await self.record_inboxes(handler, ordered)
+
+    async def record_inboxes(self, handler: str, message_ids: Sequence[str]) -> frozenset[str]:
+        with self._connection_errors():
+            rows = await self._driver.fetch(
+                INBOXES_SQL, handler, sorted(message_ids), self.clock.utcnow()
+            )
+        return frozenset(message_ids) - {row[0] for row in rows}
+
+    @property
+    def is_open(self) -> bool:
+        return not self._ended and self._driver.is_in_transaction()
+
+    async def _run(self, sql: str) -> None:
+        """One simple query of txflow's own inside the open transaction."""
+        self._check_open()
+        with self._connection_errors():
+            await self._driver.execute(sql)
+
+    async def savepoint(self) -> None:
+        if not self._savepoint_open:
+            await self._run(SAVEPOINT)
+            self._savepoint_open = True
+
+    async def release_savepoint(self, *, reopen: bool) -> None:
+        self._savepoint_open = False
+        if not reopen:
+            # The batch's last: COMMIT commits an open savepoint, and fails on one the
+            # handler left aborted (then the whole batch fails and each runs alone).
+            self._check_open()
+            return
+        # The next delivery's savepoint goes in the same round trip.
+        try:
+            await self._run(f"{RELEASE}; {SAVEPOINT}")
+        except asyncpg.InFailedSQLTransactionError as exc:
+            raise TransactionEndedError(ABORTED_IN_HANDLER) from exc
+        self._savepoint_open = reopen
+
+    async def rollback_to_savepoint(self, forget_inbox: tuple[str, str] | None = None) -> None:
+        self._savepoint_open = False
+        sql = f"{ROLLBACK_TO}; {RELEASE}"
+        delete = None
+        if forget_inbox is not None:
+            delete = forget_inbox_sql(*forget_inbox) if self._literals_allowed() else None
+            if delete is not None:
+                sql = f"{sql}; {delete}"
+        await self._run(sql)
+        if forget_inbox is not None and delete is None:
+            with self._connection_errors():
+                await self._driver.execute(INBOX_DELETE_SQL, *forget_inbox)
+
+    async def drop_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def record_inbox(self, handler: str, message_id: str) -> bool:
         with self._connection_errors():

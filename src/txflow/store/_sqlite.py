@@ -131,16 +131,19 @@ class SQLiteStore(Store):
 
     @asynccontextmanager
     async def transaction(
-        self, *, inbox: tuple[str, str] | None = None
+        self,
+        *,
+        inbox: tuple[str, str] | None = None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
     ) -> AsyncIterator[UnitOfWork]:
         async with self._write_lock:
             if not self._keeps_writer:
-                async with super().transaction(inbox=inbox) as unit:
+                async with super().transaction(inbox=inbox, inboxes=inboxes) as unit:
                     yield unit
                 return
             conn = await self._writer_connection()
             try:
-                async with self._unit_on(conn, inbox) as unit:
+                async with self._unit_on(conn, inbox, inboxes) as unit:
                     yield unit
             except BaseException:
                 # Rolled back, but SQLAlchemy may still hold the transaction it deactivated

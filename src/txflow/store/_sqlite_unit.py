@@ -102,6 +102,9 @@ def begin_immediate(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+_INBOX_DELETE = f"DELETE FROM {inbox.name} WHERE handler = ? AND message_id = ?"
+
+
 class SQLiteUnitOfWork(SQLAlchemyUnitOfWork):
     """The unit of work when sqlite3 runs in the loop; see the module docs."""
 
@@ -114,12 +117,33 @@ class SQLiteUnitOfWork(SQLAlchemyUnitOfWork):
         # Begun on sqlite3, SQLAlchemy not (yet) told: no session was asked for.
         self._raw_only = False
 
-    async def begin(self, inbox: tuple[str, str] | None = None) -> None:
+    async def begin(
+        self,
+        inbox: tuple[str, str] | None = None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
+    ) -> None:
         self._raw = self.driver_connection._conn
         if not self._begin_raw():
             await super().begin()
-        if inbox is not None:
-            self.duplicate = not await self.record_inbox(*inbox)
+        await self._record_first(inbox, inboxes)
+
+    @property
+    def is_open(self) -> bool:
+        if self._raw is None or not self._raw.in_transaction:
+            return False
+        return self._raw_only or super().is_open
+
+    async def _sql(self, statement: str) -> None:
+        self.check_open()
+        assert self._raw is not None, "begin() first"
+        try:
+            self._raw.execute(statement)
+        except sqlite3.Error as exc:
+            raise self._error(statement, (), exc) from exc
+
+    async def _forget_inbox(self, handler: str, message_id: str) -> None:
+        assert self._raw is not None, "begin() first"
+        self._raw.execute(_INBOX_DELETE, (handler, message_id))
 
     def _begin_raw(self) -> bool:
         """BEGIN IMMEDIATE on sqlite3; False when it must go SQLAlchemy's way.

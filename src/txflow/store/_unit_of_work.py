@@ -52,6 +52,8 @@ class UnitOfWork(abc.ABC):
     """
 
     duplicate: bool = False
+    #: With `store.transaction(inboxes=...)`: the message ids whose inbox row existed.
+    duplicate_ids: frozenset[str] = frozenset()
     #: The store's clock: what time the rows written in this transaction record.
     clock: Clock
 
@@ -77,6 +79,61 @@ class UnitOfWork(abc.ABC):
     async def notify(self) -> None:  # noqa: B027 - optional hook
         """Ask relays in other processes to look at the outbox once this transaction commits."""
 
+    # -- batches: several deliveries in one transaction, each in a savepoint of its own ------
+
+    async def record_inboxes(self, handler: str, message_ids: Sequence[str]) -> frozenset[str]:
+        """Insert the inbox rows of `message_ids` (distinct); returns those already there.
+
+        Rows are inserted in sorted order, so that two transactions inserting overlapping
+        ids lock them in the same order and cannot deadlock on each other.
+        """
+        existed = []
+        for message_id in sorted(message_ids):
+            if not await self.record_inbox(handler, message_id):
+                existed.append(message_id)
+        return frozenset(existed)
+
+    @abc.abstractmethod
+    async def savepoint(self) -> None:
+        """Open the savepoint one delivery of a batch works in (a no-op if one is open)."""
+
+    @abc.abstractmethod
+    async def release_savepoint(self, *, reopen: bool) -> None:
+        """Keep what was written since `savepoint`; with `reopen`, open the next one.
+
+        Without `reopen` (the batch's last delivery) a backend may leave the check to the
+        COMMIT, which then fails with `TransactionEndedError` for the whole batch.
+
+        Raises:
+            TransactionEndedError: the work since the savepoint left the transaction aborted
+                (a failed statement the handler caught); `rollback_to_savepoint` next.
+        """
+
+    @abc.abstractmethod
+    async def rollback_to_savepoint(self, forget_inbox: tuple[str, str] | None = None) -> None:
+        """Undo what was written since `savepoint`, and delete the inbox row `forget_inbox`.
+
+        The inbox rows of a batch are written before its savepoints, so the row of a
+        delivery that failed is deleted here: its retry must not find it.
+        """
+
+    @abc.abstractmethod
+    async def flush(self) -> None:
+        """Write the session's pending ORM changes, if a session was used."""
+
+    @abc.abstractmethod
+    async def drop_session(self) -> None:
+        """Close the session (pending changes are discarded); the next use opens a new one.
+
+        Each delivery of a batch gets a session of its own, so that one that failed leaves
+        no objects behind for the next to flush.
+        """
+
+    @property
+    @abc.abstractmethod
+    def is_open(self) -> bool:
+        """Whether the transaction is still open (nobody ended or lost it)."""
+
     async def execute(self, statement: Prepared, params: Params) -> list[dict[str, Any]]:
         """Run one of txflow's own prepared statements in this transaction.
 
@@ -95,7 +152,17 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
     it with `commit` or `rollback`; a commit from anyone else on the connection is refused.
     """
 
-    __slots__ = ("_committing", "_conn", "_session", "_store", "_trans", "clock", "duplicate")
+    __slots__ = (
+        "_committing",
+        "_conn",
+        "_savepoint_open",
+        "_session",
+        "_store",
+        "_trans",
+        "clock",
+        "duplicate",
+        "duplicate_ids",
+    )
 
     def __init__(self, store: Store, conn: AsyncConnection) -> None:
         self._store = store
@@ -104,15 +171,29 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
         self._trans: AsyncTransaction | None = None
         self._session: AsyncSession | None = None
         self._committing = False
+        self._savepoint_open = False
         self.duplicate = False
+        self.duplicate_ids = frozenset()
 
-    async def begin(self, inbox: tuple[str, str] | None = None) -> None:
-        """Begin; with `inbox` = (handler, message id), insert the inbox row first thing."""
+    async def begin(
+        self,
+        inbox: tuple[str, str] | None = None,
+        inboxes: tuple[str, Sequence[str]] | None = None,
+    ) -> None:
+        """Begin; then insert the inbox row of `inbox` = (handler, message id), or those of
+        `inboxes` = (handler, message ids), first thing."""
         if self._conn.sync_connection is not None:
             _OPEN_UNITS[self._conn.sync_connection] = self
         self._trans = await self._conn.begin()
+        await self._record_first(inbox, inboxes)
+
+    async def _record_first(
+        self, inbox: tuple[str, str] | None, inboxes: tuple[str, Sequence[str]] | None
+    ) -> None:
         if inbox is not None:
             self.duplicate = not await self.record_inbox(*inbox)
+        if inboxes is not None:
+            self.duplicate_ids = await self.record_inboxes(*inboxes)
 
     def check_open(self) -> None:
         """Raise `TransactionEndedError` if the transaction was ended by someone else."""
@@ -144,6 +225,47 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
         self.check_open()
         result = await self._conn.execute(self._store.outbox_insert, list(rows))
         return list(result.scalars())
+
+    @property
+    def is_open(self) -> bool:
+        return self._trans is not None and self._trans.is_active
+
+    async def _sql(self, statement: str) -> None:
+        """A statement of txflow's own (savepoints, the inbox row of a failed delivery)."""
+        self.check_open()
+        await self._conn.exec_driver_sql(statement)
+
+    async def savepoint(self) -> None:
+        if not self._savepoint_open:
+            await self._sql(SAVEPOINT)
+            self._savepoint_open = True
+
+    async def release_savepoint(self, *, reopen: bool) -> None:
+        self._savepoint_open = False
+        await self._sql(RELEASE)
+        if reopen:
+            await self.savepoint()
+
+    async def rollback_to_savepoint(self, forget_inbox: tuple[str, str] | None = None) -> None:
+        self._savepoint_open = False
+        await self._sql(ROLLBACK_TO)
+        await self._sql(RELEASE)
+        if forget_inbox is not None:
+            await self._forget_inbox(*forget_inbox)
+
+    async def _forget_inbox(self, handler: str, message_id: str) -> None:
+        await self._conn.execute(
+            self._store.inbox_delete, {"handler": handler, "message_id": message_id}
+        )
+
+    async def flush(self) -> None:
+        if self._session is not None:
+            await self._session.flush()
+
+    async def drop_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def execute(self, statement: Prepared, params: Params) -> list[dict[str, Any]]:
         # On the connection: Core, without the session's ORM machinery (or a session).
@@ -202,6 +324,11 @@ def _rollback_driver(conn: Connection) -> None:
     if dbapi is not None:
         dbapi.rollback()
 
+
+# One delivery's savepoint in a batch: the same name each time (only one is open at once).
+SAVEPOINT = "SAVEPOINT txflow_delivery"
+RELEASE = "RELEASE SAVEPOINT txflow_delivery"
+ROLLBACK_TO = "ROLLBACK TO SAVEPOINT txflow_delivery"
 
 NO_COMMIT_IN_HANDLER = (
     "a handler must not commit txflow's transaction; txflow commits it after the handler "
