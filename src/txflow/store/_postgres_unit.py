@@ -37,6 +37,7 @@ from txflow.store._postgres_sql import (
 )
 from txflow.store._unit_of_work import (
     ABORTED_IN_HANDLER,
+    DEALLOCATED_IN_HANDLER,
     ENDED_IN_HANDLER,
     NO_COMMIT_IN_HANDLER,
     UnitOfWork,
@@ -230,21 +231,46 @@ class PostgresUnitOfWork(UnitOfWork):
         if self._ended or not self._driver.is_in_transaction():
             raise TransactionEndedError(ENDED_IN_HANDLER)
 
-    async def start(self, inbox: tuple[str, str] | None) -> None:
+    async def start(self, inbox: tuple[str, str] | None, *, again: bool = True) -> None:
         """BEGIN, and the inbox row when `inbox` = (handler, message id) is given.
 
         Both go in one round trip when they can: a simple-query "BEGIN; INSERT ...", the
-        values quoted as literals (see `postgres_sql`), which saves a round trip.
+        values quoted as literals (see `postgres_sql`), which saves a round trip; the INSERT
+        an EXECUTE of the connection's prepared statement when it may have one. A statement
+        found deallocated is prepared `again` once (twice in a row: the URL reaches a
+        transaction pooler without `?pool_mode=transaction`, and the error is raised).
         """
+        prepared = await self._prepare()
         if inbox is not None and self._literals_allowed():
-            query = begin_with_inbox(*inbox)
+            query = begin_with_inbox(*inbox, prepared=prepared)
             if query is not None:
-                status = await self._driver.execute(query)
+                try:
+                    status = await self._driver.execute(query)
+                except asyncpg.InvalidSQLStatementNameError:
+                    # Deallocated behind txflow's back: prepare again and begin once more.
+                    self._forget_prepared()
+                    if not again:
+                        raise
+                    await self._driver.execute("ROLLBACK")
+                    await self.start(inbox, again=False)
+                    return
                 self.duplicate = not status.endswith(" 1")
                 return
         await self._driver.execute("BEGIN")
         if inbox is not None:
             self.duplicate = not await self.record_inbox(*inbox)
+
+    async def _prepare(self) -> bool:
+        """Whether txflow's INSERTs are prepared on this connection; prepares them if may."""
+        prepared = self._store.prepared
+        if prepared is None or not self._literals_allowed():
+            return False
+        await prepared.ensure(self._driver)
+        return True
+
+    def _forget_prepared(self) -> None:
+        if self._store.prepared is not None:
+            self._store.prepared.forget(self._driver)
 
     async def record_inbox(self, handler: str, message_id: str) -> bool:
         with self._connection_errors():
@@ -299,8 +325,13 @@ class PostgresUnitOfWork(UnitOfWork):
         tail = f"NOTIFY {NOTIFY_CHANNEL}; COMMIT" if self._notify else "COMMIT"
         status = ""
         try:
-            with _aborted_in_handler():
-                staged = commit_statements(self._staged, tail, literals=self._literals_allowed())
+            with _aborted_in_handler(), self._deallocated_in_handler():
+                staged = commit_statements(
+                    self._staged,
+                    tail,
+                    literals=self._literals_allowed(),
+                    prepared=self._is_prepared(),
+                )
                 for sql, params in staged:
                     status = await self._driver.execute(sql, *params)
         except Exception as exc:
@@ -314,6 +345,19 @@ class PostgresUnitOfWork(UnitOfWork):
                 await self._roll_back_quietly()
             raise
         return status
+
+    def _is_prepared(self) -> bool:
+        prepared = self._store.prepared
+        return prepared is not None and prepared.has(self._driver)
+
+    @contextmanager
+    def _deallocated_in_handler(self) -> Iterator[None]:
+        """Say why COMMIT failed when the handler deallocated txflow's prepared statements."""
+        try:
+            yield
+        except asyncpg.InvalidSQLStatementNameError as exc:
+            self._forget_prepared()
+            raise TransactionEndedError(DEALLOCATED_IN_HANDLER) from exc
 
     async def _roll_back_quietly(self) -> None:
         try:

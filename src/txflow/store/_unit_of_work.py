@@ -191,6 +191,12 @@ ABORTED_IN_HANDLER = (
     "statements that may fail in a savepoint (`async with conn.transaction():` on the "
     "driver connection, `session.begin_nested()`) to carry on after their errors"
 )
+DEALLOCATED_IN_HANDLER = (
+    "txflow's prepared statements were deallocated inside the handler (DEALLOCATE or "
+    "DISCARD ALL on the driver connection), so its outbox rows could not be written and the "
+    "transaction was rolled back; the attempt fails, and the connection's next transaction "
+    "prepares them again"
+)
 ENDED_IN_HANDLER = (
     "txflow's transaction was ended inside the handler (a rollback of the session, or a "
     "COMMIT/ROLLBACK on the driver connection); the attempt fails"
