@@ -78,6 +78,8 @@ class PostgresStore(Store):
 
     supports_notify = True
     discards_cancelled_connections = True
+    # Its unit of work refuses a commit through the stand-in transaction the session joins.
+    guards_commits = False
     _hint = "is PostgreSQL running and does the database exist?"
 
     def __init__(

@@ -42,6 +42,7 @@ from txflow.store._unit_of_work import (
     NO_COMMIT_IN_HANDLER,
     UnitOfWork,
     bind_session,
+    flush_pending,
 )
 
 if TYPE_CHECKING:
@@ -293,7 +294,7 @@ class PostgresUnitOfWork(UnitOfWork):
     async def flush(self) -> None:
         """Write the session's pending ORM changes, if a session was used."""
         if self._session is not None:
-            await self._session.flush()
+            await flush_pending(self._session)
 
     async def end(self, *, commit: bool) -> None:
         """COMMIT (with the staged outbox rows) or ROLLBACK, once.

@@ -35,6 +35,13 @@ def bind_session(conn: AsyncConnection) -> AsyncSession:
     return AsyncSession(bind=conn, join_transaction_mode="rollback_only", expire_on_commit=False)
 
 
+async def flush_pending(session: AsyncSession) -> None:
+    """Flush `session` if it holds ORM changes; a Core-only session costs no greenlet hop."""
+    sync = session.sync_session
+    if sync.new or sync.deleted or sync.dirty:
+        await session.flush()
+
+
 class UnitOfWork(abc.ABC):
     """One open database transaction; see the module docs.
 
@@ -134,7 +141,7 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
     async def commit(self) -> None:
         """Flush the session's pending ORM changes, then commit."""
         if self._session is not None:
-            await self._session.flush()
+            await flush_pending(self._session)
         self.check_open()
         assert self._trans is not None
         self._committing = True
