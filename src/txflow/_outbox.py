@@ -18,8 +18,9 @@ events one transaction emitted go out in emit order. Confirmed rows are marked s
 
 When the relay is idle (nothing queued, nothing waiting after a failed publish, room in the
 window), the rows a transaction hands over are not queued for the publish loop: their
-publishes start from the committing task itself, which then yields once so that they reach
-the broker before it goes on with its own work (settling its delivery). That saves the hop
+publishes start from the committing task itself, which then yields (twice: see
+`PUBLISH_YIELDS`) so that they reach the broker before it goes on with its own work
+(settling its delivery). That saves the hop
 through the publish loop's task between a commit and its publish; the bookkeeping (leases,
 the window, confirms, mark-sent, retries after a failed publish) is the same either way.
 Under a backlog rows queue behind the ones before them, so order is kept.
@@ -71,6 +72,10 @@ RECONNECT_BACKOFF = 0.5
 RENEWALS_PER_LEASE = 3
 # Rows per renewal UPDATE: short statements, so a claim by another relay never waits long.
 RENEW_CHUNK = 1000
+# Times a committing task yields after starting publishes itself: once for the publish tasks
+# to hand their frames to the transport, once more for a transport that writes them from a
+# task of its own (aio-pika's connection writer), so they are sent before the task goes on.
+PUBLISH_YIELDS = 2
 
 
 class _Outage:
@@ -261,9 +266,9 @@ class OutboxRelay:
         """Hand rows over after their transaction committed; they are published right away.
 
         Returns True when their publishes were started here, in the caller's task (`inline`
-        and the relay idle): the caller should then yield once (`await asyncio.sleep(0)`) so
-        that they go out before it carries on. False when they were queued behind rows
-        before them (for the publish loop), or the relay is not running.
+        and the relay idle): the caller should then `await yield_to_publishes()` so that
+        they go out before it carries on. False when they were queued behind rows before
+        them (for the publish loop), or the relay is not running.
         """
         if not self._running:
             return False  # not leased: a running relay's sweep (or NOTIFY) picks them up
@@ -290,6 +295,11 @@ class OutboxRelay:
         self._queue.extend(fresh)
         self._wake.set()
         return False
+
+    async def yield_to_publishes(self) -> None:
+        """Let the publishes `submit` just started in this task reach the broker first."""
+        for _ in range(PUBLISH_YIELDS):
+            await asyncio.sleep(0)
 
     def _can_publish_now(self, count: int) -> bool:
         """Whether `count` rows may start publishing at once without overtaking any row."""

@@ -8,7 +8,6 @@ written in the transaction that emitted them and handed to the relay only once i
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -74,4 +73,4 @@ async def unit_of_work(
         # The relay was idle and started the publishes in this task: let them reach the
         # broker before this task goes on (a hop settles its delivery next), rather than
         # after it, which at one event in flight is the time from one commit to the next hop.
-        await asyncio.sleep(0)
+        await relay.yield_to_publishes()

@@ -326,12 +326,10 @@ class PostgresUnitOfWork(UnitOfWork):
         tail = f"NOTIFY {NOTIFY_CHANNEL}; COMMIT" if self._notify else "COMMIT"
         status = ""
         try:
-            with _aborted_in_handler(), self._deallocated_in_handler():
+            prepared = self._is_prepared()
+            with _aborted_in_handler(), self._deallocated_in_handler(prepared):
                 staged = commit_statements(
-                    self._staged,
-                    tail,
-                    literals=self._literals_allowed(),
-                    prepared=self._is_prepared(),
+                    self._staged, tail, literals=self._literals_allowed(), prepared=prepared
                 )
                 for sql, params in staged:
                     status = await self._driver.execute(sql, *params)
@@ -352,11 +350,17 @@ class PostgresUnitOfWork(UnitOfWork):
         return prepared is not None and prepared.has(self._driver)
 
     @contextmanager
-    def _deallocated_in_handler(self) -> Iterator[None]:
-        """Say why COMMIT failed when the handler deallocated txflow's prepared statements."""
+    def _deallocated_in_handler(self, prepared: bool) -> Iterator[None]:
+        """Say why COMMIT failed when the handler deallocated txflow's prepared statements.
+
+        Only when they were used (`prepared`): the same error from asyncpg's own statements
+        means something else (a transaction pooler without `?pool_mode=transaction`).
+        """
         try:
             yield
         except asyncpg.InvalidSQLStatementNameError as exc:
+            if not prepared:
+                raise
             self._forget_prepared()
             raise TransactionEndedError(DEALLOCATED_IN_HANDLER) from exc
 
