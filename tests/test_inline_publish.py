@@ -46,9 +46,11 @@ async def test_an_idle_relay_starts_the_publish_before_the_transaction_block_ret
         async with app.transaction() as tx:
             first = tx.emit(Ping(n=1))
             second = tx.emit(Ping(n=2))
-        # No await since the block: the publishes began in this task, in emit order.
-        assert recording.started == [first, second]
+        # The committing task started them as tasks of their own: they run at its first
+        # yield, in emit order (through the publish loop they would need one more).
         assert app.relay.stats.inline == 2
+        await asyncio.sleep(0)
+        assert recording.started == [first, second]
         await wait_until(lambda: len(received) == 2, message="both events")
         await wait_until(lambda: app.relay.stats.marked == 2, message="both rows marked sent")
         status = await app.store.outbox_status()
@@ -101,6 +103,7 @@ async def test_a_row_committed_but_never_published_is_swept_after_its_lease(
         first.relay.transport = recording  # type: ignore[assignment]
         async with first.transaction() as tx:
             message_id = tx.emit(Ping(n=7))
+        await asyncio.sleep(0)
         assert recording.started == [message_id]
         # The crash: the relay's tasks (the publish waiting at the gate) die with it.
         await first.relay.aclose()

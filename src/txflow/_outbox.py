@@ -18,10 +18,9 @@ events one transaction emitted go out in emit order. Confirmed rows are marked s
 
 When the relay is idle (nothing queued, nothing waiting after a failed publish, room in the
 window), the rows a transaction hands over are not queued for the publish loop: their
-publishes start from the committing task itself, which then yields (twice: see
-`PUBLISH_YIELDS`) so that they reach the broker before it goes on with its own work
-(settling its delivery). That saves the hop
-through the publish loop's task between a commit and its publish; the bookkeeping (leases,
+publishes are started by the committing task itself, which then yields (`PUBLISH_YIELDS`)
+so that they reach the broker before it settles its delivery. That saves the hop through
+the publish loop's task between a commit and its publish; the bookkeeping (leases,
 the window, confirms, mark-sent, retries after a failed publish) is the same either way.
 Under a backlog rows queue behind the ones before them, so order is kept.
 """
@@ -74,7 +73,11 @@ RENEWALS_PER_LEASE = 3
 RENEW_CHUNK = 1000
 # Times a committing task yields after starting publishes itself: once for the publish tasks
 # to hand their frames to the transport, once more for a transport that writes them from a
-# task of its own (aio-pika's connection writer), so they are sent before the task goes on.
+# task of its own (aio-pika's connection writer), so that they are sent before the task goes
+# on; checked by recording socket writes (20 of 20 transactions, against 0 of 20 with one).
+# It delays a hop's ack by as much. hop.py's prefetch-bound preloaded hop at concurrency 10,
+# on a loaded machine: 1.00x and 0.93x of the hand-written loop with two, 1.21x and 0.80x
+# with none, inside the noise; a quiet run of ring.py and hop.py should settle it.
 PUBLISH_YIELDS = 2
 
 
