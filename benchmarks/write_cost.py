@@ -79,7 +79,10 @@ def txflow_unit(app: TxFlow, write: Callable[[Context, int], Awaitable[None]]) -
             await write(ctx, n)
             ctx.emit(Done(n=n))
             # What the relay's write does, leased to a relay as in a running app.
-            await work.insert_outbox(ctx.take_outbox(10.0, "wc"))
+            rows = ctx.take_outbox()
+            for row in rows:
+                row.update(lease_until=time.time() + 10.0, leased_by="wc", publish_attempts=1)
+            await work.insert_outbox(rows)
 
     return unit
 

@@ -28,7 +28,13 @@ from txflow._messages import decode, encode
 from txflow._names import CAUSATION_HEADER
 from txflow.errors import mask_url
 from txflow.hop._retry import Outcome
-from txflow.store._postgres_sql import MAX_ROWS_PER_INSERT, OUTBOX_COLUMNS, commit_statements
+from txflow.store._postgres_sql import (
+    MAX_PREPARED_ROWS,
+    MAX_ROWS_PER_INSERT,
+    OUTBOX_COLUMNS,
+    begin_with_inbox,
+    commit_statements,
+)
 
 
 class Renamed(Event):
@@ -361,3 +367,39 @@ def test_the_hot_path_recorders_record_what_prometheus_clients_own_calls_do() ->
     assert fast[("h_bucket", "0.001")] == 3  # 0, 0.0005 and the bound itself
     assert fast[("h_bucket", "+Inf")] == len(amounts)
     assert fast[("h_sum", "")] == pytest.approx(sum(amounts))
+
+
+def test_prepared_outbox_rows_are_one_execute_each_with_the_same_literals() -> None:
+    staged = [(7, _outbox_row()), (8, _outbox_row(message_id="m2"))]
+    [(sql, params)] = commit_statements(staged, "COMMIT", literals=True, prepared=True)
+    assert params == ()
+    [first, second, tail] = sql.split("; ")
+    assert first.startswith("EXECUTE txflow_outbox_insert(7, 'm''1', 'Ping', 'c', NULL, ")
+    assert second.startswith("EXECUTE txflow_outbox_insert(8, 'm2', ")
+    assert "'2026-11-22T00:00:00+00:00'::timestamptz, 1.5, 'relay', 1)" in first
+    assert tail == "COMMIT"
+
+
+def test_many_or_unquotable_rows_are_never_executes() -> None:
+    many = [(seq, _outbox_row()) for seq in range(MAX_PREPARED_ROWS + 1)]
+    [(sql, _)] = commit_statements(many, "COMMIT", literals=True, prepared=True)
+    assert sql.startswith("INSERT INTO txflow_outbox") and "EXECUTE" not in sql
+    nul = [(1, _outbox_row(correlation_id="nul\x00"))]
+    statements = commit_statements(nul, "COMMIT", literals=True, prepared=True)
+    assert all("EXECUTE" not in sql for sql, _ in statements)
+    assert "$1" in statements[0][0]
+
+
+def test_the_inbox_row_is_an_execute_only_on_a_prepared_connection() -> None:
+    prepared = begin_with_inbox("q", "it's", prepared=True)
+    assert prepared == "BEGIN; EXECUTE txflow_inbox_insert('q', 'it''s')"
+    plain = begin_with_inbox("q", "it's")
+    assert plain is not None and plain.startswith("BEGIN; INSERT INTO txflow_inbox")
+    assert begin_with_inbox("q", "nul\x00", prepared=True) is None
+
+
+def test_behind_a_transaction_pooler_nothing_is_prepared() -> None:
+    pooled = open_store("postgresql://u@pooler:6432/shop?pool_mode=transaction")
+    assert getattr(pooled, "prepared", "missing") is None
+    direct = open_store("postgresql://u@db:5432/shop")
+    assert getattr(direct, "prepared", None) is not None

@@ -81,6 +81,9 @@ async def unit_of_work(
         work = Work(unit)
         yield work
         records = await relay.write(unit, work.outbox_rows())
-    if records:
-        relay.submit(records)
     work.committed()
+    if records and relay.submit(records):
+        # The relay was idle and started the publishes in this task: let them reach the
+        # broker before this task goes on (a hop settles its delivery next), rather than
+        # after it, which at one event in flight is the time from one commit to the next hop.
+        await relay.yield_to_publishes()

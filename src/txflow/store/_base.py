@@ -137,6 +137,10 @@ class Store(abc.ABC):
 
     #: Whether notifications reach relays in other processes (PostgreSQL LISTEN/NOTIFY).
     supports_notify: bool = False
+    #: Whether the engine needs the listener that refuses a commit of a unit of work's
+    #: transaction (`SQLAlchemyUnitOfWork`'s); a backend whose unit of work refuses it by
+    #: itself goes without, and its connections without event dispatch on every statement.
+    guards_commits: bool = True
 
     def __init__(
         self, url: sa.URL, *, pool_size: int = DEFAULT_DB_POOL_SIZE, clock: Clock = SYSTEM_CLOCK
@@ -186,7 +190,8 @@ class Store(abc.ABC):
             raise DatabaseUnavailableError(
                 f"cannot connect to database {self.masked_url}: {reason}; {self._hint}"
             ) from exc
-        guard_commits(engine.sync_engine)
+        if self.guards_commits:
+            guard_commits(engine.sync_engine)
         self._engine = engine
 
     async def aclose(self) -> None:

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow.errors import ConfigurationError, mask_url
 from txflow.store._base import DEFAULT_DB_POOL_SIZE, Listener, NotifyCallback, Store
-from txflow.store._postgres_sql import NOTIFY_CHANNEL, OutboxSeqs
+from txflow.store._postgres_sql import NOTIFY_CHANNEL, OutboxSeqs, Prepared
 from txflow.store._postgres_unit import begin, checkout, discard
 from txflow.store._unit_of_work import UnitOfWork
 
@@ -78,6 +78,8 @@ class PostgresStore(Store):
 
     supports_notify = True
     discards_cancelled_connections = True
+    # Its unit of work refuses a commit through the stand-in transaction the session joins.
+    guards_commits = False
     _hint = "is PostgreSQL running and does the database exist?"
 
     def __init__(
@@ -107,6 +109,9 @@ class PostgresStore(Store):
         self._autocommit: AsyncEngine | None = None
         self._said_no_listen = False
         self.outbox_seqs = OutboxSeqs()
+        #: Which connections have txflow's INSERTs prepared; None behind a transaction
+        #: pooler, where nothing prepared outlives a transaction (see `postgres_sql`).
+        self.prepared: Prepared | None = Prepared() if self.pool_mode == "session" else None
 
     async def connect(self) -> None:
         await super().connect()

@@ -6,6 +6,14 @@ are simple queries with the values as SQL literals, which is safe only while the
 standard_conforming_strings is on (PostgreSQL's default since 9.1): a backslash is then an
 ordinary character and a quote the only one to escape. Otherwise, and for values that cannot
 be literals, the same rows go as bound parameters in statements of their own.
+
+A simple query is parsed, analysed and planned every time. On a direct connection (or a
+session pooler) the two INSERTs are therefore prepared once per connection with SQL's
+PREPARE (`Prepared`), and the round trips above become `BEGIN; EXECUTE
+txflow_inbox_insert('h', 'id')` and `EXECUTE txflow_outbox_insert(...); COMMIT`: still one
+simple query each, with the values as the same literals, but PostgreSQL runs a plan it keeps.
+Behind a transaction pooler (`?pool_mode=transaction`) a prepared statement would live on a
+server connection the next transaction may not get, so there the plain INSERTs are sent.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
@@ -49,6 +58,23 @@ OUTBOX_COLUMNS = (
     "leased_by",
     "publish_attempts",
 )
+# txflow's prepared statements (SQL PREPARE, one set per connection; see `Prepared`).
+INBOX_STATEMENT = "txflow_inbox_insert"
+OUTBOX_STATEMENT = "txflow_outbox_insert"
+# The parameter types are left to PostgreSQL, which takes them from the columns: a table
+# migrated with other types (jsonb headers, text ids) prepares as well.
+_PREPARES = (
+    f"PREPARE {INBOX_STATEMENT} AS INSERT INTO txflow_inbox (handler, message_id, processed_at) "
+    "VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
+    f"PREPARE {OUTBOX_STATEMENT} AS INSERT INTO txflow_outbox (seq, "
+    + ", ".join(OUTBOX_COLUMNS)
+    + ") VALUES ("
+    + ", ".join(f"${i + 1}" for i in range(len(OUTBOX_COLUMNS) + 1))
+    + ")",
+)
+# Most outbox rows written as one EXECUTE each; more go as one multi-VALUES INSERT, whose
+# planning costs less than that many executions.
+MAX_PREPARED_ROWS = 8
 # Rows per multi-VALUES insert with bound parameters; more go in several statements.
 MAX_ROWS_PER_INSERT = 100
 # The most characters of outbox rows written as literals together with the COMMIT; larger
@@ -74,11 +100,16 @@ def quoted(value: str) -> str | None:
     return "'" + value.replace("'", "''") + "'"
 
 
-def begin_with_inbox(handler: str, message_id: str) -> str | None:
-    """`BEGIN; INSERT` of the inbox row as one simple query, or None if a value cannot be."""
+def begin_with_inbox(handler: str, message_id: str, *, prepared: bool = False) -> str | None:
+    """`BEGIN; INSERT` of the inbox row as one simple query, or None if a value cannot be.
+
+    With `prepared`, the INSERT is an EXECUTE of the connection's prepared statement.
+    """
     handler_literal, message_id_literal = quoted(handler), quoted(message_id)
     if handler_literal is None or message_id_literal is None:
         return None
+    if prepared:
+        return f"BEGIN; EXECUTE {INBOX_STATEMENT}({handler_literal}, {message_id_literal})"
     return _BEGIN_WITH_INBOX.format(handler_literal, message_id_literal)
 
 
@@ -124,18 +155,27 @@ def outbox_sql(rows: int) -> str:
 
 
 def commit_statements(
-    staged: Sequence[tuple[int, dict[str, Any]]], tail: str, *, literals: bool
+    staged: Sequence[tuple[int, dict[str, Any]]],
+    tail: str,
+    *,
+    literals: bool,
+    prepared: bool = False,
 ) -> list[Statement]:
     """What writes the `staged` (seq, row) outbox rows and then runs `tail` (the COMMIT).
 
     One simple query when `literals` is allowed (standard_conforming_strings on) and every
-    value can be a literal within `MAX_LITERAL_CHARS`; otherwise bound inserts, then `tail`.
+    value can be a literal within `MAX_LITERAL_CHARS`: with `prepared` (the connection has
+    txflow's statements) an EXECUTE per row for up to `MAX_PREPARED_ROWS` rows, else one
+    INSERT. Otherwise bound inserts, then `tail`.
     """
     if not staged:
         return [(tail, ())]
     if literals:
         rows = [text for seq, row in staged if (text := _row_literal(seq, row)) is not None]
         if len(rows) == len(staged) and sum(map(len, rows)) <= MAX_LITERAL_CHARS:
+            if prepared and len(rows) <= MAX_PREPARED_ROWS:
+                executes = "".join(f"EXECUTE {OUTBOX_STATEMENT}{row}; " for row in rows)
+                return [(executes + tail, ())]
             return [(_OUTBOX_INSERT + ", ".join(rows) + "; " + tail, ())]
     statements: list[Statement] = []
     for start in range(0, len(staged), MAX_ROWS_PER_INSERT):
@@ -213,3 +253,43 @@ class OutboxSeqs:
     def forget(self) -> None:
         """Drop the seqs taken ahead; the next `take` fetches new ones."""
         self._free.clear()
+
+
+class Prepared:
+    """The pooled connections of one store on which txflow's INSERTs are prepared.
+
+    `ensure` PREPAREs them on a connection's first transaction (one round trip per
+    statement, once in the connection's life); a store behind a transaction pooler keeps no
+    `Prepared` at all (see the module docs). A prepared statement outlives a rollback, and
+    goes only with its connection, or with a DEALLOCATE (or DISCARD ALL) someone sends on it:
+    an EXECUTE then fails with "prepared statement ... does not exist", the unit of work calls
+    `forget`, and the connection's next transaction prepares them again.
+    """
+
+    __slots__ = ("_on",)
+
+    def __init__(self) -> None:
+        self._on: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
+
+    def has(self, driver: asyncpg.Connection) -> bool:
+        """Whether `driver` has txflow's statements prepared."""
+        return driver in self._on
+
+    async def ensure(self, driver: asyncpg.Connection) -> None:
+        """PREPARE txflow's statements on `driver` unless it has them; outside a transaction.
+
+        Raises:
+            asyncpg.PostgresError: a statement cannot be prepared (e.g. no txflow tables).
+        """
+        if driver in self._on:
+            return
+        for sql in _PREPARES:
+            try:
+                await driver.execute(sql)
+            except asyncpg.DuplicatePreparedStatementError:
+                pass  # prepared by an earlier try on this connection that failed after it
+        self._on.add(driver)
+
+    def forget(self, driver: asyncpg.Connection) -> None:
+        """Say `driver`'s statements are gone; its next `ensure` prepares them again."""
+        self._on.discard(driver)

@@ -41,6 +41,7 @@ from txflow.store._postgres_sql import (
 from txflow.store._postgres_sql import forget_inbox as forget_inbox_sql
 from txflow.store._unit_of_work import (
     ABORTED_IN_HANDLER,
+    DEALLOCATED_IN_HANDLER,
     ENDED_IN_HANDLER,
     NO_COMMIT_IN_HANDLER,
     RELEASE,
@@ -48,6 +49,7 @@ from txflow.store._unit_of_work import (
     SAVEPOINT,
     UnitOfWork,
     bind_session,
+    flush_pending,
 )
 
 if TYPE_CHECKING:
@@ -249,22 +251,37 @@ class PostgresUnitOfWork(UnitOfWork):
         self,
         inbox: tuple[str, str] | None,
         inboxes: tuple[str, Sequence[str]] | None = None,
+        *,
+        again: bool = True,
     ) -> None:
         """BEGIN, and the inbox row when `inbox` = (handler, message id) is given, or the
         rows of a batch's `inboxes` = (handler, message ids).
 
         Both go in one round trip when they can: a simple-query "BEGIN; INSERT ...", the
-        values quoted as literals (see `postgres_sql`), which saves a round trip. A batch's
-        status says how many rows went in; when some existed (a redelivery), the rare case,
-        the transaction starts over with an insert that names them.
+        values quoted as literals (see `postgres_sql`), which saves a round trip; the INSERT
+        an EXECUTE of the connection's prepared statement when it may have one. A statement
+        found deallocated is prepared `again` once (twice in a row: the URL reaches a
+        transaction pooler without `?pool_mode=transaction`, and the error is raised). A
+        batch's status says how many rows went in; when some existed (a redelivery), the
+        rare case, the transaction starts over with an insert that names them.
         """
         if inboxes is not None:
             await self._start_batch(*inboxes)
             return
+        prepared = await self._prepare()
         if inbox is not None and self._literals_allowed():
-            query = begin_with_inbox(*inbox)
+            query = begin_with_inbox(*inbox, prepared=prepared)
             if query is not None:
-                status = await self._driver.execute(query)
+                try:
+                    status = await self._driver.execute(query)
+                except asyncpg.InvalidSQLStatementNameError:
+                    # Deallocated behind txflow's back: prepare again and begin once more.
+                    self._forget_prepared()
+                    if not again:
+                        raise
+                    await self._driver.execute("ROLLBACK")
+                    await self.start(inbox, again=False)
+                    return
                 self.duplicate = not status.endswith(" 1")
                 return
         await self._driver.execute("BEGIN")
@@ -337,6 +354,18 @@ class PostgresUnitOfWork(UnitOfWork):
         if session is not None:
             await session.close()
 
+    async def _prepare(self) -> bool:
+        """Whether txflow's INSERTs are prepared on this connection; prepares them if may."""
+        prepared = self._store.prepared
+        if prepared is None or not self._literals_allowed():
+            return False
+        await prepared.ensure(self._driver)
+        return True
+
+    def _forget_prepared(self) -> None:
+        if self._store.prepared is not None:
+            self._store.prepared.forget(self._driver)
+
     async def record_inbox(self, handler: str, message_id: str) -> bool:
         with self._connection_errors():
             status = await self._driver.execute(INBOX_SQL, handler, message_id, self.clock.utcnow())
@@ -358,7 +387,7 @@ class PostgresUnitOfWork(UnitOfWork):
     async def flush(self) -> None:
         """Write the session's pending ORM changes, if a session was used."""
         if self._session is not None:
-            await self._session.flush()
+            await flush_pending(self._session)
 
     async def end(self, *, commit: bool) -> None:
         """COMMIT (with the staged outbox rows) or ROLLBACK, once.
@@ -390,8 +419,11 @@ class PostgresUnitOfWork(UnitOfWork):
         tail = f"NOTIFY {NOTIFY_CHANNEL}; COMMIT" if self._notify else "COMMIT"
         status = ""
         try:
-            with _aborted_in_handler():
-                staged = commit_statements(self._staged, tail, literals=self._literals_allowed())
+            prepared = self._is_prepared()
+            with _aborted_in_handler(), self._deallocated_in_handler(prepared):
+                staged = commit_statements(
+                    self._staged, tail, literals=self._literals_allowed(), prepared=prepared
+                )
                 for sql, params in staged:
                     status = await self._driver.execute(sql, *params)
         except Exception as exc:
@@ -405,6 +437,25 @@ class PostgresUnitOfWork(UnitOfWork):
                 await self._roll_back_quietly()
             raise
         return status
+
+    def _is_prepared(self) -> bool:
+        prepared = self._store.prepared
+        return prepared is not None and prepared.has(self._driver)
+
+    @contextmanager
+    def _deallocated_in_handler(self, prepared: bool) -> Iterator[None]:
+        """Say why COMMIT failed when the handler deallocated txflow's prepared statements.
+
+        Only when they were used (`prepared`): the same error from asyncpg's own statements
+        means something else (a transaction pooler without `?pool_mode=transaction`).
+        """
+        try:
+            yield
+        except asyncpg.InvalidSQLStatementNameError as exc:
+            if not prepared:
+                raise
+            self._forget_prepared()
+            raise TransactionEndedError(DEALLOCATED_IN_HANDLER) from exc
 
     async def _roll_back_quietly(self) -> None:
         try:

@@ -39,6 +39,13 @@ def bind_session(conn: AsyncConnection) -> AsyncSession:
     return AsyncSession(bind=conn, join_transaction_mode="rollback_only", expire_on_commit=False)
 
 
+async def flush_pending(session: AsyncSession) -> None:
+    """Flush `session` if it holds ORM changes; a Core-only session costs no greenlet hop."""
+    sync = session.sync_session
+    if sync.new or sync.deleted or sync.dirty:
+        await session.flush()
+
+
 class UnitOfWork(abc.ABC):
     """One open database transaction; see the module docs.
 
@@ -278,7 +285,7 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
     async def commit(self) -> None:
         """Flush the session's pending ORM changes, then commit."""
         if self._session is not None:
-            await self._session.flush()
+            await flush_pending(self._session)
         self.check_open()
         assert self._trans is not None
         self._committing = True
@@ -339,6 +346,12 @@ ABORTED_IN_HANDLER = (
     "caught), so PostgreSQL rolled it back instead of committing; the attempt fails. Wrap "
     "statements that may fail in a savepoint (`async with conn.transaction():` on the "
     "driver connection, `session.begin_nested()`) to carry on after their errors"
+)
+DEALLOCATED_IN_HANDLER = (
+    "txflow's prepared statements were deallocated inside the handler (DEALLOCATE or "
+    "DISCARD ALL on the driver connection), so its outbox rows could not be written and the "
+    "transaction was rolled back; the attempt fails, and the connection's next transaction "
+    "prepares them again"
 )
 ENDED_IN_HANDLER = (
     "txflow's transaction was ended inside the handler (a rollback of the session, or a "
