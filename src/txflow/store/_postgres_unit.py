@@ -20,20 +20,23 @@ import asyncio
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import asyncpg
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
+from txflow._clock import Clock
 from txflow.errors import DatabaseUnavailableError, TransactionEndedError
 from txflow.store._postgres_sql import (
     INBOX_DELETE_SQL,
     INBOX_SQL,
     INBOXES_SQL,
     NOTIFY_CHANNEL,
+    OutboxSeqs,
+    Prepared,
     begin_with_inbox,
     begin_with_inboxes,
     commit_statements,
@@ -52,13 +55,35 @@ from txflow.store._unit_of_work import (
     flush_pending,
 )
 
-if TYPE_CHECKING:
-    from txflow.store._postgres import PostgresStore
-
 log = logging.getLogger("txflow.store")
 
 
-async def checkout(store: PostgresStore) -> PoolProxiedConnection:
+class PostgresPool(Protocol):
+    """What PostgreSQL's unit of work takes from its store: the engine whose pool it checks
+    connections out of, the store's URL for messages, its clock, outbox seqs and prepared
+    statements. A protocol, so that the unit does not import the store (which imports it).
+    """
+
+    @property
+    def engine(self) -> AsyncEngine: ...
+
+    @property
+    def masked_url(self) -> str: ...
+
+    @property
+    def pool_size(self) -> int: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def outbox_seqs(self) -> OutboxSeqs: ...
+
+    @property
+    def prepared(self) -> Prepared | None: ...
+
+
+async def checkout(store: PostgresPool) -> PoolProxiedConnection:
     """A connection from SQLAlchemy's pool, for driver statements outside a transaction.
 
     Raises:
@@ -74,7 +99,7 @@ async def checkout(store: PostgresStore) -> PoolProxiedConnection:
 
 
 async def begin(
-    store: PostgresStore,
+    store: PostgresPool,
     inbox: tuple[str, str] | None,
     inboxes: tuple[str, Sequence[str]] | None = None,
 ) -> PostgresUnitOfWork:
@@ -192,7 +217,7 @@ class PostgresUnitOfWork(UnitOfWork):
         "duplicate_ids",
     )
 
-    def __init__(self, store: PostgresStore, pooled: PoolProxiedConnection) -> None:
+    def __init__(self, store: PostgresPool, pooled: PoolProxiedConnection) -> None:
         self._store = store
         self.clock = store.clock
         self._pooled = pooled

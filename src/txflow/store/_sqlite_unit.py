@@ -32,13 +32,13 @@ from txflow.store._unit_of_work import (
     ENDED_IN_HANDLER,
     Params,
     SQLAlchemyUnitOfWork,
+    UnitStore,
 )
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-    from txflow.store._base import Store
     from txflow.store._prepared import Prepared
 
 
@@ -110,7 +110,7 @@ class SQLiteUnitOfWork(SQLAlchemyUnitOfWork):
 
     __slots__ = ("_raw", "_raw_only", "statements")
 
-    def __init__(self, store: Store, conn: AsyncConnection, statements: RawStatements) -> None:
+    def __init__(self, store: UnitStore, conn: AsyncConnection, statements: RawStatements) -> None:
         super().__init__(store, conn)
         self.statements = statements
         self._raw: sqlite3.Connection | None = None

@@ -14,16 +14,15 @@ from __future__ import annotations
 import abc
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, Executable, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncTransaction
 
 from txflow._clock import Clock
 from txflow.errors import TransactionEndedError
 
 if TYPE_CHECKING:
-    from txflow.store._base import Store
     from txflow.store._prepared import Prepared
 
 #: The parameters of one statement, or of one statement per row (executemany).
@@ -152,6 +151,26 @@ class UnitOfWork(abc.ABC):
         return [dict(row._mapping) for row in result] if statement.columns else []
 
 
+class UnitStore(Protocol):
+    """What a unit of work takes from the store that opens it: the clock, and txflow's inbox
+    and outbox statements, built once per store.
+
+    A protocol, so that the unit does not import the store (which imports the unit).
+    """
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def inbox_insert(self) -> Executable: ...
+
+    @property
+    def inbox_delete(self) -> Executable: ...
+
+    @property
+    def outbox_insert(self) -> Executable: ...
+
+
 class SQLAlchemyUnitOfWork(UnitOfWork):
     """A unit of work on an SQLAlchemy connection: every statement through SQLAlchemy.
 
@@ -171,7 +190,7 @@ class SQLAlchemyUnitOfWork(UnitOfWork):
         "duplicate_ids",
     )
 
-    def __init__(self, store: Store, conn: AsyncConnection) -> None:
+    def __init__(self, store: UnitStore, conn: AsyncConnection) -> None:
         self._store = store
         self.clock = store.clock
         self._conn = conn
