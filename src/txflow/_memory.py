@@ -8,15 +8,15 @@ Nothing survives the process.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
 from txflow._clock import SYSTEM_CLOCK, Clock
+from txflow._tasks import TaskOwner
 from txflow.errors import TransportClosedError, UnroutableError
 from txflow.transport import Consumer, Delivery, DeliveryCallback, Message, Topology, Transport
 
@@ -191,7 +191,12 @@ class _MemoryConsumer(Consumer):
     def deliver(self, message: Message, redelivered: bool) -> None:
         delivery = _MemoryDelivery(self, self.queue, message, redelivered)
         self.unacked.add(delivery)
-        self.transport._spawn(self._run(delivery))
+        if not self.transport._spawn(self._run, delivery):
+            # The connection closed between routing and now: back to the queue, as the
+            # broker does with what a closed channel had not settled.
+            self.unacked.discard(delivery)
+            delivery.settled = True
+            self.queue.put(message, redelivered=True, front=True)
 
     async def _run(self, delivery: _MemoryDelivery) -> None:
         try:
@@ -223,10 +228,12 @@ class InMemoryTransport(Transport):
     def __init__(self, broker: InMemoryBroker | None = None) -> None:
         self.broker = broker if broker is not None else InMemoryBroker.named("default")
         self._consumers: list[_MemoryConsumer] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        # The consumer callbacks in flight: one task each, owned by the connection.
+        self._callbacks = TaskOwner("in-memory transport")
         self._connected = False
 
     async def connect(self) -> None:
+        await self._callbacks.open()
         self._connected = True
 
     async def aclose(self) -> None:
@@ -234,11 +241,7 @@ class InMemoryTransport(Transport):
         self._connected = False
         for consumer in self._consumers:
             await consumer.cancel()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._callbacks.aclose()  # no grace: a dropped connection cancels them at once
         for consumer in self._consumers:
             consumer.requeue_unacked()
         self._consumers.clear()
@@ -247,10 +250,11 @@ class InMemoryTransport(Transport):
         if not self._connected:
             raise TransportClosedError("in-memory transport is not connected")
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(
+        self, callback: Callable[[_MemoryDelivery], Awaitable[None]], delivery: _MemoryDelivery
+    ) -> bool:
+        """Run `callback(delivery)` in a task of the connection; False once it is closed."""
+        return self._callbacks.start_soon(callback, delivery, name=f"deliver {delivery.queue}")
 
     async def declare(self, topology: Topology) -> None:
         self._check()
