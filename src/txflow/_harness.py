@@ -42,6 +42,7 @@ from txflow._harness_servers import (
 from txflow._memory import InMemoryBroker, InMemoryTransport
 from txflow._messages import Envelope, Event, EventRegistry, decode
 from txflow._outbox import RelayConfig
+from txflow._tasks import TaskOwner
 from txflow.errors import ConfigurationError, HandlerControl, TxflowError, mask_url
 from txflow.flows import Flow, FlowInfo, FlowLogEntry, FlowTracker, flow_history, next_deadline
 from txflow.hop import HandlerSpec
@@ -65,6 +66,8 @@ _DEPTH_POLL = 0.05
 # A deadline this close after the end of an `advance` counts as within it: deadlines are
 # computed from event times that the wire rounds to microseconds.
 _DEADLINE_SLACK = 1e-6
+# Seconds a closing harness lets hand-overs still running finish, after the apps stopped.
+HAND_OVER_GRACE = 1.0
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Event)
@@ -399,7 +402,11 @@ class Harness:
         self._delivering: dict[asyncio.Task[object], str] = {}
         self._held: dict[str, list[tuple[DeliveryCallback, Delivery]]] = {}
         self._held_set: set[Delivery] = set()
-        self._handing_over: set[asyncio.Task[None]] = set()
+        # The tasks that hand reordered or held deliveries to their handlers.
+        self._hand_overs = TaskOwner("harness hand-over")
+        # Hand-overs started and not yet finished. Counted here, not by the owner, so that
+        # the count has dropped when `_changed` wakes `settle` (the owner counts down later).
+        self._handing = 0
         self._stack = contextlib.ExitStack()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._started: list[TxFlow] = []
@@ -409,6 +416,7 @@ class Harness:
     async def __aenter__(self) -> Self:
         self._tmp = tempfile.TemporaryDirectory(prefix="txflow-harness-")
         try:
+            await self._hand_overs.open()
             if self._rabbit is not None:
                 await self._rabbit.open()
             # Thrown away at exit, so commits need not wait for the disk (see HARNESS_SQLITE).
@@ -451,6 +459,8 @@ class Harness:
             for app in reversed(started):
                 await app.stop()
         finally:
+            # A hand-over still running reached an app that has stopped: it ends here.
+            await self._hand_overs.aclose(grace=HAND_OVER_GRACE)
             try:
                 self._stack.close()
                 tmp, self._tmp = self._tmp, None
@@ -578,31 +588,33 @@ class Harness:
             callbacks = {id(d): c for c, d in entries}
             reorder = order or self.faults.reordered.get(handler) or (lambda held: held)
             ordered = [(callbacks[id(d)], d) for d in reorder([d for _, d in entries])]
-            task = asyncio.get_running_loop().create_task(self._hand_over(handler, ordered))
-            self._handing_over.add(task)
-            task.add_done_callback(self._handed_over)
+            if not self._hand_overs.start_soon(
+                self._hand_over, handler, ordered, name=f"hand over to {handler}"
+            ):
+                raise RuntimeError("the harness is closed; deliveries can no longer be handed over")
+            self._handing += 1
         return bool(held)
-
-    def _handed_over(self, task: asyncio.Task[None]) -> None:
-        self._handing_over.discard(task)
-        self._changed.set()
 
     async def _hand_over(
         self, handler: str, entries: list[tuple[DeliveryCallback, Delivery]]
     ) -> None:
-        for callback, delivery in entries:
+        try:
+            for callback, delivery in entries:
+                task = asyncio.current_task()
+                if task is not None:
+                    self._delivering[task] = handler
+                try:
+                    await callback(delivery)
+                except Exception:
+                    log.exception("handing a reordered delivery to %r failed", handler)
+                finally:
+                    self._changed.set()
             task = asyncio.current_task()
             if task is not None:
-                self._delivering[task] = handler
-            try:
-                await callback(delivery)
-            except Exception:
-                log.exception("handing a reordered delivery to %r failed", handler)
-            finally:
-                self._changed.set()
-        task = asyncio.current_task()
-        if task is not None:
-            self._delivering.pop(task, None)
+                self._delivering.pop(task, None)
+        finally:
+            self._handing -= 1
+            self._changed.set()  # the last one handed over: settle may look again
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -839,7 +851,7 @@ class Harness:
         busy = [item for transport in self._transports for item in transport.busy(names, held)]
         if self._ledger is not None:
             busy.extend(self._ledger.busy())
-        if self._handing_over:
+        if self._handing:
             busy.append("reordered deliveries are being handed over")
         clock = self.clock
         if isinstance(clock, ManualClock):
