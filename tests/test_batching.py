@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,32 +18,21 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.conftest import PG_URL, Backend, settle
 from tests.support import Ping, Pong, add_sink, effects, queue_depth_is, take_one
 from tests.support import user_metadata as md
-from tests.test_tracing import handler_spans, parent_id, span_id, trace_id
+from tests.test_tracing import handler_spans, parent_id, span_id, spans, trace_id
 from txflow import ConfigurationError, Context, RetryPolicy, TxFlow, _logging, open_store
 from txflow._messages import encode, new_message_id
 from txflow.hop import GroupCommit
 from txflow.store import inbox
 from txflow.testing import Harness, wait_until
 
+__all__ = ["spans"]  # the fixture, imported to be used here
+
 BATCH = 8
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """An SDK recording every span in memory, for one test (as tests/test_tracing.py's)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
-    yield exporter
-    provider.shutdown()
 
 
 class Boom(Exception):

@@ -403,3 +403,19 @@ def test_behind_a_transaction_pooler_nothing_is_prepared() -> None:
     assert getattr(pooled, "prepared", "missing") is None
     direct = open_store("postgresql://u@db:5432/shop")
     assert getattr(direct, "prepared", None) is not None
+
+
+def test_the_relays_publish_delays_are_read_on_the_clock_it_is_given() -> None:
+    from prometheus_client import REGISTRY
+
+    from txflow._metrics import PublishMeter
+    from txflow.transport import Message
+
+    created = datetime(2026, 12, 2, tzinfo=UTC)
+    meter = PublishMeter("clocked-relay", now=lambda: created.timestamp() + 30.0)
+    with meter.publish(Message(b"{}", "Ping", timestamp=created), attempts=1):
+        pass
+    for name in ("commit_to_publish", "commit_to_confirm"):
+        labels = {"app": "clocked-relay"}
+        total = REGISTRY.get_sample_value(f"txflow_outbox_{name}_seconds_sum", labels)
+        assert total == pytest.approx(30.0), name  # the given clock's 30 s, not the wall's

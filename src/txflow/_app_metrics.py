@@ -137,7 +137,7 @@ class AppMetrics:
         """Record what `relay` publishes, what becomes of `consumer`'s deliveries, and the
         transitions of `trackers`' instances."""
         if relay is not None:
-            relay.meter = _metrics.PublishMeter(self.app)
+            relay.meter = _metrics.PublishMeter(self.app, self.clock.time)
         if consumer is not None:
             consumer.add_observer(HopMeter(self.app, consumer.spec, self.clock))
             self._consumers.append(consumer)
