@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from tests.conftest import Backend, _admin, settle
 from tests.support import Ping, add_sink, count_rows, effects
 from tests.support import user_metadata as md
-from txflow import Context, Event, TransactionEndedError
+from txflow import Context, DatabaseUnavailableError, Event, TransactionEndedError
 from txflow.store import inbox, outbox
 from txflow.testing import wait_until
 
@@ -369,3 +369,24 @@ async def test_a_sequence_reset_under_a_running_app_costs_one_attempt(real: Back
                     assert failures <= 1, "the seqs taken ahead were not dropped after a clash"
         assert failures == 1
         assert await count_rows(app, outbox) == 250
+
+
+async def test_a_connection_lost_before_commit_raises_database_unavailable(real: Backend) -> None:
+    """The COMMIT on a connection the server closed: an outage, nothing committed."""
+    app = await real.app("svc", metadata=md)
+    async with app:
+        with pytest.raises(DatabaseUnavailableError, match="lost the connection") as raised:
+            async with app.transaction() as tx:
+                await _driver_insert(real, tx, "lost")
+                tx.emit(Ping(n=1))
+                pid = tx.driver_connection.get_server_pid()
+                async with app.store.engine.connect() as conn:
+                    # waits (up to 10 s) until the backend is gone
+                    killed = await conn.scalar(
+                        sa.text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}
+                    )
+                assert killed
+        assert isinstance(raised.value.__cause__, (OSError, asyncpg.InterfaceError))
+        async with app.store.engine.connect() as conn:
+            assert await conn.scalar(sa.select(sa.func.count()).select_from(effects)) == 0
+            assert await conn.scalar(sa.select(sa.func.count()).select_from(outbox)) == 0

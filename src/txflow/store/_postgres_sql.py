@@ -211,16 +211,52 @@ def _literal(value: object) -> str | None:
     return None
 
 
+def _string_literal(value: str) -> str | None:
+    return None if "\x00" in value else "'" + value.replace("'", "''") + "'"
+
+
+def _bytes_literal(value: bytes) -> str:
+    return "'\\x" + value.hex() + "'::bytea"
+
+
+def _float_literal(value: float) -> str | None:
+    return repr(value) if math.isfinite(value) else None
+
+
+def _datetime_literal(value: datetime) -> str | None:
+    return None if value.tzinfo is None else "'" + value.isoformat() + "'::timestamptz"
+
+
+# `_literal` by the exact type of the value, for the types txflow's own rows hold: one dict
+# look-up instead of a chain of isinstance checks, for each of a row's ten values on every
+# hop. Any other type (a subclass, a naive datetime) goes through `_literal`.
+_LITERAL_BY_TYPE: dict[type, Any] = {
+    str: _string_literal,
+    bytes: _bytes_literal,
+    int: str,
+    float: _float_literal,
+    datetime: _datetime_literal,
+    type(None): lambda _value: "NULL",
+}
+# The headers of an event emitted without any (no trace context, no headers given).
+_NO_HEADERS = "'{}'::json"
+
+
 def _row_literal(seq: int, row: dict[str, Any]) -> str | None:
-    """One outbox row as `(seq, ...)` literals, or None when a value cannot be a literal."""
+    """One outbox row as `(seq, ...)` literals, or None when a value cannot be one."""
     parts = [str(seq)]
+    by_type = _LITERAL_BY_TYPE
     for name in OUTBOX_COLUMNS:
         value = row[name]
         if name == "headers":
+            if not value:
+                parts.append(_NO_HEADERS)
+                continue
             text = quoted(json.dumps(value))
             literal = None if text is None else text + "::json"
         else:
-            literal = _literal(value)
+            convert = by_type.get(type(value))
+            literal = convert(value) if convert is not None else _literal(value)
         if literal is None:
             return None
         parts.append(literal)

@@ -174,15 +174,6 @@ def connection_lost(exc: BaseException) -> bool:
     return isinstance(sqlstate, str) and sqlstate.startswith(_LOST_SQLSTATES)
 
 
-@contextmanager
-def _aborted_in_handler() -> Iterator[None]:
-    """Say why txflow's statement failed when the handler left the transaction aborted."""
-    try:
-        yield
-    except asyncpg.InFailedSQLTransactionError as exc:
-        raise TransactionEndedError(ABORTED_IN_HANDLER) from exc
-
-
 class _JoinedTransaction:
     """Stands in for the asyncpg transaction SQLAlchemy's adapter would have started."""
 
@@ -262,11 +253,18 @@ class PostgresUnitOfWork(UnitOfWork):
         try:
             yield
         except Exception as exc:
-            if connection_lost(exc):
-                raise DatabaseUnavailableError(
-                    f"lost the connection to {self._store.masked_url}: {exc!r}"
-                ) from exc
-            raise
+            lost = self._lost(exc)
+            if lost is None:
+                raise
+            raise lost from exc
+
+    def _lost(self, exc: Exception) -> DatabaseUnavailableError | None:
+        """The error to raise for `exc` if it says the connection is gone, else None."""
+        if connection_lost(exc):
+            return DatabaseUnavailableError(
+                f"lost the connection to {self._store.masked_url}: {exc!r}"
+            )
+        return None
 
     def _check_open(self) -> None:
         if self._ended or not self._driver.is_in_transaction():
@@ -293,8 +291,9 @@ class PostgresUnitOfWork(UnitOfWork):
         if inboxes is not None:
             await self._start_batch(*inboxes)
             return
-        prepared = await self._prepare()
-        if inbox is not None and self._literals_allowed():
+        literals = self._literals_allowed()
+        prepared = await self._prepare(literals)
+        if inbox is not None and literals:
             query = begin_with_inbox(*inbox, prepared=prepared)
             if query is not None:
                 try:
@@ -379,10 +378,11 @@ class PostgresUnitOfWork(UnitOfWork):
         if session is not None:
             await session.close()
 
-    async def _prepare(self) -> bool:
-        """Whether txflow's INSERTs are prepared on this connection; prepares them if may."""
+    async def _prepare(self, literals: bool) -> bool:
+        """Whether txflow's INSERTs are prepared on this connection; prepares them if may
+        (`literals`: whether values may be quoted into the SQL, as `_literals_allowed` says)."""
         prepared = self._store.prepared
-        if prepared is None or not self._literals_allowed():
+        if prepared is None or not literals:
             return False
         await prepared.ensure(self._driver)
         return True
@@ -399,8 +399,17 @@ class PostgresUnitOfWork(UnitOfWork):
     async def insert_outbox(self, rows: Sequence[dict[str, Any]]) -> list[int]:
         """Take seqs for `rows`; the rows are written with the COMMIT, in its round trip."""
         self._check_open()
-        with self._connection_errors(), _aborted_in_handler():
+        # try/except rather than `_connection_errors` in a `with`: this runs once per hop, and
+        # a generator-based context manager costs more than the rest of it.
+        try:
             seqs = await self._store.outbox_seqs.take(len(rows), self._driver)
+        except asyncpg.InFailedSQLTransactionError as exc:
+            raise TransactionEndedError(ABORTED_IN_HANDLER) from exc
+        except Exception as exc:
+            lost = self._lost(exc)
+            if lost is None:
+                raise
+            raise lost from exc
         self._staged.extend(zip(seqs, rows, strict=True))
         return seqs
 
@@ -428,13 +437,18 @@ class PostgresUnitOfWork(UnitOfWork):
         if commit:
             self._check_open()
         self._ended = True
-        with self._connection_errors():
+        try:  # what `_connection_errors` does, inline on the hop's path
             if commit:
                 status = await self._commit()
             else:
                 # ROLLBACK even outside a transaction (PostgreSQL only warns): its answer
                 # shows the connection still works after whatever went wrong.
                 status = await self._driver.execute("ROLLBACK")
+        except Exception as exc:
+            lost = self._lost(exc)
+            if lost is None:
+                raise
+            raise lost from exc
         self._settled = True
         if commit and status != "COMMIT":
             raise TransactionEndedError(ABORTED_IN_HANDLER)
@@ -445,12 +459,24 @@ class PostgresUnitOfWork(UnitOfWork):
         status = ""
         try:
             prepared = self._is_prepared()
-            with _aborted_in_handler(), self._deallocated_in_handler(prepared):
-                staged = commit_statements(
-                    self._staged, tail, literals=self._literals_allowed(), prepared=prepared
-                )
+            staged = commit_statements(
+                self._staged, tail, literals=self._literals_allowed(), prepared=prepared
+            )
+            # Inline rather than context managers (this runs once per hop): why COMMIT
+            # failed when the handler left the transaction aborted, or deallocated txflow's
+            # prepared statements; only when they were used (`prepared`): the same error
+            # from asyncpg's own statements means something else (a transaction pooler
+            # without `?pool_mode=transaction`).
+            try:
                 for sql, params in staged:
                     status = await self._driver.execute(sql, *params)
+            except asyncpg.InFailedSQLTransactionError as exc:
+                raise TransactionEndedError(ABORTED_IN_HANDLER) from exc
+            except asyncpg.InvalidSQLStatementNameError as exc:
+                if not prepared:
+                    raise
+                self._forget_prepared()
+                raise TransactionEndedError(DEALLOCATED_IN_HANDLER) from exc
         except Exception as exc:
             if isinstance(exc, asyncpg.UniqueViolationError):
                 # Seqs taken ahead clash with rows written after the sequence was reset
@@ -466,21 +492,6 @@ class PostgresUnitOfWork(UnitOfWork):
     def _is_prepared(self) -> bool:
         prepared = self._store.prepared
         return prepared is not None and prepared.has(self._driver)
-
-    @contextmanager
-    def _deallocated_in_handler(self, prepared: bool) -> Iterator[None]:
-        """Say why COMMIT failed when the handler deallocated txflow's prepared statements.
-
-        Only when they were used (`prepared`): the same error from asyncpg's own statements
-        means something else (a transaction pooler without `?pool_mode=transaction`).
-        """
-        try:
-            yield
-        except asyncpg.InvalidSQLStatementNameError as exc:
-            if not prepared:
-                raise
-            self._forget_prepared()
-            raise TransactionEndedError(DEALLOCATED_IN_HANDLER) from exc
 
     async def _roll_back_quietly(self) -> None:
         try:
