@@ -114,3 +114,21 @@ async def test_scrapes_during_compaction_never_fail_nor_go_backwards() -> None:
     finally:
         stop.set()
         metrics.close()
+
+
+def _half_made(directory: str, pid: int) -> None:
+    """The files of a worker caught creating them: one still empty, one not yet sized."""
+    Path(directory, f"counter_{pid}.db").touch()
+    Path(directory, f"histogram_{pid}.db").write_bytes(b"\0\0")
+
+
+async def test_a_worker_creating_its_file_does_not_fail_a_scrape() -> None:
+    # A starting worker's file exists empty for a moment before prometheus_client sizes it;
+    # a scrape in that moment once failed with HTTP 500.
+    metrics = WorkerMetrics("127.0.0.1", 0)
+    try:
+        _worker(metrics, 3)
+        _half_made(metrics.directory, 424242)
+        assert await _handled(metrics.server.port) == (3, 3)
+    finally:
+        metrics.close()

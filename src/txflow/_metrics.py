@@ -22,6 +22,7 @@ logged once and ignored.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -395,15 +396,28 @@ class _SummedWorkers:
 
     Without it a scrape could read a dead worker's values both in its own file and in the
     compacted one, or find a file gone between listing and reading it (which fails it).
+    A worker that is starting creates its files empty and sizes them a moment later; such a
+    file holds no value yet and is left out (prometheus_client's reader fails on it).
     """
 
     def __init__(self, directory: str) -> None:
         self.lock = threading.Lock()
-        self._files = multiprocess.MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+        self._directory = directory
 
     def collect(self) -> object:
         with self.lock:
-            return list(self._files.collect())  # type: ignore[no-untyped-call]
+            files = [
+                path for path in glob.glob(os.path.join(self._directory, "*.db")) if _sized(path)
+            ]
+            return list(multiprocess.MultiProcessCollector.merge(files, accumulate=True))  # type: ignore[no-untyped-call]
+
+
+def _sized(path: str) -> bool:
+    """Whether a metrics file has its header yet (its 8 bytes of size and padding)."""
+    try:
+        return os.stat(path).st_size >= 8
+    except FileNotFoundError:  # a dead worker's live gauge, removed since the listing
+        return False
 
 
 # The kinds of file whose values outlive their process: summed into one file per kind.
