@@ -340,6 +340,9 @@ async def test_a_commit_refused_runs_each_delivery_alone_and_only_the_culprit_fa
         await wait_until(queue_depth_is(app, dlq, 1), timeout=30, message="Ping 3 dead-lettered")
         await wait_until(lambda: len(received) == 5, message="the others' Pongs")
         stats = next(c for c in app.consumers if c.spec.name == "effect").stats
+        # The dead letter is in its queue before the broker's confirm reaches the runner,
+        # which counts it only then: wait for the count, not only for the queue.
+        await wait_until(lambda: stats.dead_lettered == 1, message="the dead letter counted")
         # The batch of 1..5 failed at COMMIT; each ran again alone, and only Ping 3's commit
         # failed: its two attempts, then the dead letter. Nothing was handed back.
         assert (stats.handled, stats.retried, stats.dead_lettered) == (5, 1, 1)
