@@ -19,12 +19,21 @@ import pytest
 import sqlalchemy as sa
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
 
 from tests.conftest import PG_URL, Backend, settle
 from tests.support import Ping, Pong, add_sink, effects, queue_depth_is, take_one
 from tests.support import user_metadata as md
 from tests.test_tracing import handler_spans, parent_id, span_id, spans, trace_id
-from txflow import ConfigurationError, Context, RetryPolicy, TxFlow, _logging, open_store
+from txflow import (
+    ConfigurationError,
+    Context,
+    MetricsConfig,
+    RetryPolicy,
+    TxFlow,
+    _logging,
+    open_store,
+)
 from txflow._messages import encode, new_message_id
 from txflow.hop import GroupCommit
 from txflow.store import inbox
@@ -154,6 +163,34 @@ async def test_waiting_deliveries_share_one_transaction(backend: Backend) -> Non
         # Every delivery was acked: nothing is left for a redelivery.
         await settle()
         assert await app.transport.queue_depth(app.handlers["effect"].queue) == 0
+
+
+@both
+async def test_the_metrics_count_the_deliveries_of_each_batch(backend: Backend) -> None:
+    app = await backend.app("svc", metadata=md, concurrency=32, metrics=MetricsConfig())
+    gate = Gate()
+    add_batched_effect(app, [], gate=gate)
+    received = add_sink(app, Pong)
+    labels = {"app": "svc", "handler": "effect"}
+
+    def sample(name: str, **more: str) -> float:
+        return REGISTRY.get_sample_value(f"txflow_batch_size_{name}", labels | more) or 0.0
+
+    # The process's registry holds what earlier tests recorded for the same names.
+    before = [
+        sample("count"),
+        sample("sum"),
+        sample("bucket", le="1.0"),
+        sample("bucket", le="4.0"),
+    ]
+    source = await producer(backend)
+    async with source, app:
+        await publish_held(source, app, gate, 1 + 2 * BATCH)
+        gate.open()
+        await wait_until(lambda: len(received) == 1 + 2 * BATCH, message="every Pong")
+    after = [sample("count"), sample("sum"), sample("bucket", le="1.0"), sample("bucket", le="4.0")]
+    # The held one alone, then two full batches of 8: sizes 1, 8 and 8.
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 1 + 2 * BATCH, 1, 1]
 
 
 @both

@@ -103,6 +103,19 @@ class HopMeter:
             _metrics.recording_failed(exc)
 
 
+def _batch_sizes(app: str, spec: HandlerSpec) -> Callable[[int], None]:
+    """Record a batched handler's batch sizes; a failure to record is logged once."""
+    observe = _metrics.observing(_metrics.BATCH_SIZE.labels(app, spec.name))
+
+    def record(size: int) -> None:
+        try:
+            observe(size)
+        except Exception as exc:
+            _metrics.recording_failed(exc)
+
+    return record
+
+
 class AppMetrics:
     """The metrics of one app while it runs; see the module docs.
 
@@ -140,6 +153,8 @@ class AppMetrics:
             relay.meter = _metrics.PublishMeter(self.app, self.clock.time)
         if consumer is not None:
             consumer.add_observer(HopMeter(self.app, consumer.spec, self.clock))
+            if consumer.group is not None:
+                consumer.group.on_batch = _batch_sizes(self.app, consumer.spec)
             self._consumers.append(consumer)
         for tracker in trackers:
             transitions = {
@@ -153,6 +168,9 @@ class AppMetrics:
         """Stop serving, and stop counting the trackers' transitions."""
         for tracker in self._trackers:
             tracker.on_transition = None
+        for consumer in self._consumers:
+            if consumer.group is not None:
+                consumer.group.on_batch = None
         self._trackers.clear()
         self._consumers.clear()
         if self._server is not None:

@@ -137,6 +137,12 @@ COMMIT_TO_CONFIRM = Histogram(
     ["app"],
     buckets=LATENCY_BUCKETS,
 )
+BATCH_SIZE = Histogram(
+    "txflow_batch_size",
+    "Deliveries a batched handler (batch=N) ran in one transaction, per transaction.",
+    ["app", "handler"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 FLOW_TRANSITIONS = Counter(
     "txflow_flow_transitions",
     "Flow instances entering a status, counted when the tracker's transaction commits.",

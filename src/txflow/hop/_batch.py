@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import contextvars
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -88,6 +89,9 @@ class GroupCommit:
         #: batches run, and the deliveries they held (for tests and the stats)
         self.batches = 0
         self.deliveries = 0
+        #: told the size of each batch as it starts (the metrics' batch-size histogram);
+        #: it must not raise
+        self.on_batch: Callable[[int], None] | None = None
 
     async def run(self, envelope: Envelope[Event]) -> Pending:
         """Handle `envelope` in a batch; returns it with its verdict once the batch ended.
@@ -168,6 +172,8 @@ class GroupCommit:
     async def _run_batch(self, batch: list[Pending], own: Pending) -> None:
         self.batches += 1
         self.deliveries += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         if len(batch) == 1:
             await self._run_one(batch[0])
             return
