@@ -34,6 +34,7 @@ from txflow._harness_servers import (
     DEFAULT_RABBITMQCTL,
     BrokerIsolation,
     CountingTransport,
+    DatabaseIsolation,
     Ledger,
     PostgresRun,
     RabbitRun,
@@ -307,7 +308,9 @@ class Harness:
     and an exchange in the URL's vhost (`broker_isolation="prefix"`), or a vhost the harness
     creates with `rabbitmqctl` (`"vhost"`); the harness deletes them at exit. Given a
     `database_url` (PostgreSQL), each app gets a database of its own created on that server
-    (the user needs CREATEDB) and dropped at exit. Either works without the other.
+    (the user needs CREATEDB) and dropped at exit, or with `database_isolation="schema"` a
+    schema of its own in the URL's database, dropped with all in it at exit. Either URL
+    works without the other.
 
     Time stands still unless the test moves it: the harness's `ManualClock` drives delayed
     retries, flow and step deadlines and retention, and `await h.advance(seconds)` moves it,
@@ -334,6 +337,9 @@ class Harness:
             `"vhost"` (a vhost of its own, created with `rabbitmqctl`).
         rabbitmqctl: the command that manages vhosts for `"vhost"`, such as
             `"docker exec rabbitmq rabbitmqctl"`; it must reach the broker's node.
+        database_isolation: how a run keeps to itself on `database_url`: `"database"` (the
+            default, a database per app; the user needs CREATEDB) or `"schema"` (a schema
+            per app in the URL's database, for users who may not create databases).
 
     Raises:
         ConfigurationError: no apps, two apps of one name, or `real_time=False` with a
@@ -343,7 +349,8 @@ class Harness:
         clock: the clock the apps and the broker run on (a `ManualClock` unless `real_time`).
         faults: the fault-injection switches (see `Faults`); those a real server cannot
             honour raise `ConfigurationError`.
-        run_id: the id in the names of this run's vhost, queues, exchange and databases.
+        run_id: the id in the names of this run's vhost, queues, exchange and databases
+            (or schemas).
     """
 
     def __init__(
@@ -356,6 +363,7 @@ class Harness:
         database_url: str | None = None,
         broker_isolation: BrokerIsolation = "prefix",
         rabbitmqctl: str | Sequence[str] = DEFAULT_RABBITMQCTL,
+        database_isolation: DatabaseIsolation = "database",
     ) -> None:
         if not apps:
             raise ConfigurationError("Harness needs at least one app: Harness(app, ...)")
@@ -371,7 +379,11 @@ class Harness:
             if broker_url
             else None
         )
-        self._postgres = PostgresRun(database_url, self.run_id) if database_url else None
+        self._postgres = (
+            PostgresRun(database_url, self.run_id, isolation=database_isolation)
+            if database_url
+            else None
+        )
         if real_time is None:
             real_time = self._rabbit is not None
         if not real_time and self._rabbit is not None:
