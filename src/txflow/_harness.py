@@ -35,6 +35,7 @@ from txflow._harness_servers import (
     BrokerIsolation,
     CountingTransport,
     DatabaseIsolation,
+    DeadLetteredByBroker,
     Ledger,
     PostgresRun,
     RabbitRun,
@@ -808,6 +809,9 @@ class Harness:
         while True:
             self._changed.clear()
             moved = self._ledger.generation if self._ledger is not None else 0
+            suspects = self._ledger.suspects() if self._ledger is not None else []
+            if suspects and await self._broker_dead_lettered(suspects):
+                continue  # the books let go of what the broker dead-lettered
             busy = self._busy()
             if not busy:
                 # A relay may wait on a handler (SQLite has one writer): name both then.
@@ -827,6 +831,7 @@ class Harness:
                 if not self._busy() and not self._moved_since(moved):
                     return
                 continue
+            poll = poll or bool(suspects)  # the broker tells no transport it dead-letters
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NotSettledError(
@@ -845,6 +850,42 @@ class Harness:
         """Whether a real broker's transports published, sent or delivered since `generation`:
         then the checks that passed in between may have missed work, and run again."""
         return self._ledger is not None and self._ledger.generation != generation
+
+    async def _broker_dead_lettered(self, queues: list[str]) -> bool:
+        """Record what RabbitMQ dead-lettered from `queues` by itself; whether it found any.
+
+        A quorum queue moves a message requeued past its delivery limit to the dead-letter
+        queue, telling no consumer: the books would wait for it for ever. Its dead letter
+        names the queue in `x-first-death-queue` and the cause in `x-first-death-reason`.
+        """
+        assert self._rabbit is not None and self._ledger is not None
+        ledger = self._ledger
+        specs = {
+            spec.queue: (app.name, spec) for app in self.apps for spec in app.handlers.values()
+        }
+        found = False
+        for queue in queues:
+            for message in await self._rabbit.peek(ledger.broker_dead_letters[queue]):
+                headers = message.headers
+                reason = headers.get("x-first-death-reason")
+                key = str(message.message_id)
+                if not reason or headers.get("x-first-death-queue") != queue:
+                    continue  # txflow's own dead letter (recorded as it was sent) or another's
+                if key in ledger.seen_dead or queue not in specs:
+                    continue
+                ledger.seen_dead.add(key)
+                app, spec = specs[queue]
+                count = headers.get("x-delivery-count")
+                error = DeadLetteredByBroker(
+                    str(reason), queue, count if isinstance(count, int) else None
+                )
+                envelope = self._decode(message)
+                attempts = count if isinstance(count, int) else 1
+                self._record(Delivered(app, spec.name, "dead_lettered", envelope, error, attempts))
+                self._failed(app, spec, error)
+                ledger.settled(queue)
+                found = True
+        return found
 
     async def _broker_depths(self) -> list[str]:
         """On a real broker: messages its queues report that the harness's books missed."""

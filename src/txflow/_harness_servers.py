@@ -126,6 +126,17 @@ class RabbitRun:
             return 0
         return await self._control.queue_depth(queue)
 
+    async def peek(self, queue: str) -> list[Message]:
+        """The messages ready in `queue`, left where they are (fetched and handed back)."""
+        control = self._control
+        if control is None:
+            return []
+        depth = await control.queue_depth(queue)
+        if not depth:
+            return []
+        async with control.fetch(queue, depth) as deliveries:
+            return [d.message for d in deliveries]
+
     async def close(self) -> None:
         """Delete what the run declared (its vhost, or its queues and exchanges); never raises."""
         control, self._control = self._control, None
@@ -340,12 +351,19 @@ class Ledger:
         self.names: dict[str, str] = {}
         self._bindings: dict[str, list[tuple[re.Pattern[str], str]]] = {}
         self._retry_queues: dict[str, list[str]] = {}
+        #: The dead-letter queue of each quorum handler queue, where the broker itself moves
+        #: a message requeued past the queue's delivery limit.
+        self.broker_dead_letters: dict[str, str] = {}
+        #: Message ids of the dead letters the broker made that the books already let go.
+        self.seen_dead: set[str] = set()
 
     def bind(self, topology: Topology) -> None:
         """Learn which handler queues the exchange routes to, and their retry queues."""
         bindings = self._bindings.setdefault(topology.exchange, [])
         for spec in topology.queues:
             self._retry_queues[spec.name] = [spec.retry_queue(d) for d in spec.retry_delays]
+            if spec.quorum:
+                self.broker_dead_letters[spec.name] = spec.dead_letter_queue
             for key in spec.routing_keys:
                 bindings.append((_topic_regex(key), spec.name))
 
@@ -379,6 +397,15 @@ class Ledger:
             ids.remove(message_id)
         self._moved()
 
+    def suspects(self) -> list[str]:
+        """Quorum handler queues with messages on their way and none in flight: the broker
+        may have dead-lettered them at the delivery limit, unseen by the transports."""
+        return [
+            queue
+            for queue in self.broker_dead_letters
+            if self.pending[queue] > len(self.in_flight.get(queue, []))
+        ]
+
     def busy(self) -> list[str]:
         """What is still on its way, each named after its handler."""
         busy = []
@@ -401,6 +428,20 @@ class Ledger:
     def _moved(self) -> None:
         self.generation += 1
         self._wake()
+
+
+class DeadLetteredByBroker(Exception):
+    """The error of a delivery RabbitMQ dead-lettered by itself (a quorum queue's delivery
+    limit), as the harness records it; `reason` is the broker's `x-first-death-reason`."""
+
+    def __init__(self, reason: str, queue: str, deliveries: int | None) -> None:
+        times = f" after {deliveries} deliveries" if deliveries is not None else ""
+        super().__init__(
+            f"RabbitMQ dead-lettered it from queue {queue!r} ({reason}){times}, before "
+            "txflow recorded a failure"
+        )
+        self.reason = reason
+        self.queue = queue
 
 
 class _CountedDelivery(Delivery):
