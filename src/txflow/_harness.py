@@ -34,6 +34,8 @@ from txflow._harness_servers import (
     DEFAULT_RABBITMQCTL,
     BrokerIsolation,
     CountingTransport,
+    DatabaseIsolation,
+    DeadLetteredByBroker,
     Ledger,
     PostgresRun,
     RabbitRun,
@@ -307,7 +309,9 @@ class Harness:
     and an exchange in the URL's vhost (`broker_isolation="prefix"`), or a vhost the harness
     creates with `rabbitmqctl` (`"vhost"`); the harness deletes them at exit. Given a
     `database_url` (PostgreSQL), each app gets a database of its own created on that server
-    (the user needs CREATEDB) and dropped at exit. Either works without the other.
+    (the user needs CREATEDB) and dropped at exit, or with `database_isolation="schema"` a
+    schema of its own in the URL's database, dropped with all in it at exit. Either URL
+    works without the other.
 
     Time stands still unless the test moves it: the harness's `ManualClock` drives delayed
     retries, flow and step deadlines and retention, and `await h.advance(seconds)` moves it,
@@ -334,6 +338,9 @@ class Harness:
             `"vhost"` (a vhost of its own, created with `rabbitmqctl`).
         rabbitmqctl: the command that manages vhosts for `"vhost"`, such as
             `"docker exec rabbitmq rabbitmqctl"`; it must reach the broker's node.
+        database_isolation: how a run keeps to itself on `database_url`: `"database"` (the
+            default, a database per app; the user needs CREATEDB) or `"schema"` (a schema
+            per app in the URL's database, for users who may not create databases).
 
     Raises:
         ConfigurationError: no apps, two apps of one name, or `real_time=False` with a
@@ -343,7 +350,8 @@ class Harness:
         clock: the clock the apps and the broker run on (a `ManualClock` unless `real_time`).
         faults: the fault-injection switches (see `Faults`); those a real server cannot
             honour raise `ConfigurationError`.
-        run_id: the id in the names of this run's vhost, queues, exchange and databases.
+        run_id: the id in the names of this run's vhost, queues, exchange and databases
+            (or schemas).
     """
 
     def __init__(
@@ -356,6 +364,7 @@ class Harness:
         database_url: str | None = None,
         broker_isolation: BrokerIsolation = "prefix",
         rabbitmqctl: str | Sequence[str] = DEFAULT_RABBITMQCTL,
+        database_isolation: DatabaseIsolation = "database",
     ) -> None:
         if not apps:
             raise ConfigurationError("Harness needs at least one app: Harness(app, ...)")
@@ -371,7 +380,11 @@ class Harness:
             if broker_url
             else None
         )
-        self._postgres = PostgresRun(database_url, self.run_id) if database_url else None
+        self._postgres = (
+            PostgresRun(database_url, self.run_id, isolation=database_isolation)
+            if database_url
+            else None
+        )
         if real_time is None:
             real_time = self._rabbit is not None
         if not real_time and self._rabbit is not None:
@@ -796,6 +809,9 @@ class Harness:
         while True:
             self._changed.clear()
             moved = self._ledger.generation if self._ledger is not None else 0
+            suspects = self._ledger.suspects() if self._ledger is not None else []
+            if suspects and await self._broker_dead_lettered(suspects):
+                continue  # the books let go of what the broker dead-lettered
             busy = self._busy()
             if not busy:
                 # A relay may wait on a handler (SQLite has one writer): name both then.
@@ -815,6 +831,7 @@ class Harness:
                 if not self._busy() and not self._moved_since(moved):
                     return
                 continue
+            poll = poll or bool(suspects)  # the broker tells no transport it dead-letters
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NotSettledError(
@@ -833,6 +850,42 @@ class Harness:
         """Whether a real broker's transports published, sent or delivered since `generation`:
         then the checks that passed in between may have missed work, and run again."""
         return self._ledger is not None and self._ledger.generation != generation
+
+    async def _broker_dead_lettered(self, queues: list[str]) -> bool:
+        """Record what RabbitMQ dead-lettered from `queues` by itself; whether it found any.
+
+        A quorum queue moves a message requeued past its delivery limit to the dead-letter
+        queue, telling no consumer: the books would wait for it for ever. Its dead letter
+        names the queue in `x-first-death-queue` and the cause in `x-first-death-reason`.
+        """
+        assert self._rabbit is not None and self._ledger is not None
+        ledger = self._ledger
+        specs = {
+            spec.queue: (app.name, spec) for app in self.apps for spec in app.handlers.values()
+        }
+        found = False
+        for queue in queues:
+            for message in await self._rabbit.peek(ledger.broker_dead_letters[queue]):
+                headers = message.headers
+                reason = headers.get("x-first-death-reason")
+                key = str(message.message_id)
+                if not reason or headers.get("x-first-death-queue") != queue:
+                    continue  # txflow's own dead letter (recorded as it was sent) or another's
+                if key in ledger.seen_dead or queue not in specs:
+                    continue
+                ledger.seen_dead.add(key)
+                app, spec = specs[queue]
+                count = headers.get("x-delivery-count")
+                error = DeadLetteredByBroker(
+                    str(reason), queue, count if isinstance(count, int) else None
+                )
+                envelope = self._decode(message)
+                attempts = count if isinstance(count, int) else 1
+                self._record(Delivered(app, spec.name, "dead_lettered", envelope, error, attempts))
+                self._failed(app, spec, error)
+                ledger.settled(queue)
+                found = True
+        return found
 
     async def _broker_depths(self) -> list[str]:
         """On a real broker: messages its queues report that the harness's books missed."""

@@ -3,7 +3,7 @@
 On RabbitMQ and PostgreSQL the harness cannot look inside the broker as it does on the
 in-memory one, and other test runs may share the servers. So each run gets names of its own
 (`RabbitRun`: a vhost, or a queue prefix and an exchange in the URL's vhost; `PostgresRun`: a
-database per app), removed when the run ends, and each app's transport is wrapped in a
+database or a schema per app), removed when the run ends, and each app's transport is wrapped in a
 `CountingTransport` that keeps the books of its messages (`Ledger`): every message routed
 or sent to a handler queue counts until a delivery of it is acked or dropped, so a message
 in transit, ready on a queue or held in a retry queue's TTL is work, whatever the broker
@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from txflow._memory import _topic_regex
 from txflow.errors import ConfigurationError, TxflowError, mask_url
-from txflow.store import Store, open_store
+from txflow.store import SCHEMA_PARAM, Store, open_store
 from txflow.transport import Consumer, Delivery, DeliveryCallback, Message, Topology, Transport
 
 log = logging.getLogger("txflow.testing")
@@ -38,6 +38,10 @@ log = logging.getLogger("txflow.testing")
 #: rights to declare and delete queues there); `"vhost"` creates a vhost of its own with
 #: `rabbitmqctl` (which must reach the node) and deletes it at the end.
 BrokerIsolation = Literal["prefix", "vhost"]
+#: How a harness keeps its run apart from others on one PostgreSQL: `"database"` creates a
+#: database per app on the server of the URL (needs CREATEDB); `"schema"` creates a schema per
+#: app in the URL's database (needs no more than CREATE on that database).
+DatabaseIsolation = Literal["database", "schema"]
 #: The command that creates and deletes a run's vhost; e.g. `docker exec rabbit rabbitmqctl`.
 DEFAULT_RABBITMQCTL = "rabbitmqctl"
 # Seconds one rabbitmqctl command may take (it starts an Erlang VM: about a second).
@@ -122,6 +126,17 @@ class RabbitRun:
             return 0
         return await self._control.queue_depth(queue)
 
+    async def peek(self, queue: str) -> list[Message]:
+        """The messages ready in `queue`, left where they are (fetched and handed back)."""
+        control = self._control
+        if control is None:
+            return []
+        depth = await control.queue_depth(queue)
+        if not depth:
+            return []
+        async with control.fetch(queue, depth) as deliveries:
+            return [d.message for d in deliveries]
+
     async def close(self) -> None:
         """Delete what the run declared (its vhost, or its queues and exchanges); never raises."""
         control, self._control = self._control, None
@@ -195,11 +210,21 @@ _INSUFFICIENT_PRIVILEGE = "42501"
 
 
 class PostgresRun:
-    """One database per app for one run, created next to the database of `url`, dropped at close."""
+    """One database (or schema) per app for one run, made at `databases`, dropped at close.
 
-    def __init__(self, url: str, run: str) -> None:
+    Databases are created next to the database of `url`; schemas in it, and the apps reach
+    theirs through the URL's `?schema=` (their connections' search_path, and a LISTEN/NOTIFY
+    channel of the schema's own).
+    """
+
+    def __init__(self, url: str, run: str, *, isolation: DatabaseIsolation = "database") -> None:
+        if isolation not in ("database", "schema"):
+            raise ConfigurationError(
+                f"database_isolation is 'database' or 'schema', not {isolation!r}"
+            )
         self.url = url
         self.run = run
+        self.isolation = isolation
         self._admin: Store | None = None
         self._made: list[str] = []
 
@@ -219,10 +244,11 @@ class PostgresRun:
         self._admin = admin
 
     async def databases(self, apps: Sequence[str]) -> list[str]:
-        """Create a database of the run's own for each app, at once; their URLs in order.
+        """Create a database (or schema) of the run's own for each app, at once; their URLs.
 
         Raises:
-            ConfigurationError: the server refused (the user may not create databases).
+            ConfigurationError: the server refused (the user may not create databases, or
+                schemas in the URL's database).
         """
         admin = self._admin
         if admin is None:
@@ -238,27 +264,37 @@ class PostgresRun:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+        if self.isolation == "schema":
+            base = sa.make_url(self.url)
+            return [
+                base.update_query_dict({SCHEMA_PARAM: n}).render_as_string(hide_password=False)
+                for n in names
+            ]
         return [admin.url.set(database=n).render_as_string(hide_password=False) for n in names]
 
     async def _create(self, admin: Store, name: str) -> None:
+        kind = "DATABASE" if self.isolation == "database" else "SCHEMA"
         try:
-            await self._execute(admin, f'CREATE DATABASE "{name}"')
+            await self._execute(admin, f'CREATE {kind} "{name}"')
         except sa.exc.SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
             sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
-            hint = (
-                "; the user needs the CREATEDB privilege"
-                if sqlstate == _INSUFFICIENT_PRIVILEGE
-                else ""
-            )
+            hint = ""
+            if sqlstate == _INSUFFICIENT_PRIVILEGE:
+                hint = (
+                    "; the user needs the CREATEDB privilege, or use database_isolation='schema'"
+                    if self.isolation == "database"
+                    else "; the user needs the CREATE privilege on the database"
+                )
             raise ConfigurationError(
-                f"cannot create the harness's database {name} on {admin.masked_url}: {reason}"
-                + hint
+                f"cannot create the harness's {kind.lower()} {name} on {admin.masked_url}: "
+                f"{reason}{hint}"
             ) from exc
         self._made.append(name)
 
     async def close(self) -> None:
-        """Drop every database the run created; never raises (what it cannot drop is logged)."""
+        """Drop every database (or schema, with all in it) the run created; never raises (what
+        it cannot drop is logged)."""
         admin, self._admin = self._admin, None
         if admin is None:
             return
@@ -274,17 +310,22 @@ class PostgresRun:
             try:
                 async with connecting:
                     await admin.connect()
-                await self._execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                drop = (
+                    f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+                    if self.isolation == "database"
+                    else f'DROP SCHEMA IF EXISTS "{name}" CASCADE'
+                )
+                await self._execute(admin, drop)
                 return
             except (TxflowError, sa.exc.SQLAlchemyError, OSError) as exc:
                 if attempt == _DROP_TRIES:
-                    log.warning("could not drop the harness's database %s: %s", name, exc)
+                    log.warning("could not drop the harness's %s %s: %s", self.isolation, name, exc)
                     return
                 await asyncio.sleep(1.0)
 
     @staticmethod
     async def _execute(admin: Store, sql: str) -> None:
-        # CREATE and DROP DATABASE cannot run inside a transaction.
+        # CREATE and DROP DATABASE cannot run inside a transaction (schemas could: alike).
         engine = admin.engine.execution_options(isolation_level="AUTOCOMMIT")
         async with engine.connect() as conn:
             await conn.execute(sa.text(sql))
@@ -310,12 +351,19 @@ class Ledger:
         self.names: dict[str, str] = {}
         self._bindings: dict[str, list[tuple[re.Pattern[str], str]]] = {}
         self._retry_queues: dict[str, list[str]] = {}
+        #: The dead-letter queue of each quorum handler queue, where the broker itself moves
+        #: a message requeued past the queue's delivery limit.
+        self.broker_dead_letters: dict[str, str] = {}
+        #: Message ids of the dead letters the broker made that the books already let go.
+        self.seen_dead: set[str] = set()
 
     def bind(self, topology: Topology) -> None:
         """Learn which handler queues the exchange routes to, and their retry queues."""
         bindings = self._bindings.setdefault(topology.exchange, [])
         for spec in topology.queues:
             self._retry_queues[spec.name] = [spec.retry_queue(d) for d in spec.retry_delays]
+            if spec.quorum:
+                self.broker_dead_letters[spec.name] = spec.dead_letter_queue
             for key in spec.routing_keys:
                 bindings.append((_topic_regex(key), spec.name))
 
@@ -349,6 +397,15 @@ class Ledger:
             ids.remove(message_id)
         self._moved()
 
+    def suspects(self) -> list[str]:
+        """Quorum handler queues with messages on their way and none in flight: the broker
+        may have dead-lettered them at the delivery limit, unseen by the transports."""
+        return [
+            queue
+            for queue in self.broker_dead_letters
+            if self.pending[queue] > len(self.in_flight.get(queue, []))
+        ]
+
     def busy(self) -> list[str]:
         """What is still on its way, each named after its handler."""
         busy = []
@@ -371,6 +428,20 @@ class Ledger:
     def _moved(self) -> None:
         self.generation += 1
         self._wake()
+
+
+class DeadLetteredByBroker(Exception):
+    """The error of a delivery RabbitMQ dead-lettered by itself (a quorum queue's delivery
+    limit), as the harness records it; `reason` is the broker's `x-first-death-reason`."""
+
+    def __init__(self, reason: str, queue: str, deliveries: int | None) -> None:
+        times = f" after {deliveries} deliveries" if deliveries is not None else ""
+        super().__init__(
+            f"RabbitMQ dead-lettered it from queue {queue!r} ({reason}){times}, before "
+            "txflow recorded a failure"
+        )
+        self.reason = reason
+        self.queue = queue
 
 
 class _CountedDelivery(Delivery):

@@ -5,8 +5,9 @@ of txflow until a test asks for the fixture.
 
 Where the harness runs comes from the command line or the environment, the command line
 first: `--txflow-broker-url` (`TXFLOW_TEST_BROKER_URL`), `--txflow-database-url`
-(`TXFLOW_TEST_DATABASE_URL`), `--txflow-broker-isolation` (`TXFLOW_TEST_BROKER_ISOLATION`)
-and `--txflow-rabbitmqctl` (`TXFLOW_TEST_RABBITMQCTL`). Neither URL given: the embedded
+(`TXFLOW_TEST_DATABASE_URL`), `--txflow-broker-isolation` (`TXFLOW_TEST_BROKER_ISOLATION`),
+`--txflow-database-isolation` (`TXFLOW_TEST_DATABASE_ISOLATION`) and `--txflow-rabbitmqctl`
+(`TXFLOW_TEST_RABBITMQCTL`). Neither URL given: the embedded
 broker and SQLite.
 """
 
@@ -40,7 +41,8 @@ _OPTIONS = (
         "--txflow-database-url",
         "TXFLOW_TEST_DATABASE_URL",
         "database_url",
-        "create the txflow_harness fixture's databases on this PostgreSQL (postgresql://...)",
+        "create the txflow_harness fixture's databases (or schemas) on this PostgreSQL "
+        "(postgresql://...)",
     ),
     (
         "--txflow-broker-isolation",
@@ -48,6 +50,13 @@ _OPTIONS = (
         "broker_isolation",
         "on RabbitMQ: 'prefix' (queues and exchange of the run's own, the default) or 'vhost' "
         "(a vhost of its own, made with rabbitmqctl)",
+    ),
+    (
+        "--txflow-database-isolation",
+        "TXFLOW_TEST_DATABASE_ISOLATION",
+        "database_isolation",
+        "on PostgreSQL: 'database' (a database per app, needs CREATEDB; the default) or "
+        "'schema' (a schema per app in the URL's database)",
     ),
     (
         "--txflow-rabbitmqctl",

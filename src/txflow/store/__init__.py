@@ -6,6 +6,7 @@ aiosqlite as the embedded default. Only this package imports SQLAlchemy dialect 
 
 from txflow.store._base import (
     DEFAULT_DB_POOL_SIZE,
+    SCHEMA_PARAM,
     Listener,
     OutboxRecord,
     OutboxStatus,
@@ -20,6 +21,7 @@ from txflow.store._unit_of_work import UnitOfWork
 
 __all__ = [
     "DEFAULT_DB_POOL_SIZE",
+    "SCHEMA_PARAM",
     "Listener",
     "OutboxRecord",
     "OutboxStatus",

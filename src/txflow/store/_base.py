@@ -490,6 +490,13 @@ _BACKENDS: dict[str, str] = {
 }
 
 
+#: A PostgreSQL database URL's query parameter naming the schema of txflow's tables
+#: (txflow's own, taken off the URL before the driver sees it): each connection's
+#: search_path is that schema alone, and the relays' LISTEN/NOTIFY channel is named after
+#: it, so apps in schemas of one database do not wake each other's relays.
+SCHEMA_PARAM = "schema"
+
+
 def open_store(
     url: str,
     *,
@@ -502,7 +509,9 @@ def open_store(
     Accepts `postgresql://`, `postgresql+asyncpg://`, `sqlite:///path` and
     `sqlite+aiosqlite:///path`. On PostgreSQL, `?pool_mode=transaction` says `url` goes
     through a transaction pooler (pgbouncer), and `listen_url` is a direct connection to
-    the same database for LISTEN (see docs/deployment.md).
+    the same database for LISTEN (see docs/deployment.md), and `?schema=name` keeps
+    txflow's tables in that schema (the search_path of every connection; not behind a
+    transaction pooler).
 
     Raises:
         UnsupportedURLError: for any other scheme, or a `listen_url` on SQLite.

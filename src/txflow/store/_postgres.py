@@ -25,8 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from txflow._clock import SYSTEM_CLOCK, Clock
 from txflow.errors import ConfigurationError, mask_url
-from txflow.store._base import DEFAULT_DB_POOL_SIZE, Listener, NotifyCallback, Store
-from txflow.store._postgres_sql import NOTIFY_CHANNEL, OutboxSeqs, Prepared
+from txflow.store._base import (
+    DEFAULT_DB_POOL_SIZE,
+    SCHEMA_PARAM,
+    Listener,
+    NotifyCallback,
+    Store,
+)
+from txflow.store._postgres_sql import OutboxSeqs, Prepared, notify_channel
 from txflow.store._postgres_unit import begin, checkout, discard
 from txflow.store._unit_of_work import UnitOfWork
 
@@ -92,7 +98,18 @@ class PostgresStore(Store):
     ) -> None:
         #: `transaction` behind a transaction pooler (see the module docs), else `session`.
         self.pool_mode = pool_mode(url)
-        url = url.difference_update_query([POOL_MODE_PARAM])
+        schema = url.query.get(SCHEMA_PARAM)
+        #: The schema of `?schema=`, which the connections' search_path is set to, or None.
+        self.schema: str | None = (schema[-1] if isinstance(schema, tuple) else schema) or None
+        if self.schema is not None and self.pool_mode == "transaction":
+            raise ConfigurationError(
+                f"?{SCHEMA_PARAM}= sets each connection's search_path when it is made, which "
+                "a transaction pooler does not keep; set the search_path of the database's "
+                "user instead (ALTER ROLE ... SET search_path)"
+            )
+        #: The LISTEN/NOTIFY channel of this schema's outbox.
+        self.notify_channel = notify_channel(self.schema)
+        url = url.difference_update_query([POOL_MODE_PARAM, SCHEMA_PARAM])
         super().__init__(url.set(drivername="postgresql+asyncpg"), pool_size=pool_size, clock=clock)
         #: Where LISTEN connects: `listen_url` if given, else the database URL itself (None
         #: behind a transaction pooler, where LISTEN cannot work: relays then sweep).
@@ -103,7 +120,7 @@ class PostgresStore(Store):
                     f"listen_url {mask_url(listen_url.render_as_string(hide_password=False))} "
                     "must be a direct connection (or a session pooler), not a transaction pooler"
                 )
-            self.listen_url = listen_url.difference_update_query([POOL_MODE_PARAM])
+            self.listen_url = listen_url.difference_update_query([POOL_MODE_PARAM, SCHEMA_PARAM])
         elif self.pool_mode == "session":
             self.listen_url = self.url
         self._autocommit: AsyncEngine | None = None
@@ -179,7 +196,10 @@ class PostgresStore(Store):
         return [row[0] for row in rows]
 
     def _create_engine(self) -> AsyncEngine:
-        url, connect_args = self.url, {"timeout": 10}
+        url, connect_args = self.url, dict[str, object](timeout=10)
+        if self.schema is not None:
+            quoted = '"' + self.schema.replace('"', '""') + '"'
+            connect_args["server_settings"] = {"search_path": quoted}
         if self.pool_mode == "transaction":
             # No named prepared statements: neither asyncpg's cache nor SQLAlchemy's. Each
             # statement is then parsed as the unnamed one and executed before the Sync that
@@ -241,7 +261,7 @@ class PostgresStore(Store):
             if self.listen_url is not self.url:
                 await self._check_same_database(conn)
             listener = _PgListener(conn, callback)
-            await conn.add_listener(NOTIFY_CHANNEL, listener.on_notify)
+            await conn.add_listener(self.notify_channel, listener.on_notify)
         except BaseException:
             conn.terminate()
             raise

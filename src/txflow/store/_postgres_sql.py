@@ -19,8 +19,10 @@ server connection the next transaction may not get, so there the plain INSERTs a
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
+import re
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -83,6 +85,25 @@ MAX_LITERAL_CHARS = 64 * 1024
 # Outbox seqs taken from the sequence at a time (see `OutboxSeqs`).
 SEQ_BLOCK = 100
 NOTIFY_CHANNEL = "txflow_outbox"
+# PostgreSQL's longest identifier (NAMEDATALEN - 1); a longer channel name is truncated.
+_MAX_IDENTIFIER = 63
+
+
+def notify_channel(schema: str | None) -> str:
+    """The LISTEN/NOTIFY channel of the outbox in `schema` (None: the search_path's default).
+
+    Channels belong to the database, not to a schema: apps whose tables live in schemas of
+    one database would wake each other's relays on one name. A plain identifier in any case
+    (a schema name that is not one, or too long, goes in as its hash).
+    """
+    if schema is None:
+        return NOTIFY_CHANNEL
+    channel = f"{NOTIFY_CHANNEL}_{schema}"
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", channel) and len(channel) <= _MAX_IDENTIFIER:
+        return channel
+    return f"{NOTIFY_CHANNEL}_{hashlib.sha256(schema.encode()).hexdigest()[:32]}"
+
+
 _OUTBOX_INSERT = "INSERT INTO txflow_outbox (seq, " + ", ".join(OUTBOX_COLUMNS) + ") VALUES "
 _NEXT_SEQS_SQL = (
     "SELECT nextval(pg_get_serial_sequence('txflow_outbox', 'seq')) "

@@ -34,7 +34,6 @@ from txflow.store._postgres_sql import (
     INBOX_DELETE_SQL,
     INBOX_SQL,
     INBOXES_SQL,
-    NOTIFY_CHANNEL,
     OutboxSeqs,
     Prepared,
     begin_with_inbox,
@@ -60,8 +59,9 @@ log = logging.getLogger("txflow.store")
 
 class PostgresPool(Protocol):
     """What PostgreSQL's unit of work takes from its store: the engine whose pool it checks
-    connections out of, the store's URL for messages, its clock, outbox seqs and prepared
-    statements. A protocol, so that the unit does not import the store (which imports it).
+    connections out of, the store's URL for messages, its clock, outbox seqs, prepared
+    statements and NOTIFY channel. A protocol, so that the unit does not import the store
+    (which imports it).
     """
 
     @property
@@ -81,6 +81,9 @@ class PostgresPool(Protocol):
 
     @property
     def prepared(self) -> Prepared | None: ...
+
+    @property
+    def notify_channel(self) -> str: ...
 
 
 async def checkout(store: PostgresPool) -> PoolProxiedConnection:
@@ -455,7 +458,7 @@ class PostgresUnitOfWork(UnitOfWork):
 
     async def _commit(self) -> str:
         """Write the staged rows and the NOTIFY, COMMIT; the COMMIT's status."""
-        tail = f"NOTIFY {NOTIFY_CHANNEL}; COMMIT" if self._notify else "COMMIT"
+        tail = f"NOTIFY {self._store.notify_channel}; COMMIT" if self._notify else "COMMIT"
         status = ""
         try:
             prepared = self._is_prepared()
