@@ -21,10 +21,12 @@ from collections.abc import Awaitable, Callable
 
 from txflow._clock import Clock, ManualClock, SystemClock
 from txflow._harness import Delivered, Faults, Harness, NotSettledError, Published, Records
+from txflow._harness_servers import DeadLetteredByBroker
 from txflow._memory import InMemoryBroker, InMemoryTransport
 
 __all__ = [
     "Clock",
+    "DeadLetteredByBroker",
     "Delivered",
     "Faults",
     "Harness",
