@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import AMQP_URL, PG_URL
 from tests.test_harness import TripBooked
 from txflow import TxFlow
-from txflow.testing import Harness
+from txflow.testing import DeadLetteredByBroker, Harness
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -47,3 +47,20 @@ async def test_a_message_the_broker_dead_letters_at_its_delivery_limit() -> None
         await h.settle()
         dead = h.dead_lettered(TripBooked, handler="reserve_hotel").one()
         assert dead.event is not None
+        assert isinstance(dead.error, DeadLetteredByBroker)
+        assert dead.error.reason == "delivery_limit"
+        assert dead.error.queue == app.handlers["reserve_hotel"].queue
+
+
+async def test_raise_errors_raises_what_the_broker_dead_lettered() -> None:
+    app = outage_app()
+    async with Harness(
+        app,
+        broker_url=AMQP_URL,
+        database_url=PG_URL,
+        database_isolation="schema",
+        settle_timeout=30,
+    ) as h:
+        await app.publish(TripBooked(trip_id="q-2", nights=1))
+        with pytest.raises(DeadLetteredByBroker, match="delivery_limit"):
+            await h.settle()
