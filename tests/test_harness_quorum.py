@@ -33,16 +33,20 @@ def outage_app() -> TxFlow:
     return app
 
 
-async def test_a_message_the_broker_dead_letters_at_its_delivery_limit() -> None:
-    app = outage_app()
-    async with Harness(
+def on_servers(app: TxFlow, *, raise_errors: bool = True) -> Harness:
+    return Harness(
         app,
         broker_url=AMQP_URL,
         database_url=PG_URL,
         database_isolation="schema",
         settle_timeout=30,
-        raise_errors=False,
-    ) as h:
+        raise_errors=raise_errors,
+    )
+
+
+async def test_a_message_the_broker_dead_letters_at_its_delivery_limit() -> None:
+    app = outage_app()
+    async with on_servers(app, raise_errors=False) as h:
         await app.publish(TripBooked(trip_id="q-1", nights=1))
         await h.settle()
         dead = h.dead_lettered(TripBooked, handler="reserve_hotel").one()
@@ -54,13 +58,7 @@ async def test_a_message_the_broker_dead_letters_at_its_delivery_limit() -> None
 
 async def test_raise_errors_raises_what_the_broker_dead_lettered() -> None:
     app = outage_app()
-    async with Harness(
-        app,
-        broker_url=AMQP_URL,
-        database_url=PG_URL,
-        database_isolation="schema",
-        settle_timeout=30,
-    ) as h:
+    async with on_servers(app) as h:
         await app.publish(TripBooked(trip_id="q-2", nights=1))
         with pytest.raises(DeadLetteredByBroker, match="delivery_limit"):
             await h.settle()
