@@ -167,11 +167,12 @@ async def test_waiting_deliveries_share_one_transaction(backend: Backend) -> Non
 
 @both
 async def test_the_metrics_count_the_deliveries_of_each_batch(backend: Backend) -> None:
-    app = await backend.app("svc", metadata=md, concurrency=32, metrics=MetricsConfig())
+    # An app name of this test's own: the process's registry keeps every earlier test's counts.
+    app = await backend.app("batchsizes", metadata=md, concurrency=32, metrics=MetricsConfig())
     gate = Gate()
     add_batched_effect(app, [], gate=gate)
     received = add_sink(app, Pong)
-    labels = {"app": "svc", "handler": "effect"}
+    labels = {"app": "batchsizes", "handler": "effect"}
 
     def sample(name: str, **more: str) -> float:
         return REGISTRY.get_sample_value(f"txflow_batch_size_{name}", labels | more) or 0.0

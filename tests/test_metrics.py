@@ -49,7 +49,7 @@ def port_of(app: TxFlow) -> int:
 
 
 async def test_outcomes_are_counted_by_handler_and_exception_type(real: Backend) -> None:
-    app = await real.app("svc", metrics=METRICS, retry=RetryPolicy.immediate(2))
+    app = await real.app("outcomes", metrics=METRICS, retry=RetryPolicy.immediate(2))
     add_sink(app, Ping)
 
     @app.handler(Ping, name="fails")
@@ -76,10 +76,10 @@ async def test_outcomes_are_counted_by_handler_and_exception_type(real: Backend)
             s = await scrape(port)
             seen[:] = [
                 (
-                    total(s, "txflow_messages_total", app="svc", handler="sink"),
-                    total(s, "txflow_messages_total", app="svc", handler="fails"),
-                    total(s, "txflow_dead_letter_queue_depth", app="svc"),
-                    total(s, "txflow_outbox_pending_rows", app="svc"),  # sampled
+                    total(s, "txflow_messages_total", app="outcomes", handler="sink"),
+                    total(s, "txflow_messages_total", app="outcomes", handler="fails"),
+                    total(s, "txflow_dead_letter_queue_depth", app="outcomes"),
+                    total(s, "txflow_outbox_pending_rows", app="outcomes"),  # sampled
                 )
             ]
             return seen[0] == (3, 3 * 2, 3, 0)
@@ -95,7 +95,7 @@ async def test_outcomes_are_counted_by_handler_and_exception_type(real: Backend)
         return total(
             samples,
             "txflow_messages_total",
-            app="svc",
+            app="outcomes",
             handler=handler,
             outcome=outcome,
             exception=exception,
@@ -108,14 +108,14 @@ async def test_outcomes_are_counted_by_handler_and_exception_type(real: Backend)
     assert count("fails", "dead_letter", boom) == 3
     assert count("fails", "handled") == 0
     assert total(samples, "txflow_dead_letter_queue_depth", queue=dead_letters) == 3
-    sink = {"app": "svc", "handler": "sink"}
+    sink = {"app": "outcomes", "handler": "sink"}
     assert total(samples, "txflow_handler_duration_seconds_count", **sink) == 2
     assert total(samples, "txflow_critical_time_seconds_count", **sink) == 2
     # Only the event emitted through the outbox; the two sent straight are not the relay's.
-    assert total(samples, "txflow_outbox_published_total", app="svc") == 1
-    assert total(samples, "txflow_outbox_commit_to_confirm_seconds_count", app="svc") == 1
-    assert total(samples, "txflow_outbox_pending_rows", app="svc") == 0
-    assert total(samples, "txflow_queue_consumers", app="svc") == 2
+    assert total(samples, "txflow_outbox_published_total", app="outcomes") == 1
+    assert total(samples, "txflow_outbox_commit_to_confirm_seconds_count", app="outcomes") == 1
+    assert total(samples, "txflow_outbox_pending_rows", app="outcomes") == 0
+    assert total(samples, "txflow_queue_consumers", app="outcomes") == 2
 
 
 async def test_critical_time_and_outbox_lag_run_on_the_apps_clock() -> None:
