@@ -15,7 +15,7 @@ pool of 10 connections and send ~200-byte bodies:
   insert through `ctx.session.execute(insert(...))`, or an ORM object through
   `ctx.session.add(...)`, and return the next event;
 - txflow-batched: txflow-driver with `batch=32` (group commit: the deliveries waiting for
-  a handler share one transaction, each in its own savepoint, every guarantee kept).
+  a handler share one transaction, savepoints only after a failure, every guarantee kept).
 
 Unlike hop.py's preloaded and chain shapes, every hop waits for the one before it and each
 side's ack, mark-sent and publish all sit on the ring's critical path at low W, while the

@@ -195,6 +195,47 @@ async def test_the_metrics_count_the_deliveries_of_each_batch(backend: Backend) 
 
 
 @both
+async def test_after_a_failure_the_next_batches_take_savepoints_from_the_start(
+    backend: Backend,
+) -> None:
+    app = await backend.app("svc", metadata=md)
+    calls: list[str] = []
+    gate, later = Gate(), Gate()
+
+    async def hold_ping_10(event: Ping, ctx: Context) -> None:
+        if event.n == 10:
+            await later.hold_first()
+
+    fail = {3, 13}
+    add_batched_effect(
+        app, calls, gate=gate, fail=fail, retry=RetryPolicy.immediate(1), before=hold_ping_10
+    )
+    received = add_sink(app, Pong)
+    source = await producer(backend)
+    dlq = app.handlers["effect"].queue + ".dlq"
+    async with source, app:
+        first = await publish_held(source, app, gate, 6)
+        gate.open()
+        await wait_until(queue_depth_is(app, dlq, 1), message="3 dead-lettered")
+        await wait_until(lambda: len(received) == 5, message="the Pongs of 0-5 but 3")
+        # Ping 10 held in a batch of its own, 11-15 waiting behind it in one batch.
+        second = await source.publish(Ping(n=10))
+        await asyncio.wait_for(later.entered.wait(), 10)
+        second += await source.publish(*(Ping(n=i) for i in range(11, 16)))
+        consumer = next(c for c in app.consumers if c.spec.name == "effect")
+        await wait_until(lambda: consumer.in_progress == 6, message="6 deliveries waiting")
+        later.open()
+        await wait_until(queue_depth_is(app, dlq, 2), message="13 dead-lettered")
+        await wait_until(lambda: len(received) == 10, message="every other Pong")
+        runs = Counter(calls)
+        # The first failure cost a second run of 1-3 (the batch without savepoints, then
+        # with); the batch after it had savepoints from the start, so each of 11-15 ran once.
+        assert [runs[i] for i in first] == [1, 2, 2, 2, 1, 1]
+        assert [runs[i] for i in second] == [1, 1, 1, 1, 1, 1]
+        assert await effect_values(app) == sorted((set(range(6)) | set(range(10, 16))) - fail)
+
+
+@both
 async def test_a_failing_delivery_rolls_back_alone_and_is_dead_lettered(backend: Backend) -> None:
     app = await backend.app("svc", metadata=md)
     calls: list[str] = []
@@ -211,7 +252,10 @@ async def test_a_failing_delivery_rolls_back_alone_and_is_dead_lettered(backend:
         # The others committed once; the poison's row rolled back with its savepoint, and
         # its inbox row too, or its retry would have been skipped as a duplicate.
         assert await effect_values(app) == [0, 1, 2, 4, 5]
-        assert Counter(calls)[ids[3]] == 2  # the first attempt and its retry
+        # Ping 0 ran alone; 1-5 in one batch, first without savepoints: 1 and 2 ran, 3 failed,
+        # the batch rolled back and ran again with a savepoint each, so 1, 2 and 3 ran twice
+        # and 4 and 5 once; then 3's retry (its second attempt) failed too.
+        assert [Counter(calls)[i] for i in ids] == [1, 2, 2, 3, 1, 1]
         assert await inbox_ids(app) == set(ids) - {ids[3]}
         dead = await take_one(app, dlq)
         assert dead.message_id == ids[3]
@@ -325,9 +369,10 @@ async def test_a_connection_killed_in_a_batch_acks_nothing_and_applies_each_once
     killed: list[int] = []
 
     async def kill_after_5(event: Ping, ctx: Context) -> None:
-        # The last of the batch, once: after it, txflow's own next statement finds the
-        # connection gone (the savepoint's release, or the COMMIT).
-        if event.n == 5 and not killed:
+        # The last of the batch, twice: the batch's first run (no savepoints) fails and runs
+        # again at once with savepoints on a new connection, which is killed too; then
+        # txflow's own next statement finds the connection gone (the savepoint's release).
+        if event.n == 5 and len(killed) < 2:
             killed.append(event.n)
             await terminate_backend_of(ctx)
 
@@ -346,7 +391,8 @@ async def test_a_connection_killed_in_a_batch_acks_nothing_and_applies_each_once
         assert (stats.handled, stats.retried, stats.dead_lettered) == (6, 0, 0)
         assert await effect_values(app) == list(range(6))
         assert await inbox_ids(app) == set(ids)
-        assert sorted(Counter(calls)[i] for i in ids[1:]) == [2] * 5  # ran, rolled back, ran
+        # Ran and rolled back twice in the batch, then once more after the requeue.
+        assert sorted(Counter(calls)[i] for i in ids[1:]) == [3] * 5
         assert sorted(p.n for p in received) == list(range(6))  # type: ignore[attr-defined]
 
 

@@ -7,13 +7,21 @@ for more to come), and runs them in one transaction:
 
 1. BEGIN, and the inbox rows of all of them in one statement; those already there are
    duplicates;
-2. for each other delivery in turn (a batch of one needs none of this: it runs as it
-   would unbatched): a savepoint, the handler (in a task carrying the
-   delivery's own context: its `process` span, its log lines), its session flushed, the
-   savepoint released; a failure rolls back to the savepoint and deletes that delivery's
-   inbox row, so it fails alone;
-3. the outbox rows of those that succeeded, in one insert sent with the COMMIT; the relay
-   is handed them once.
+2. each delivery's handler in turn (in a task carrying the delivery's own context: its
+   `process` span, its log lines), its session flushed; no savepoint, so a
+   delivery costs its handler's own statements and nothing more (a batch of one runs as it
+   would unbatched);
+3. the outbox rows of all of them, in one insert sent with the COMMIT; the relay is handed
+   them once.
+
+If a handler (or its flush) fails in step 2, the transaction is rolled back and the batch
+runs again from step 1 with a savepoint around each delivery: a failure then rolls back to
+its savepoint and deletes that delivery's inbox row, so it fails alone, and the others'
+work commits. The handlers of the one at fault and of those before it run twice, the first
+time in a transaction that never committed, as a redelivered message's would. The failed
+first pass is not counted as an attempt: the verdicts are the second pass's. Failures come
+in runs, so after one the handler's next batches take the savepoints from the start, until
+`CAREFUL_BATCHES` of them in a row had none.
 
 Only then does each delivery learn its verdict, back in its own task, and settle it there
 (`HandlerConsumer`): acked once its work committed (or it was a duplicate); a failure goes
@@ -31,7 +39,7 @@ import asyncio
 import contextlib
 import contextvars
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -46,6 +54,15 @@ from txflow.store import Store
 #: savepoint takes a subtransaction id, and a transaction with more than 64 of them makes
 #: every other session's snapshots slower (the subtransaction cache overflows).
 MAX_BATCH = 64
+
+
+#: After a batch had a failure, this many of the next batches (each without a failure of its
+#: own) run with a savepoint per delivery from the start, instead of first without.
+CAREFUL_BATCHES = 8
+
+
+class _Rerun(Exception):
+    """A handler of a batch run without savepoints failed: roll back, run it with them."""
 
 
 class Verdict(Enum):
@@ -86,6 +103,8 @@ class GroupCommit:
         self.size = size
         self._waiting: deque[Pending] = deque()
         self._leading = False
+        #: batches still to run with savepoints after one had a failure
+        self._careful = 0
         #: batches run, and the deliveries they held (for tests and the stats)
         self.batches = 0
         self.deliveries = 0
@@ -177,6 +196,60 @@ class GroupCommit:
         if len(batch) == 1:
             await self._run_one(batch[0])
             return
+        if self._careful:
+            # A recent batch had a failure: failures come in runs (a poison burst, a bad
+            # deploy), so keep paying the savepoints rather than running batches twice.
+            if await self._run_in_savepoints(batch):
+                self._careful -= 1
+            else:
+                self._careful = CAREFUL_BATCHES
+            return
+        try:
+            committed = await self._run_together(batch)
+        except Exception as exc:
+            self._all_failed(batch, exc)
+            return
+        if not committed:
+            for item in batch:
+                item.verdict = None
+            self._careful = CAREFUL_BATCHES
+            await self._run_in_savepoints(batch)
+
+    async def _run_together(self, batch: list[Pending]) -> bool:
+        """The batch in one transaction, no savepoints; False: a handler failed, rolled back.
+
+        Raises:
+            Exception: the transaction itself failed (BEGIN, the inbox rows, the COMMIT).
+        """
+        queue = self.spec.queue
+        ids = [item.envelope.message_id for item in batch]
+        try:
+            async with unit_of_work(self.store, self.relay, inboxes=(queue, ids)) as work:
+                unit = work.unit
+                for item in batch:
+                    if item.envelope.message_id in unit.duplicate_ids:
+                        item.verdict = Verdict.DUPLICATE
+                        continue
+                    try:
+                        await self._call(item, work.context(item.envelope))
+                        await unit.flush()
+                        await unit.drop_session()
+                    except Exception as exc:
+                        if not unit.is_open:
+                            raise  # ended or lost: every delivery's work is gone
+                        raise _Rerun from exc
+        except _Rerun:
+            return False
+        for item in batch:
+            if item.verdict is None:
+                item.verdict = Verdict.COMMITTED
+        return True
+
+    async def _run_in_savepoints(self, batch: list[Pending]) -> bool:
+        """The batch with a savepoint around each delivery, so that a failure is its own.
+
+        Returns whether every delivery committed or was a duplicate.
+        """
         queue = self.spec.queue
         ids = [item.envelope.message_id for item in batch]
         kept: list[Pending] = []
@@ -209,13 +282,20 @@ class GroupCommit:
                     else:
                         kept.append(item)
         except Exception as exc:
-            for item in batch:
-                if item.verdict is None or item in kept:
-                    item.verdict = Verdict.BATCH_FAILED
-                    item.error = exc.error if isinstance(exc, HandlerRaised) else exc
-            return
+            self._all_failed(batch, exc, kept)
+            return False
         for item in kept:
             item.verdict = Verdict.COMMITTED
+        return all(item.verdict is not Verdict.FAILED for item in batch)
+
+    @staticmethod
+    def _all_failed(batch: list[Pending], exc: Exception, kept: Sequence[Pending] = ()) -> None:
+        """The batch's transaction failed: its work is gone, a duplicate is still one."""
+        error = exc.error if isinstance(exc, HandlerRaised) else exc
+        for item in batch:
+            if item.verdict is None or item in kept:
+                item.verdict = Verdict.BATCH_FAILED
+                item.error = error
 
     async def _run_one(self, item: Pending) -> None:
         """A batch of one: the unbatched transaction (no savepoint), its failure its own."""
