@@ -490,7 +490,7 @@ async def test_a_failed_flow_shows_its_transitions_and_compensation(
     assert [parent_id(s) for s in ended] == [span_id(compensation)]
 
 
-async def test_a_timeout_is_a_span_whose_compensations_are_its_children(
+async def test_a_timeout_continues_the_flows_trace_and_its_compensations_are_its_children(
     backend: Backend, spans: InMemorySpanExporter
 ) -> None:
     flow = trip(timeout=0.5)
@@ -506,7 +506,11 @@ async def test_a_timeout_is_a_span_whose_compensations_are_its_children(
         await wait_until(lambda: len(handled_spans(spans, "unplace")) == 1, message="span")
     assert undone == ["k1"]
     (timeout,) = named(spans, "flow timeout")
-    assert timeout.parent is None  # a new trace: no handler's span is active in the scan
+    # A child of the tracker's span that recorded the latest step (the start): the flow's
+    # trace, although the deadline scan runs in no handler's span.
+    started = [s for s in handled_spans(spans, "flow.trip") if ("", "running") in transitions([s])]
+    assert [parent_id(timeout)] == [span_id(s) for s in started]
+    assert trace_id(timeout) == trace_id(started[0])
     assert timeout.kind is trace.SpanKind.INTERNAL
     assert dict(timeout.attributes or {}) == {
         "txflow.flow.name": "trip",
@@ -523,6 +527,8 @@ async def test_a_timeout_is_a_span_whose_compensations_are_its_children(
     assert trace_id(compensation) == trace_id(timeout)
     tracker = handled_spans(spans, "flow.trip")
     assert ("compensating", "timed_out") in transitions(tracker)
+    # The whole flow, its timeout and its compensation included, is one trace.
+    assert {trace_id(s) for s in tracker} == {trace_id(timeout)}
 
 
 # -- replay from the dead-letter queue -------------------------------------------------------

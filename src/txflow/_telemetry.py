@@ -36,6 +36,7 @@ from typing import Any
 from opentelemetry import context, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from txflow._names import REPLAY_COUNT
 from txflow.transport import Message
@@ -79,6 +80,8 @@ _UNCONFIGURED = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 # A message without trace context starts a new trace, whatever context the relay's or the
 # consumer's task inherited when it was created (e.g. a span around the app's start).
 _NEW_TRACE = Context()
+# The trace context alone (no baggage), for what txflow keeps in its own tables.
+_W3C = TraceContextTextMapPropagator()
 # What the hot path enters when there is nothing to trace: reusable, no generator to build.
 _NOTHING: AbstractContextManager[None] = nullcontext()
 # The tracer and the provider it came from, replaced when the global provider changes (the
@@ -310,19 +313,38 @@ def compensation_ran(flow: str, flow_id: str, step: str) -> None:
         span.add_event("compensation ran", {FLOW: flow, FLOW_ID: flow_id, FLOW_STEP: step})
 
 
-def timeout_fired(flow: str, flow_id: str, reason: str | None) -> AbstractContextManager[None]:
+def traceparent() -> str | None:
+    """The W3C `traceparent` of the current span, for state that outlives it, or None.
+
+    A flow's tracker keeps it with each step it records, so that a deadline that passes
+    later continues the flow's trace (`timeout_fired`). None without a recording span.
+    """
+    span = _current()
+    if span is None:
+        return None
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def timeout_fired(
+    flow: str, flow_id: str, reason: str | None, parent: str | None = None
+) -> AbstractContextManager[None]:
     """The `flow timeout` span of one instance whose deadline passed, current while it runs.
 
-    A new trace: the deadline scan runs in no handler's span, and the flow's own trace
-    context is not kept with its state. The compensation requests emitted inside carry it.
+    A child of `parent` (the `traceparent` kept with the instance's latest step), so the
+    timeout and the compensations it requests are in the flow's trace; without one (no SDK
+    when the step was recorded) a new trace, as the deadline scan runs in no handler's span.
     """
-    return _timeout_span(flow, flow_id, reason) if _sdk_configured() else _NOTHING
+    if not _sdk_configured():
+        return _NOTHING
+    return _timeout_span(flow, flow_id, reason, parent)
 
 
-def _timeout_span(flow: str, flow_id: str, reason: str | None) -> _Current:
+def _timeout_span(flow: str, flow_id: str, reason: str | None, parent: str | None) -> _Current:
     span = _tracer().start_span(
         FLOW_TIMEOUT,
-        context=_NEW_TRACE,
+        context=_W3C.extract({"traceparent": parent}) if parent else _NEW_TRACE,
         kind=SpanKind.INTERNAL,
         attributes={
             FLOW: flow,

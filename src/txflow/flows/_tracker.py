@@ -154,15 +154,17 @@ class FlowTracker:
                 envelope.message_id,
             )
             return
-        inst.steps.append(
-            {
-                "step": step.name,
-                "event_type": envelope.event_type,
-                "message_id": envelope.message_id,
-                "at": envelope.occurred_at.isoformat(),
-                "body": envelope.event.model_dump_json(),
-            }
-        )
+        record = {
+            "step": step.name,
+            "event_type": envelope.event_type,
+            "message_id": envelope.message_id,
+            "at": envelope.occurred_at.isoformat(),
+            "body": envelope.event.model_dump_json(),
+        }
+        # The trace this step ran in, for a deadline that passes after it (`expire_due`).
+        if (parent := _telemetry.traceparent()) is not None:
+            record["trace"] = parent
+        inst.steps.append(record)
         # Kept in the flow's step order; the order of arrival is in the log.
         inst.steps.sort(key=lambda s: self.flow.index(s["step"]))
         inst.started_at = min(inst.started_at, envelope.occurred_at)
@@ -468,7 +470,10 @@ class FlowTracker:
             due = await rows.due(work.unit, store.clock.time(), DEADLINE_BATCH)
             for inst in due:
                 ctx = work.context(correlation_id=inst.flow_id)
-                with _telemetry.timeout_fired(self.flow.name, inst.flow_id, inst.deadline_reason):
+                latest = inst.steps[-1].get("trace") if inst.steps else None
+                with _telemetry.timeout_fired(
+                    self.flow.name, inst.flow_id, inst.deadline_reason, latest
+                ):
                     await self.time_out(inst, ctx)
                 await self._save(ctx, inst)
         return len(due)

@@ -94,7 +94,8 @@ flows = sa.Table(
     sa.Column("failure", sa.String(32), nullable=True),
     sa.Column("failed_step", sa.String(255), nullable=True),
     sa.Column("reason", sa.Text, nullable=True),
-    # [{"step", "event_type", "message_id", "at", "body"}] in the order they were recorded.
+    # [{"step", "event_type", "message_id", "at", "body", "trace"?}] in the flow's step order;
+    # "trace" is the W3C traceparent of the tracker's span that recorded it, when traced.
     sa.Column("steps", sa.JSON, nullable=False),
     # Names of the steps whose compensation finished.
     sa.Column("compensated", sa.JSON, nullable=False),
