@@ -236,6 +236,29 @@ async def test_after_a_failure_the_next_batches_take_savepoints_from_the_start(
 
 
 @both
+async def test_the_metrics_count_a_batch_that_ran_again(backend: Backend) -> None:
+    # An app name of this test's own: the process's registry keeps every earlier test's counts.
+    app = await backend.app("batchreruns", metadata=md, metrics=MetricsConfig())
+    gate = Gate()
+    add_batched_effect(app, [], gate=gate, fail={3}, retry=RetryPolicy.immediate(1))
+    received = add_sink(app, Pong)
+    labels = {"app": "batchreruns", "handler": "effect"}
+
+    def reruns() -> float:
+        return REGISTRY.get_sample_value("txflow_batch_reruns_total", labels) or 0.0
+
+    before = reruns()
+    source = await producer(backend)
+    async with source, app:
+        await publish_held(source, app, gate, 6)
+        gate.open()
+        await wait_until(lambda: len(received) == 5, message="the Pongs of all but 3")
+        # Ping 0 alone; 1-5 together, where 3 failed: that one batch ran again.
+        assert group(app, "effect").reruns == 1
+    assert reruns() - before == 1
+
+
+@both
 async def test_a_failing_delivery_rolls_back_alone_and_is_dead_lettered(backend: Backend) -> None:
     app = await backend.app("svc", metadata=md)
     calls: list[str] = []

@@ -116,6 +116,19 @@ def _batch_sizes(app: str, spec: HandlerSpec) -> Callable[[int], None]:
     return record
 
 
+def _batch_reruns(app: str, spec: HandlerSpec) -> Callable[[], None]:
+    """Count a batched handler's reruns; a failure to record is logged once."""
+    add = _metrics.counting(_metrics.BATCH_RERUNS.labels(app, spec.name))
+
+    def record() -> None:
+        try:
+            add(1)
+        except Exception as exc:
+            _metrics.recording_failed(exc)
+
+    return record
+
+
 class AppMetrics:
     """The metrics of one app while it runs; see the module docs.
 
@@ -155,6 +168,7 @@ class AppMetrics:
             consumer.add_observer(HopMeter(self.app, consumer.spec, self.clock))
             if consumer.group is not None:
                 consumer.group.on_batch = _batch_sizes(self.app, consumer.spec)
+                consumer.group.on_rerun = _batch_reruns(self.app, consumer.spec)
             self._consumers.append(consumer)
         for tracker in trackers:
             transitions = {
@@ -171,6 +185,7 @@ class AppMetrics:
         for consumer in self._consumers:
             if consumer.group is not None:
                 consumer.group.on_batch = None
+                consumer.group.on_rerun = None
         self._trackers.clear()
         self._consumers.clear()
         if self._server is not None:

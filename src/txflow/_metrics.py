@@ -143,6 +143,11 @@ BATCH_SIZE = Histogram(
     ["app", "handler"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+BATCH_RERUNS = Counter(
+    "txflow_batch_reruns",
+    "Batches of a batched handler that had a failure and ran again with a savepoint each.",
+    ["app", "handler"],
+)
 FLOW_TRANSITIONS = Counter(
     "txflow_flow_transitions",
     "Flow instances entering a status, counted when the tracker's transaction commits.",

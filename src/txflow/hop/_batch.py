@@ -108,9 +108,13 @@ class GroupCommit:
         #: batches run, and the deliveries they held (for tests and the stats)
         self.batches = 0
         self.deliveries = 0
+        #: batches that had a failure and ran again with a savepoint per delivery
+        self.reruns = 0
         #: told the size of each batch as it starts (the metrics' batch-size histogram);
         #: it must not raise
         self.on_batch: Callable[[int], None] | None = None
+        #: told of each rerun (the metrics' counter); it must not raise
+        self.on_rerun: Callable[[], None] | None = None
 
     async def run(self, envelope: Envelope[Event]) -> Pending:
         """Handle `envelope` in a batch; returns it with its verdict once the batch ended.
@@ -213,6 +217,9 @@ class GroupCommit:
             for item in batch:
                 item.verdict = None
             self._careful = CAREFUL_BATCHES
+            self.reruns += 1
+            if self.on_rerun is not None:
+                self.on_rerun()
             await self._run_in_savepoints(batch)
 
     async def _run_together(self, batch: list[Pending]) -> bool:
