@@ -472,7 +472,10 @@ class FlowTracker:
                 ctx = work.context(correlation_id=inst.flow_id)
                 latest = inst.steps[-1].get("trace") if inst.steps else None
                 with _telemetry.timeout_fired(
-                    self.flow.name, inst.flow_id, inst.deadline_reason, latest
+                    self.flow.name,
+                    inst.flow_id,
+                    inst.deadline_reason,
+                    latest if isinstance(latest, str) else None,  # a row edited by hand
                 ):
                     await self.time_out(inst, ctx)
                 await self._save(ctx, inst)
