@@ -201,9 +201,30 @@ def processing(
     Current while the attempt runs, so that the events the handler emits carry it.
     """
     carried = _carries_context(message.headers)
-    if not carried and not _sdk_configured():
-        return _NOTHING  # the fast path: nothing to trace, nothing to pass on
+    if not _sdk_configured():
+        if not carried:
+            return _NOTHING  # the fast path: nothing to trace, nothing to pass on
+        # No span to record: the producer's context is made current as it came, so that
+        # the events the handler emits carry it on (what the API's no-op span would do).
+        return _Carried(propagate.extract(message.headers))
     return _process_span(handler, queue, message, attempt, carried)
+
+
+class _Carried:
+    """An incoming trace context, current while the block runs (no SDK: nothing recorded)."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, carried: Context) -> None:
+        self._context = carried
+        self._token: Token[Context] | None = None
+
+    def __enter__(self) -> None:
+        self._token = context.attach(self._context)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            context.detach(self._token)
 
 
 def _process_span(
