@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import partial
 
 import anyio
 
@@ -103,30 +104,16 @@ class HopMeter:
             _metrics.recording_failed(exc)
 
 
-def _batch_sizes(app: str, spec: HandlerSpec) -> Callable[[int], None]:
-    """Record a batched handler's batch sizes; a failure to record is logged once."""
-    observe = _metrics.observing(_metrics.BATCH_SIZE.labels(app, spec.name))
+def _never_raising(record: _metrics.Record) -> _metrics.Record:
+    """`record`, logging a failure once instead of raising (a batch's hooks must not raise)."""
 
-    def record(size: int) -> None:
+    def call(amount: float) -> None:
         try:
-            observe(size)
+            record(amount)
         except Exception as exc:
             _metrics.recording_failed(exc)
 
-    return record
-
-
-def _batch_reruns(app: str, spec: HandlerSpec) -> Callable[[], None]:
-    """Count a batched handler's reruns; a failure to record is logged once."""
-    add = _metrics.counting(_metrics.BATCH_RERUNS.labels(app, spec.name))
-
-    def record() -> None:
-        try:
-            add(1)
-        except Exception as exc:
-            _metrics.recording_failed(exc)
-
-    return record
+    return call
 
 
 class AppMetrics:
@@ -167,8 +154,13 @@ class AppMetrics:
         if consumer is not None:
             consumer.add_observer(HopMeter(self.app, consumer.spec, self.clock))
             if consumer.group is not None:
-                consumer.group.on_batch = _batch_sizes(self.app, consumer.spec)
-                consumer.group.on_rerun = _batch_reruns(self.app, consumer.spec)
+                labels = (self.app, consumer.spec.name)
+                consumer.group.on_batch = _never_raising(
+                    _metrics.observing(_metrics.BATCH_SIZE.labels(*labels))
+                )
+                consumer.group.on_rerun = partial(
+                    _never_raising(_metrics.counting(_metrics.BATCH_RERUNS.labels(*labels))), 1
+                )
             self._consumers.append(consumer)
         for tracker in trackers:
             transitions = {
