@@ -151,7 +151,8 @@ async def test_a_host_cut_off_mid_run_then_restored(
             await _until(lambda: _holds_rows(services, victim))
             await asyncio.to_thread(hosts.cut, VICTIM)
             cut_at = time.monotonic()
-            seen["rows_it_held"] = await _held_by(services, victim)
+            seen["rows_it_held"] = held = await _held_by(services, victim)
+            republished_at_cut = await _republished(services)
             terminal_at_cut = await _terminal(services)
             run.release(DURING_CUT)
             # The broker gives the cut host up: its consumers go, its unacked deliveries
@@ -161,6 +162,10 @@ async def test_a_host_cut_off_mid_run_then_restored(
             # The leases its relay held run out; the other relays take those rows.
             await _until(lambda: _no_rows_held(services, victim))
             seen["leases_free_after"] = f"{time.monotonic() - cut_at:.1f}s"
+            # Taken, not only free: a lease that ran out but that no other relay claimed yet
+            # is still the cut host's to renew once it is back (nobody else holds it).
+            await _until(lambda: _republished_since(services, republished_at_cut, held))
+            seen["rows_taken_after"] = f"{time.monotonic() - cut_at:.1f}s"
             # And the other hosts carry on without it.
             await _until(lambda: _at_least(services, terminal_at_cut + 100))
         finally:
@@ -199,6 +204,19 @@ async def test_a_host_cut_off_mid_run_then_restored(
 
 async def _at_least(services: Sequence[demo.Service], orders: int) -> bool:
     return await _terminal(services) >= orders
+
+
+async def _republished(services: Sequence[demo.Service]) -> int:
+    """Outbox rows a relay took more than once, in every service's database."""
+    total = 0
+    for service in {s.name: s for s in services}.values():
+        status = await demo.read_through_blips(service.app.store.outbox_status)
+        total += status.republished
+    return total
+
+
+async def _republished_since(services: Sequence[demo.Service], before: int, rows: int) -> bool:
+    return await _republished(services) - before >= rows
 
 
 async def _no_rows_held(services: Sequence[demo.Service], hostname: str) -> bool:
