@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 
+import asyncpg
 import pytest
 
 from tests.conftest import Backend
 from tests.support import Ping, Pong, add_sink
 from txflow import Context
+from txflow.store._postgres import _DELETE_SENT_SQL, _MARK_SENT_SQL
 from txflow.testing import wait_until
 
 PREPARED = "SELECT name, generic_plans FROM pg_prepared_statements WHERE name LIKE 'txflow%'"
@@ -76,3 +78,47 @@ async def test_a_handler_deallocating_txflows_statements_costs_one_attempt(
     assert (consumers["spoil"].handled, consumers["spoil"].retried) == (3, 1)
     assert (consumers["sink"].handled, consumers["sink"].retried) == (3, 0)
     assert any("deallocated inside the handler" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("delete", [False, True], ids=["mark-sent", "delete-sent"])
+async def test_mark_sent_keeps_to_the_primary_key_while_a_fresh_outbox_grows(
+    real: Backend, delete: bool
+) -> None:
+    # PostgreSQL plans a prepared statement for its values five times, then keeps a generic
+    # plan costed on the table as it was then. On a fresh outbox (autovacuum has not analysed
+    # it) that plan must still use the primary key once thousands of rows have come in: a
+    # plan that scans the table would read every row for each row marked.
+    app = await real.app("svc")
+    async with app:
+        pass  # creates the tables
+    sql = _DELETE_SENT_SQL if delete else _MARK_SENT_SQL
+    params = "$1" if delete else "$1, now()"
+    url = await real.database_url()
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        insert = (
+            "INSERT INTO txflow_outbox (message_id, event_type, correlation_id, headers, body,"
+            " created_at) SELECT 'm' || n, 'Ping', 'c', '{}', '\\x00', now()"
+            " FROM generate_series(1, $1) AS n"
+        )
+        await conn.execute(insert, 1)
+        assert (
+            await conn.fetchval("SELECT reltuples FROM pg_class WHERE relname = 'txflow_outbox'")
+            == -1
+        )  # never analysed
+        await conn.execute(f"PREPARE mark AS {sql}")
+        seq = await conn.fetchval("SELECT min(seq) FROM txflow_outbox")
+        for _ in range(8):
+            await conn.execute(f"EXECUTE mark({params.replace('$1', str(seq))})")
+        await conn.execute(insert, 20_000)
+        plan = "\n".join(
+            row[0] for row in await conn.fetch(f"EXPLAIN EXECUTE mark({params.replace('$1', '5')})")
+        )
+        kept = await conn.fetchrow(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = 'mark'"
+        )
+    finally:
+        await conn.close()
+    assert "txflow_outbox_pkey" in plan, plan
+    assert "Seq Scan" not in plan, plan
+    assert kept["generic_plans"] >= 1, dict(kept)  # the kept plan is what was explained
