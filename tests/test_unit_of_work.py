@@ -390,3 +390,49 @@ async def test_a_connection_lost_before_commit_raises_database_unavailable(real:
         async with app.store.engine.connect() as conn:
             assert await conn.scalar(sa.select(sa.func.count()).select_from(effects)) == 0
             assert await conn.scalar(sa.select(sa.func.count()).select_from(outbox)) == 0
+
+
+async def test_a_pooled_connection_is_checked_out_without_a_greenlet_when_one_is_idle(
+    real: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The greenlet is for a checkout that does I/O: one that waits for a connection, or
+    # opens one (a fresh pool, a discarded connection). Those must still work, and leave no
+    # coroutine behind (filterwarnings = error turns "never awaited" into a failure).
+    from txflow.store import _postgres_unit
+
+    app = await real.app("svc", db_pool_size=2)
+    store = await app.open_store()
+    real.stack.push_async_callback(store.aclose)
+    await app.init_db()
+    spawned: list[object] = []
+    spawn = _postgres_unit.greenlet_spawn
+
+    async def counted(fn: Callable[[], object]) -> object:
+        spawned.append(fn)
+        return await spawn(fn)
+
+    monkeypatch.setattr(_postgres_unit, "greenlet_spawn", counted)
+    first = await _postgres_unit.checkout(store)
+    first.close()
+    spawned.clear()
+    idle = await _postgres_unit.checkout(store)
+    assert spawned == []  # idle: taken without a greenlet
+    _postgres_unit.discard(idle)
+    for _ in range(2):  # whichever record comes next, the discarded one reconnects
+        pooled = await _postgres_unit.checkout(store)
+        assert await pooled.driver_connection.fetchval("SELECT 1") == 1
+        pooled.close()
+    held = [await _postgres_unit.checkout(store) for _ in range(2)]
+    spawned.clear()
+    waiting = asyncio.ensure_future(_postgres_unit.checkout(store))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the pool is exhausted: the checkout waits, in a greenlet
+    held[0].close()
+    handed = await asyncio.wait_for(waiting, 5)
+    assert len(spawned) == 1
+    assert await handed.driver_connection.fetchval("SELECT 1") == 1
+    handed.close()
+    held[1].close()
+    # The hops themselves still go through: begin, commit, release.
+    async with store.transaction(inbox=("h", "m")) as unit:
+        assert not unit.duplicate

@@ -34,7 +34,7 @@ from txflow.store._base import (
     Store,
 )
 from txflow.store._postgres_sql import OutboxSeqs, Prepared, notify_channel
-from txflow.store._postgres_unit import begin, checkout, discard
+from txflow.store._postgres_unit import LazyConnect, begin, checkout, discard
 from txflow.store._unit_of_work import UnitOfWork
 
 log = logging.getLogger("txflow.store")
@@ -209,7 +209,9 @@ class PostgresStore(Store):
         return [row[0] for row in rows]
 
     def _create_engine(self) -> AsyncEngine:
-        url, connect_args = self.url, dict[str, object](timeout=10)
+        # The driver's connect, started only when awaited: see `checkout`.
+        url = self.url
+        connect_args = dict[str, object](timeout=10, async_creator_fn=LazyConnect)
         if self.schema is not None:
             quoted = '"' + self.schema.replace('"', '""') + '"'
             connect_args["server_settings"] = {"search_path": quoted}
