@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.pool import PoolProxiedConnection
 
 from tests.conftest import Backend, _admin, settle
 from tests.support import Ping, add_sink, count_rows, effects
@@ -398,14 +399,18 @@ async def test_a_pooled_connection_is_checked_out_without_a_greenlet_when_one_is
     # The greenlet is for a checkout that does I/O: one that waits for a connection, or
     # opens one (a fresh pool, a discarded connection). Those must still work, and leave no
     # coroutine behind (filterwarnings = error turns "never awaited" into a failure).
+    from sqlalchemy.util import greenlet_spawn
+
     from txflow.store import _postgres_unit
+    from txflow.store._postgres import PostgresStore
 
     app = await real.app("svc", db_pool_size=2)
     store = await app.open_store()
     real.stack.push_async_callback(store.aclose)
     await app.init_db()
+    assert isinstance(store, PostgresStore)
     spawned: list[object] = []
-    spawn = _postgres_unit.greenlet_spawn
+    spawn = greenlet_spawn
 
     async def counted(fn: Callable[[], object]) -> object:
         spawned.append(fn)
@@ -420,7 +425,7 @@ async def test_a_pooled_connection_is_checked_out_without_a_greenlet_when_one_is
     _postgres_unit.discard(idle)
     for _ in range(2):  # whichever record comes next, the discarded one reconnects
         pooled = await _postgres_unit.checkout(store)
-        assert await pooled.driver_connection.fetchval("SELECT 1") == 1
+        assert await _driver(pooled).fetchval("SELECT 1") == 1
         pooled.close()
     held = [await _postgres_unit.checkout(store) for _ in range(2)]
     spawned.clear()
@@ -430,9 +435,15 @@ async def test_a_pooled_connection_is_checked_out_without_a_greenlet_when_one_is
     held[0].close()
     handed = await asyncio.wait_for(waiting, 5)
     assert len(spawned) == 1
-    assert await handed.driver_connection.fetchval("SELECT 1") == 1
+    assert await _driver(handed).fetchval("SELECT 1") == 1
     handed.close()
     held[1].close()
     # The hops themselves still go through: begin, commit, release.
     async with store.transaction(inbox=("h", "m")) as unit:
         assert not unit.duplicate
+
+
+def _driver(pooled: PoolProxiedConnection) -> asyncpg.Connection:
+    driver = pooled.driver_connection
+    assert isinstance(driver, asyncpg.Connection)
+    return driver
