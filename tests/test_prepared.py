@@ -93,8 +93,7 @@ async def test_mark_sent_keeps_to_the_primary_key_while_a_fresh_outbox_grows(
         pass  # creates the tables
     sql = _DELETE_SENT_SQL if delete else _MARK_SENT_SQL
     params = "$1" if delete else "$1, now()"
-    url = await real.database_url()
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    conn = await asyncpg.connect(await real.database_url())
     try:
         insert = (
             "INSERT INTO txflow_outbox (message_id, event_type, correlation_id, headers, body,"

@@ -410,11 +410,10 @@ async def test_a_pooled_connection_is_checked_out_without_a_greenlet_when_one_is
     await app.init_db()
     assert isinstance(store, PostgresStore)
     spawned: list[object] = []
-    spawn = greenlet_spawn
 
     async def counted(fn: Callable[[], object]) -> object:
         spawned.append(fn)
-        return await spawn(fn)
+        return await greenlet_spawn(fn)
 
     monkeypatch.setattr(_postgres_unit, "greenlet_spawn", counted)
     first = await _postgres_unit.checkout(store)

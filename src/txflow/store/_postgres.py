@@ -177,17 +177,12 @@ class PostgresStore(Store):
         pooled = await checkout(self)
         driver: asyncpg.Connection = pooled.driver_connection
         try:
-            if delete:
-                args: list[tuple[Any, ...]] = [(seq,) for seq in seqs]
-                sql = _DELETE_SENT_SQL
-            else:
-                now = self.clock.utcnow()
-                args = [(seq, now) for seq in seqs]
-                sql = _MARK_SENT_SQL
-            if len(args) == 1:
-                await driver.execute(sql, *args[0])
-            else:
-                await driver.executemany(sql, args)  # atomic, one round trip
+            sql = _DELETE_SENT_SQL if delete else _MARK_SENT_SQL
+            tail: tuple[Any, ...] = () if delete else (self.clock.utcnow(),)
+            if len(seqs) == 1:
+                await driver.execute(sql, seqs[0], *tail)
+            else:  # atomic, one round trip
+                await driver.executemany(sql, [(seq, *tail) for seq in seqs])
         except BaseException:
             discard(pooled)
             raise
